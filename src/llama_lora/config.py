@@ -1,0 +1,170 @@
+"""LLaMA-2 architecture settings: one dataclass, named presets, Meta and HF config readers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class LlamaConfig:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: same as n_heads (no grouped-query attention)
+    vocab_size: int = 32000
+    multiple_of: int = 256  # Meta's FFN rounding
+    ffn_dim_multiplier: float | None = None
+    hidden_dim: int | None = None  # None: derived from dim by Meta's rule, see __post_init__
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}")
+        if self.dim % self.n_heads:
+            raise ValueError(
+                f"LlamaConfig: n_heads={self.n_heads} must divide dim={self.dim}; pick a divisor of dim"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"LlamaConfig: n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads} "
+                "(each key/value head serves a whole group of query heads)"
+            )
+        if self.head_dim % 2:
+            raise ValueError(
+                f"LlamaConfig: head_dim = dim / n_heads = {self.head_dim} must be even for rotary embeddings"
+            )
+        if self.ffn_dim_multiplier is not None and self.ffn_dim_multiplier <= 0:
+            raise ValueError(f"LlamaConfig.ffn_dim_multiplier must be > 0 or None, got {self.ffn_dim_multiplier}")
+        if self.norm_eps <= 0 or self.rope_theta <= 0:
+            raise ValueError("LlamaConfig: norm_eps and rope_theta must be > 0")
+        if self.hidden_dim is None:
+            # Meta's rule (llama/model.py FeedForward): 2/3 of 4*dim for SwiGLU, scaled, rounded up to multiple_of.
+            hidden = int(2 * (4 * self.dim) / 3)
+            if self.ffn_dim_multiplier is not None:
+                hidden = int(self.ffn_dim_multiplier * hidden)
+            self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        elif self.hidden_dim <= 0:
+            raise ValueError(f"LlamaConfig.hidden_dim must be positive or None, got {self.hidden_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def n_params(self) -> int:
+        """Parameter count of the base model, computed from the shapes alone."""
+        kv_dim = self.n_kv_heads * self.head_dim
+        attention = self.dim * (2 * self.dim + 2 * kv_dim)
+        ffn = 3 * self.dim * self.hidden_dim
+        per_layer = attention + ffn + 2 * self.dim
+        return self.n_layers * per_layer + 2 * self.vocab_size * self.dim + self.dim
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> LlamaConfig:
+        if name not in PRESETS:
+            raise ValueError(f"Unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_meta_params(cls, path: str | Path, vocab_size: int | None = None) -> LlamaConfig:
+        """Read a Meta ``params.json``. Meta ships ``vocab_size: -1`` (taken from the tokenizer); pass the real one."""
+        params = _read_json(path)
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in params.items() if k in known}
+        if vocab_size is not None:
+            kwargs["vocab_size"] = vocab_size
+        elif kwargs.get("vocab_size", -1) <= 0:
+            kwargs["vocab_size"] = 32000  # every LLaMA-2 size uses the same 32000-piece tokenizer
+        return cls(**kwargs)
+
+    @classmethod
+    def from_hf_config(cls, path: str | Path) -> LlamaConfig:
+        """Read a HuggingFace ``config.json`` of a LlamaForCausalLM checkpoint."""
+        cfg = _read_json(path)
+        required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+        missing = [k for k in required if k not in cfg]
+        if missing:
+            raise ValueError(f"{path}: not a LLaMA config.json, missing {', '.join(missing)}")
+        return cls(
+            dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=cfg["num_attention_heads"],
+            n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            vocab_size=cfg["vocab_size"],
+            hidden_dim=cfg["intermediate_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_theta=cfg.get("rope_theta", 10000.0),
+            max_seq_len=cfg.get("max_position_embeddings", 4096),
+        )
+
+    def to_meta_params(self) -> dict[str, Any]:
+        return {
+            "dim": self.dim,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "vocab_size": self.vocab_size,
+            "multiple_of": self.multiple_of,
+            "ffn_dim_multiplier": self.ffn_dim_multiplier,
+            "hidden_dim": self.hidden_dim,  # not in Meta's files; kept so that explicit FFN sizes round-trip
+            "norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_seq_len": self.max_seq_len,
+        }
+
+    def to_hf_config(self) -> dict[str, Any]:
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.dim,
+            "intermediate_size": self.hidden_dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_seq_len,
+            "hidden_act": "silu",
+            "tie_word_embeddings": False,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "torch_dtype": "float16",
+        }
+
+
+def _read_json(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),
+    "llama2-13b": dict(dim=5120, n_layers=40, n_heads=40, vocab_size=32000),
+    "llama2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000, ffn_dim_multiplier=1.3,
+                       multiple_of=4096),
+    # The benchmark shape shared with LitGPT/torchtune comparisons: dim 512, 8 layers, ffn 1376.
+    "small": dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000, hidden_dim=1376, max_seq_len=2048),
+    # Embedded demo: a few million parameters, vocab of the demo's own SentencePiece tokenizer.
+    "demo": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=2048, hidden_dim=704, max_seq_len=512),
+    # Unit tests: grouped-query attention on, everything tiny.
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, hidden_dim=176, max_seq_len=128),
+}

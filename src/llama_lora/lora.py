@@ -1,0 +1,152 @@
+"""LoRA (Hu et al. 2021, arXiv:2106.09685) as a drop-in ``nn.Linear``.
+
+``LoRALinear`` keeps the frozen ``weight`` (and ``bias``) under their ``nn.Linear`` names, so base checkpoints
+load unchanged, and adds ``lora_a`` (r, in) and ``lora_b`` (out, r):
+
+    y = x W^T + (alpha / r) * dropout(x) A^T B^T
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
+
+
+class LoRALinear(nn.Linear):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        lora_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        self.r, self.alpha = r, alpha
+        # Section 4.1: scale the update by alpha / r so the learning rate need not be re-tuned when r changes.
+        self.scaling = alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Trainable weights in fp32 even when the frozen base is half precision: optimizer state and updates
+        # stay exact, and the GradScaler sees only fp32 gradients.
+        self.lora_a = nn.Parameter(torch.empty(r, in_features, device=device, dtype=lora_dtype))
+        self.lora_b = nn.Parameter(torch.empty(out_features, r, device=device, dtype=lora_dtype))
+        self.merged = False
+        self.reset_lora_parameters()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+                    lora_dtype: torch.dtype = torch.float32) -> LoRALinear:
+        """Wrap an existing layer, sharing (not copying) its weight and bias tensors."""
+        w = linear.weight
+        new = cls(linear.in_features, linear.out_features, r, alpha, dropout, bias=linear.bias is not None,
+                  device="meta", lora_dtype=lora_dtype)
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.lora_a = nn.Parameter(torch.empty_like(new.lora_a, device=w.device))
+        new.lora_b = nn.Parameter(torch.empty_like(new.lora_b, device=w.device))
+        new.reset_lora_parameters()
+        return new
+
+    def reset_lora_parameters(self) -> None:
+        # Section 4.1: A random (Kaiming-uniform, as nn.Linear), B = 0, so training starts exactly at the base model.
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return out
+        # (B, T, in) -> (B, T, r) -> (B, T, out). Without autocast the branch runs in the LoRA dtype (fp32).
+        lora_x = self.lora_dropout(x).to(self.lora_a.dtype)
+        lora = F.linear(F.linear(lora_x, self.lora_a), self.lora_b)
+        return out + (lora * self.scaling).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update (alpha / r) B A, (out, in), in fp32."""
+        return (self.lora_b.float() @ self.lora_a.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into ``weight`` (computed in fp32, cast once). Calling it again does nothing."""
+        if self.merged:
+            return
+        self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+        self.merged = True
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}, merged={self.merged}"
+
+
+def apply_lora(
+    model: nn.Module,
+    targets: Sequence[str] = ("wq", "wv"),
+    r: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    lora_dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """Replace every ``nn.Linear`` whose attribute name is in ``targets`` by a ``LoRALinear`` sharing its weight."""
+    unknown = sorted(set(targets) - set(LORA_TARGETS))
+    if unknown or not targets:
+        raise ValueError(f"Unknown LoRA targets {unknown or '[]'}; choose a non-empty subset of {list(LORA_TARGETS)}")
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if name in targets and type(child) is nn.Linear:
+                setattr(parent, name, LoRALinear.from_linear(child, r, alpha, dropout, lora_dtype))
+                replaced += 1
+    if replaced == 0:
+        raise ValueError(f"apply_lora: no nn.Linear named {list(targets)} found in {type(model).__name__}")
+    return model
+
+
+def lora_layers(model: nn.Module) -> Iterable[tuple[str, LoRALinear]]:
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear))
+
+
+def mark_only_lora_as_trainable(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def merge_lora(model: nn.Module, unload: bool = False) -> nn.Module:
+    """Merge every LoRA layer. With ``unload``, replace each by a plain ``nn.Linear`` holding the merged weight."""
+    for name, layer in list(lora_layers(model)):
+        layer.merge()
+        if unload:
+            plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+            plain.weight, plain.bias = layer.weight, layer.bias
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, plain)
+    return model
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; works on the meta device."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def trainable_summary(model: nn.Module) -> str:
+    """The seed experiment's line (PEFT's print_trainable_parameters format)."""
+    trainable, total = count_params(model)
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.2f}"

@@ -1,0 +1,261 @@
+"""LLaMA-2 in plain PyTorch, with Meta's parameter names and numerics.
+
+Reference: Meta's llama/model.py. Differences: attention goes through ``F.scaled_dot_product_attention``
+with grouped-query heads handled by SDPA, RoPE uses real cos/sin arithmetic on adjacent channel pairs
+(numerically Meta's complex multiply), and the KV cache is optional so the same module trains and generates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import LlamaConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (as Meta does), cast back, then scale.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_cache(head_dim: int, max_seq_len: int, theta: float = 10000.0, device=None) -> torch.Tensor:
+    """cos and sin of the rotation angles, fp32: (max_seq_len, head_dim // 2, 2)."""
+    exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)[: head_dim // 2] / head_dim
+    freqs = 1.0 / (theta**exponents)
+    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), freqs)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs (2i, 2i+1) of x: (B, T, H, D) by rope: (T, D // 2, 2), in fp32."""
+    B, T, H, D = x.shape
+    xp = x.float().reshape(B, T, H, D // 2, 2)
+    cos, sin = rope[:, None, :, 0], rope[:, None, :, 1]  # (T, 1, D // 2)
+    x0, x1 = xp[..., 0], xp[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(3).type_as(x)
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device) -> None:
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v: (B, Hkv, T, D) at positions start..start+T; return the cache up to start+T."""
+        B, _, T, _ = k.shape
+        self.k[:B, :, start : start + T] = k
+        self.v[:B, :, start : start + T] = v
+        return self.k[:B, :, : start + T], self.v[:B, :, : start + T]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        kv_dim = self.n_kv_heads * self.head_dim
+        self.wq = nn.Linear(config.dim, config.dim, bias=False)
+        self.wk = nn.Linear(config.dim, kv_dim, bias=False)
+        self.wv = nn.Linear(config.dim, kv_dim, bias=False)
+        self.wo = nn.Linear(config.dim, config.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D), k/v with Hkv heads
+        gqa = self.n_kv_heads != self.n_heads
+        if start_pos is None:  # training / full forward: plain causal attention
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            assert self.kv_cache is not None, "call Llama.setup_cache() before decoding with start_pos"
+            k, v = self.kv_cache.update(start_pos, k, v)  # (B, Hkv, start_pos + T, D)
+            # Query i (absolute position start_pos + i) sees keys 0..start_pos + i.
+            mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)  # down
+        self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)  # up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig, gradient_checkpointing: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = gradient_checkpointing
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        # RoPE table, fp32. A plain attribute, not a buffer: model.to(bf16) must not round it, checkpoints
+        # must not carry it, and meta-device construction must not leave it empty.
+        self._rope: torch.Tensor | None = None
+
+    def rope(self, device: torch.device) -> torch.Tensor:
+        if self._rope is None or self._rope.device != device:
+            c = self.config
+            self._rope = rope_cache(c.head_dim, c.max_seq_len, c.rope_theta, device=device)
+        return self._rope
+
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random init for tests, the demo and benchmarks (real runs load a checkpoint)."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif "lora_" not in name:
+                nn.init.normal_(p, mean=0.0, std=std, generator=generator)
+
+    def hidden_states(self, tokens: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, dim): the input of the output layer."""
+        B, T = tokens.shape
+        offset = 0 if start_pos is None else start_pos
+        if offset + T > self.config.max_seq_len:
+            raise ValueError(
+                f"Sequence of {offset + T} tokens exceeds max_seq_len={self.config.max_seq_len}; "
+                "shorten the input or raise max_seq_len"
+            )
+        rope = self.rope(tokens.device)[offset : offset + T]
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(layer, h, rope, start_pos, use_reentrant=False)
+            else:
+                h = layer(h, rope, start_pos)
+        return self.norm(h)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab). With start_pos set, reads and extends the KV cache (generation)."""
+        return self.output(self.hidden_states(tokens, start_pos))
+
+    # ----- generation -----
+
+    def setup_cache(self, batch_size: int, max_seq_len: int | None = None) -> None:
+        max_seq_len = max_seq_len or self.config.max_seq_len
+        p = self.tok_embeddings.weight
+        # Keys and values come out in the autocast dtype when autocast is on; the cache must match the queries.
+        dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
+        for layer in self.layers:
+            attn = layer.attention
+            attn.kv_cache = KVCache(batch_size, max_seq_len, attn.n_kv_heads, attn.head_dim, dtype, p.device)
+
+    def clear_cache(self) -> None:
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+    @torch.no_grad()
+    def generate_stream(
+        self,
+        prompt: list[int],
+        max_new_tokens: int,
+        temperature: float = 0.6,
+        top_k: int | None = None,
+        top_p: float | None = 0.9,
+        eos_id: int | None = 2,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[int]:
+        """Yield new token ids one at a time for one prompt; temperature 0 means greedy. Stops at EOS (not yielded)."""
+        if not prompt:
+            raise ValueError("generate: the prompt is empty; give at least one token (e.g. BOS)")
+        total = min(len(prompt) + max_new_tokens, self.config.max_seq_len)
+        if len(prompt) >= total:
+            raise ValueError(
+                f"generate: the prompt has {len(prompt)} tokens, the context holds {self.config.max_seq_len}; "
+                "shorten the prompt"
+            )
+        was_training = self.training
+        self.eval()
+        device = self.tok_embeddings.weight.device
+        tokens = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
+        try:
+            if use_cache:
+                self.setup_cache(1, total)
+                logits = self(tokens, start_pos=0)[:, -1]
+            else:
+                logits = self(tokens)[:, -1]
+            for pos in range(len(prompt), total):
+                next_id = sample(logits.float(), temperature, top_k, top_p, generator)
+                if eos_id is not None and next_id == eos_id:
+                    return
+                yield next_id
+                if pos + 1 == total:
+                    return
+                step = torch.tensor([[next_id]], device=device)
+                if use_cache:
+                    logits = self(step, start_pos=pos)[:, -1]
+                else:
+                    tokens = torch.cat([tokens, step], dim=1)
+                    logits = self(tokens)[:, -1]
+        finally:
+            if use_cache:
+                self.clear_cache()
+            self.train(was_training)
+
+    def generate(self, prompt: list[int], max_new_tokens: int, **kwargs) -> list[int]:
+        return list(self.generate_stream(prompt, max_new_tokens, **kwargs))
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 0.6,
+    top_k: int | None = None,
+    top_p: float | None = 0.9,
+    generator: torch.Generator | None = None,
+) -> int:
+    """Draw one token from logits (1, vocab): temperature, then top-k, then nucleus (top-p) filtering."""
+    if temperature <= 0:
+        return int(logits.argmax(dim=-1).item())
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and 0 < top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Drop a token when the mass before it already reaches top_p (Meta's sample_top_p); the top token always stays.
+        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator).item())

@@ -1,0 +1,394 @@
+"""Read and write LLaMA checkpoints: Meta shards, HuggingFace (safetensors or .bin), llama2.c version 0.
+
+Everything is converted to Meta's parameter names. Loading never unpickles code (``weights_only=True`` or
+safetensors), reads with mmap, and places tensors with ``load_state_dict(assign=True)`` into a model built on the
+meta device, so a 7B model never exists twice in memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import re
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import LlamaConfig
+from .model import Llama, rope_cache
+
+log = logging.getLogger(__name__)
+
+StateDict = dict[str, torch.Tensor]
+
+# Meta's model-parallel split rule (llama/model.py: Column/RowParallelLinear, ParallelEmbedding).
+_SPLIT_DIM0 = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "feed_forward.w1.weight",
+               "feed_forward.w3.weight", "output.weight")
+_SPLIT_DIM1 = ("attention.wo.weight", "feed_forward.w2.weight", "tok_embeddings.weight")
+
+_HF_LAYER_NAMES = {
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3",
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+_HF_TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+                 "lm_head.weight": "output.weight"}
+
+WEIGHTS_HELP = (
+    "LLaMA-2 weights come from Meta (https://llama.meta.com, after accepting the license) or the meta-llama "
+    "repos on the HuggingFace Hub. Accepted layouts: a Meta dir (consolidated.NN.pth + params.json), "
+    "an HF dir (config.json + *.safetensors or pytorch_model*.bin, sharded with an index), or a llama2.c .bin file"
+)
+
+
+def _split_dim(key: str) -> int | None:
+    if key.endswith(_SPLIT_DIM0):
+        return 0
+    if key.endswith(_SPLIT_DIM1):
+        return 1
+    return None  # norms: replicated in every shard
+
+
+# ----- permutation between Meta's adjacent-pair RoPE and HF's rotate-half RoPE -----
+
+def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder q/k rows per head from Meta's (pair, 2) order to HF's (2, pair) order (HF's convert script)."""
+    out, inp = w.shape
+    return w.view(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def permute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of ``permute_to_hf``."""
+    out, inp = w.shape
+    return w.view(n_heads, 2, out // n_heads // 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def hf_key_to_meta(key: str) -> str | None:
+    """HF LlamaForCausalLM name -> Meta name; None for tensors that carry no weights (rotary inv_freq)."""
+    if key in _HF_TOP_NAMES:
+        return _HF_TOP_NAMES[key]
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
+    if m and m.group(2) in _HF_LAYER_NAMES:
+        return f"layers.{m.group(1)}.{_HF_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    if key.endswith("rotary_emb.inv_freq"):
+        return None
+    raise ValueError(f"Unexpected tensor {key!r} in a HuggingFace checkpoint: is this a LLaMA model?")
+
+
+def meta_key_to_hf(key: str) -> str:
+    inverse_top = {v: k for k, v in _HF_TOP_NAMES.items()}
+    if key in inverse_top:
+        return inverse_top[key]
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)\.(weight|bias)", key)
+    inverse_layer = {v: k for k, v in _HF_LAYER_NAMES.items()}
+    if not m or m.group(2) not in inverse_layer:
+        raise ValueError(f"No HuggingFace name for tensor {key!r}")
+    return f"model.layers.{m.group(1)}.{inverse_layer[m.group(2)]}.{m.group(3)}"
+
+
+# ----- format detection and reading -----
+
+def detect_format(path: str | Path) -> str:
+    """'meta', 'hf' or 'llama2c' for a checkpoint dir (or a llama2.c .bin file)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Checkpoint not found: {path}. {WEIGHTS_HELP}")
+    if path.is_file():
+        if path.suffix == ".bin" and not path.name.startswith("pytorch_model"):
+            return "llama2c"
+        raise ValueError(f"{path}: a checkpoint file must be a llama2.c .bin; for other layouts pass the directory")
+    if list(path.glob("consolidated.*.pth")):
+        return "meta"
+    if list(path.glob("*.safetensors")) or list(path.glob("pytorch_model*.bin")):
+        return "hf"
+    raise FileNotFoundError(f"{path} holds no LLaMA weights. {WEIGHTS_HELP}")
+
+
+def _torch_load(path: Path) -> StateDict:
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError as e:
+        if "mmap" in str(e):  # legacy (non-zip) torch.save files cannot be mmapped
+            return torch.load(path, map_location="cpu", weights_only=True)
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # pickle refusing a non-tensor object, truncated zip, ...
+        raise ValueError(f"{path}: not a readable weights-only PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+
+
+def _load_meta(path: Path) -> tuple[StateDict, dict[str, str], LlamaConfig | None]:
+    shards = sorted(path.glob("consolidated.*.pth"))
+    numbers = [int(s.name.split(".")[1]) for s in shards]
+    if numbers != list(range(len(shards))):
+        raise FileNotFoundError(f"{path}: Meta shards must be consolidated.00.pth .. consolidated.{len(shards) - 1:02d}"
+                                f".pth without gaps, found {[s.name for s in shards]}")
+    parts = [_torch_load(s) for s in shards]
+    for shard, part in zip(shards, parts):
+        if set(part) != set(parts[0]):
+            raise ValueError(f"{shard}: holds different tensors than {shards[0].name}; the shards are from different"
+                             " checkpoints")
+    sd, sources = {}, {}
+    for key in parts[0]:
+        if key == "rope.freqs":
+            continue
+        dim = _split_dim(key)
+        sd[key] = parts[0][key] if len(parts) == 1 or dim is None else torch.cat([p[key] for p in parts], dim=dim)
+        sources[key] = str(shards[0] if len(parts) == 1 else path / "consolidated.*.pth")
+    config = None
+    if (path / "params.json").is_file():
+        vocab = sd["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in sd else None
+        config = LlamaConfig.from_meta_params(path / "params.json", vocab_size=vocab)
+    return sd, sources, config
+
+
+def _load_hf(path: Path) -> tuple[StateDict, dict[str, str], LlamaConfig | None]:
+    config = LlamaConfig.from_hf_config(path / "config.json") if (path / "config.json").is_file() else None
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    for index in list(path.glob("*.safetensors.index.json")) + list(path.glob("pytorch_model.bin.index.json")):
+        wanted = set(json.loads(index.read_text())["weight_map"].values())
+        missing = sorted(wanted - {f.name for f in files})
+        if missing:
+            raise FileNotFoundError(f"{index} names shard(s) that are missing: {', '.join(missing)}")
+    raw: StateDict = {}
+    sources: dict[str, str] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            try:
+                with safe_open(str(f), framework="pt", device="cpu") as st:
+                    for k in st.keys():
+                        raw[k], sources[k] = st.get_tensor(k), str(f)
+            except Exception as e:
+                raise ValueError(f"{f}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+        else:
+            part = _torch_load(f)
+            raw.update(part)
+            sources.update({k: str(f) for k in part})
+    if config is None:
+        raise FileNotFoundError(f"{path}: config.json is missing; HF checkpoints need it to undo the q/k permutation")
+    sd, meta_sources = {}, {}
+    for k, t in raw.items():
+        name = hf_key_to_meta(k)
+        if name is None:
+            continue
+        if name.endswith("attention.wq.weight"):
+            t = permute_from_hf(t, config.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            t = permute_from_hf(t, config.n_kv_heads)
+        sd[name], meta_sources[name] = t, sources[k]
+    return sd, meta_sources, config
+
+
+def _load_llama2c(path: Path) -> tuple[StateDict, dict[str, str], LlamaConfig]:
+    size = path.stat().st_size
+    if size < 28 or size % 4:
+        raise ValueError(f"{path}: not a llama2.c version-0 checkpoint (size {size} bytes)")
+    with open(path, "rb") as f:
+        dim, hidden, n_layers, n_heads, n_kv_heads, vocab, max_seq_len = struct.unpack("7i", f.read(28))
+    shared = vocab > 0
+    try:
+        config = LlamaConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=abs(vocab),
+                             hidden_dim=hidden, max_seq_len=max_seq_len)
+    except ValueError as e:
+        raise ValueError(f"{path}: header does not describe a valid model ({e})") from None
+    kv_dim, L = n_kv_heads * config.head_dim, n_layers
+    layout = [("tok_embeddings.weight", None, (abs(vocab), dim)), ("attention_norm.weight", L, (dim,)),
+              ("attention.wq.weight", L, (dim, dim)), ("attention.wk.weight", L, (kv_dim, dim)),
+              ("attention.wv.weight", L, (kv_dim, dim)), ("attention.wo.weight", L, (dim, dim)),
+              ("ffn_norm.weight", L, (dim,)), ("feed_forward.w1.weight", L, (hidden, dim)),
+              ("feed_forward.w2.weight", L, (dim, hidden)), ("feed_forward.w3.weight", L, (hidden, dim)),
+              ("norm.weight", None, (dim,)), ("freq_cis_real", None, (max_seq_len, config.head_dim // 2)),
+              ("freq_cis_imag", None, (max_seq_len, config.head_dim // 2))]
+    if not shared:
+        layout.append(("output.weight", None, (abs(vocab), dim)))
+    needed = 7 + sum((n or 1) * torch.Size(s).numel() for _, n, s in layout)
+    if size // 4 != needed:
+        raise ValueError(f"{path}: llama2.c checkpoint is {size} bytes, its header implies {needed * 4}; "
+                         "the file is truncated or not version 0")
+    flat = torch.from_file(str(path), shared=False, size=needed, dtype=torch.float32)
+    sd, offset = {}, 7
+    for name, n_stack, shape in layout:
+        count = (n_stack or 1) * torch.Size(shape).numel()
+        t = flat[offset : offset + count]
+        offset += count
+        if name.startswith("freq_cis"):
+            continue  # recomputed by the model
+        if n_stack is None:
+            sd[name] = t.view(shape)
+        else:
+            for i, layer_t in enumerate(t.view(n_stack, *shape)):
+                sd[f"layers.{i}.{name}"] = layer_t
+    if shared:
+        sd["output.weight"] = sd["tok_embeddings.weight"]
+    return sd, dict.fromkeys(sd, str(path)), config
+
+
+def load_checkpoint(path: str | Path) -> tuple[StateDict, dict[str, str], LlamaConfig | None]:
+    """State dict in Meta names, the file each tensor came from, and the config the checkpoint describes."""
+    path = Path(path)
+    fmt = detect_format(path)
+    sd, sources, config = {"meta": _load_meta, "hf": _load_hf, "llama2c": _load_llama2c}[fmt](path)
+    log.info("Read %s checkpoint %s: %d tensors", fmt, path, len(sd))
+    return sd, sources, config
+
+
+def check_state_dict(model: torch.nn.Module, sd: StateDict, sources: dict[str, str], what: str = "the model") -> None:
+    """Raise ValueError naming the file, tensor and shapes for a missing, unknown or mis-shaped tensor."""
+    expected = {k: v.shape for k, v in model.state_dict().items() if "lora_" not in k}
+    missing = sorted(set(expected) - set(sd))
+    if missing:
+        where = next(iter(set(sources.values())), "the checkpoint")
+        raise ValueError(f"{where}: missing tensor {missing[0]!r} (and {len(missing) - 1} more) needed by {what}")
+    unknown = sorted(set(sd) - set(expected))
+    if unknown:
+        raise ValueError(f"{sources.get(unknown[0], 'checkpoint')}: unknown tensor {unknown[0]!r} "
+                         f"({len(unknown)} in all) for {what}")
+    for k, shape in expected.items():
+        if sd[k].shape != shape:
+            raise ValueError(f"{sources.get(k, 'checkpoint')}: tensor {k!r} has shape {tuple(sd[k].shape)}, "
+                             f"{what} expects {tuple(shape)}; the checkpoint is for a different model size")
+
+
+def build_model(
+    config: LlamaConfig | None = None,
+    checkpoint: str | Path | None = None,
+    base_dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    seed: int | None = None,
+    gradient_checkpointing: bool = False,
+) -> Llama:
+    """A ready Llama: random (seeded) when ``checkpoint`` is None, else filled from the checkpoint with no copy.
+
+    With both ``config`` and ``checkpoint`` given, the checkpoint must match the config's shapes.
+    """
+    sd = sources = None
+    if checkpoint is not None:
+        sd, sources, ckpt_config = load_checkpoint(checkpoint)
+        config = config or ckpt_config
+        if config is None:
+            raise ValueError(f"{checkpoint}: no params.json/config.json found; pass a model config or preset")
+    if config is None:
+        raise ValueError("build_model needs a config (preset) or a checkpoint")
+    with torch.device("meta"):
+        model = Llama(config, gradient_checkpointing=gradient_checkpointing)
+    if sd is None:
+        model = model.to(base_dtype).to_empty(device=device)  # cast on meta first: no fp32 copy of a big model
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        model.init_weights(generator=generator)
+        return model
+    check_state_dict(model, sd, sources, what=f"a {config.n_layers}-layer, dim-{config.dim} LLaMA")
+    for k in sd:  # one tensor at a time: an mmapped tensor already in base_dtype on CPU is placed as is
+        sd[k] = sd[k].to(device=device, dtype=base_dtype)
+    model.load_state_dict(sd, assign=True)
+    return model
+
+
+# ----- writing -----
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _plain(sd: StateDict) -> StateDict:
+    lora = [k for k in sd if "lora_" in k]
+    if lora:
+        raise ValueError(f"State dict holds LoRA tensors ({lora[0]}, ...): merge_lora(model, unload=True) first")
+    return {k: v.detach().contiguous() for k, v in sd.items()}
+
+
+def save_meta(sd: StateDict, config: LlamaConfig, out_dir: str | Path, n_shards: int = 1) -> Path:
+    """Write consolidated.NN.pth shards (Meta's split rule) and params.json."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sd = _plain(sd)
+    for i in range(n_shards):
+        shard = {}
+        for k, v in sd.items():
+            dim = _split_dim(k)
+            if dim is not None and n_shards > 1:
+                if v.shape[dim] % n_shards:
+                    raise ValueError(f"{k}: dimension {dim} of size {v.shape[dim]} does not split into {n_shards} "
+                                     "shards")
+                v = v.chunk(n_shards, dim=dim)[i]
+            shard[k] = v.clone()
+        _atomic_torch_save(shard, out_dir / f"consolidated.{i:02d}.pth")
+    (out_dir / "params.json").write_text(json.dumps(config.to_meta_params(), indent=2))
+    return out_dir
+
+
+def save_hf(sd: StateDict, config: LlamaConfig, out_dir: str | Path, max_shard_bytes: int | None = None,
+            safetensors: bool = True) -> Path:
+    """Write HF LlamaForCausalLM weights (permuted q/k), sharded with an index when over max_shard_bytes."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf = {}
+    for k, v in _plain(sd).items():
+        if k.endswith("attention.wq.weight"):
+            v = permute_to_hf(v, config.n_heads)
+        elif k.endswith("attention.wk.weight"):
+            v = permute_to_hf(v, config.n_kv_heads)
+        hf[meta_key_to_hf(k)] = v.contiguous()
+    shards: list[StateDict] = [{}]
+    size = 0
+    for k, v in hf.items():
+        nbytes = v.numel() * v.element_size()
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    stem, ext = ("model", "safetensors") if safetensors else ("pytorch_model", "bin")
+    names = [f"{stem}.{ext}"] if len(shards) == 1 else [
+        f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        tmp = out_dir / (name + ".tmp")
+        if safetensors:
+            save_file(shard, str(tmp), metadata={"format": "pt"})
+        else:
+            torch.save(shard, tmp)
+        os.replace(tmp, out_dir / name)
+    if len(shards) > 1:
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+        total = sum(v.numel() * v.element_size() for v in hf.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out_dir / f"{stem}.{ext}.index.json").write_text(json.dumps(index, indent=2))
+    (out_dir / "config.json").write_text(json.dumps(config.to_hf_config(), indent=2))
+    return out_dir
+
+
+def save_llama2c(sd: StateDict, config: LlamaConfig, path: str | Path) -> Path:
+    """Write llama2.c's version-0 .bin: a 7-int header, then fp32 weights grouped by kind across layers."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = _plain(sd)
+    shared = torch.equal(sd["tok_embeddings.weight"], sd["output.weight"])
+    vocab = config.vocab_size if shared else -config.vocab_size
+    header = struct.pack("7i", config.dim, config.hidden_dim, config.n_layers, config.n_heads, config.n_kv_heads,
+                         vocab, config.max_seq_len)
+    per_layer = ["attention_norm", "attention.wq", "attention.wk", "attention.wv", "attention.wo", "ffn_norm",
+                 "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
+    rope = rope_cache(config.head_dim, config.max_seq_len, config.rope_theta)
+    tensors = [sd["tok_embeddings.weight"]]
+    tensors += [sd[f"layers.{i}.{name}.weight"] for name in per_layer for i in range(config.n_layers)]
+    tensors += [sd["norm.weight"], rope[..., 0], rope[..., 1]]
+    if not shared:
+        tensors.append(sd["output.weight"])
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header)
+        for t in tensors:
+            t = t.detach().float().contiguous()
+            f.write(ctypes.string_at(t.data_ptr(), t.numel() * 4))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,175 @@
+import json
+
+import pytest
+import torch
+
+from llama_lora.weights import (
+    build_model,
+    detect_format,
+    load_checkpoint,
+    permute_from_hf,
+    permute_to_hf,
+    save_hf,
+    save_llama2c,
+    save_meta,
+)
+
+
+@pytest.fixture
+def sd(tiny_model):
+    return {k: v.detach().clone() for k, v in tiny_model.state_dict().items()}
+
+
+def load_logits(path, tokens, config=None):
+    return build_model(config, checkpoint=path, base_dtype=torch.float32)(tokens)
+
+
+def test_permutation_is_inverse_and_moves_pairs():
+    w = torch.arange(2 * 8 * 3, dtype=torch.float32).view(16, 3)  # 2 heads of head_dim 8
+    assert torch.equal(permute_from_hf(permute_to_hf(w, 2), 2), w)
+    # Meta's pair (0, 1) of head 0 becomes HF rows 0 and head_dim/2 = 4 (rotate-half layout).
+    hf = permute_to_hf(w, 2)
+    assert torch.equal(hf[0], w[0]) and torch.equal(hf[4], w[1]) and torch.equal(hf[8], w[8])
+
+
+def test_same_weights_in_all_layouts_give_identical_logits(tmp_path, tiny_model, tiny_config, sd, tokens):
+    expected = tiny_model(tokens)
+    save_meta(sd, tiny_config, tmp_path / "meta")
+    save_hf(sd, tiny_config, tmp_path / "hf_st")
+    save_hf(sd, tiny_config, tmp_path / "hf_bin", safetensors=False, max_shard_bytes=100_000)
+    save_hf(sd, tiny_config, tmp_path / "hf_st_sharded", max_shard_bytes=100_000)
+    save_llama2c(sd, tiny_config, tmp_path / "model.bin")
+    assert [detect_format(tmp_path / n) for n in ("meta", "hf_st", "hf_bin", "model.bin")] == [
+        "meta", "hf", "hf", "llama2c"]
+    assert len(list((tmp_path / "hf_bin").glob("pytorch_model-*.bin"))) > 1
+    assert (tmp_path / "hf_st_sharded" / "model.safetensors.index.json").is_file()
+    for name in ("meta", "hf_st", "hf_bin", "hf_st_sharded", "model.bin"):
+        assert torch.equal(load_logits(tmp_path / name, tokens), expected), name
+
+
+def test_meta_hf_meta_round_trip(tmp_path, tiny_config, sd):
+    save_hf(sd, tiny_config, tmp_path / "hf")
+    hf_sd, _, config = load_checkpoint(tmp_path / "hf")
+    assert config == tiny_config
+    save_meta(hf_sd, config, tmp_path / "meta")
+    back, _, config2 = load_checkpoint(tmp_path / "meta")
+    assert config2 == tiny_config and back.keys() == sd.keys()
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+    # The HF file really is in HF's names and permuted layout.
+    from safetensors.torch import load_file
+
+    raw = load_file(tmp_path / "hf" / "model.safetensors")
+    assert "model.layers.0.self_attn.q_proj.weight" in raw and "lm_head.weight" in raw
+    assert not torch.equal(raw["model.layers.0.self_attn.q_proj.weight"], sd["layers.0.attention.wq.weight"])
+
+
+@pytest.mark.parametrize("n_shards", [2, 8])
+def test_sharded_meta_merge(tmp_path, tiny_config, sd, n_shards, tokens, tiny_model):
+    save_meta(sd, tiny_config, tmp_path, n_shards=n_shards)
+    shards = sorted(tmp_path.glob("consolidated.*.pth"))
+    assert len(shards) == n_shards
+    first = torch.load(shards[0], weights_only=True)
+    assert first["layers.0.attention.wq.weight"].shape[0] == tiny_config.dim // n_shards  # split on dim 0
+    assert first["layers.0.attention.wo.weight"].shape[1] == tiny_config.dim // n_shards  # split on dim 1
+    assert first["tok_embeddings.weight"].shape[1] == tiny_config.dim // n_shards
+    assert first["norm.weight"].shape == (tiny_config.dim,)  # replicated
+    merged, _, _ = load_checkpoint(tmp_path)
+    assert all(torch.equal(merged[k], sd[k]) for k in sd)
+    assert torch.equal(load_logits(tmp_path, tokens), tiny_model(tokens))
+
+
+def test_base_dtype_and_rope_freqs_ignored(tmp_path, tiny_config, sd, tokens):
+    sd["rope.freqs"] = torch.zeros(8)  # Meta's files carry it; the model recomputes RoPE
+    save_meta({k: v.bfloat16() for k, v in sd.items()}, tiny_config, tmp_path)
+    model = build_model(checkpoint=tmp_path, base_dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    model16 = build_model(checkpoint=tmp_path, base_dtype=torch.float16)
+    assert model16.output.weight.dtype == torch.float16
+
+
+# ----- bad checkpoints -----
+
+def test_missing_path_and_empty_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Checkpoint not found: .*Accepted layouts"):
+        build_model(checkpoint=tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="holds no LLaMA weights"):
+        build_model(checkpoint=tmp_path)
+
+
+def test_missing_key_names_file_and_tensor(tmp_path, tiny_config, sd):
+    del sd["layers.1.feed_forward.w2.weight"]
+    save_meta(sd, tiny_config, tmp_path)
+    with pytest.raises(ValueError, match=r"consolidated.00.pth: missing tensor 'layers.1.feed_forward.w2.weight'"):
+        build_model(checkpoint=tmp_path)
+
+
+def test_unknown_key(tmp_path, tiny_config, sd):
+    sd["layers.0.attention.wqq.weight"] = torch.zeros(2, 2)
+    torch.save(sd, tmp_path / "consolidated.00.pth")
+    with pytest.raises(ValueError, match=r"consolidated.00.pth: unknown tensor 'layers.0.attention.wqq.weight'"):
+        build_model(tiny_config, checkpoint=tmp_path)
+
+
+def test_shape_mismatch_names_both_shapes(tmp_path, tiny_config, sd):
+    from llama_lora.config import LlamaConfig
+
+    save_meta(sd, tiny_config, tmp_path)
+    other = LlamaConfig.from_name("tiny", hidden_dim=192)
+    with pytest.raises(ValueError, match=r"consolidated.00.pth: tensor 'layers.0.feed_forward.w1.weight' has shape "
+                                         r"\(176, 64\), .* expects \(192, 64\)"):
+        build_model(other, checkpoint=tmp_path)
+
+
+def test_hf_missing_shard(tmp_path, tiny_config, sd):
+    save_hf(sd, tiny_config, tmp_path, max_shard_bytes=100_000)
+    victim = sorted(tmp_path.glob("model-*.safetensors"))[-1]
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match=f"missing: {victim.name}"):
+        build_model(checkpoint=tmp_path)
+
+
+def test_meta_shard_gap(tmp_path, tiny_config, sd):
+    save_meta(sd, tiny_config, tmp_path, n_shards=2)
+    (tmp_path / "consolidated.01.pth").rename(tmp_path / "consolidated.02.pth")
+    with pytest.raises(FileNotFoundError, match="without gaps"):
+        build_model(checkpoint=tmp_path)
+
+
+def test_truncated_files(tmp_path, tiny_config, sd):
+    save_meta(sd, tiny_config, tmp_path / "meta")
+    f = tmp_path / "meta" / "consolidated.00.pth"
+    f.write_bytes(f.read_bytes()[:5000])
+    with pytest.raises(ValueError, match="consolidated.00.pth: not a readable"):
+        build_model(checkpoint=tmp_path / "meta")
+    save_llama2c(sd, tiny_config, tmp_path / "m.bin")
+    data = (tmp_path / "m.bin").read_bytes()
+    (tmp_path / "m.bin").write_bytes(data[:-400])
+    with pytest.raises(ValueError, match="truncated"):
+        build_model(checkpoint=tmp_path / "m.bin")
+    save_hf(sd, tiny_config, tmp_path / "hf")
+    st = tmp_path / "hf" / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:3000])
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors"):
+        build_model(checkpoint=tmp_path / "hf")
+
+
+class Exploit:
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+def test_pickled_code_is_never_executed(tmp_path, capsys):
+    torch.save({"tok_embeddings.weight": Exploit()}, tmp_path / "consolidated.00.pth")
+    with pytest.raises(ValueError, match="weights-only"):
+        build_model(checkpoint=tmp_path)
+    assert "pickled code ran" not in capsys.readouterr().out
+
+
+def test_hf_without_config(tmp_path, tiny_config, sd):
+    save_hf(sd, tiny_config, tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        build_model(checkpoint=tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 3}))
+    with pytest.raises(ValueError, match="not a LLaMA config.json"):
+        build_model(checkpoint=tmp_path)
