@@ -35,3 +35,12 @@ def assets() -> Path:
     if not (path / "tokenizer.model").is_file():
         pytest.fail(f"LLAMA_LORA_TEST_ASSETS={folder} has no tokenizer.model")
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_tok(tmp_path_factory):
+    """The demo's own SentencePiece tokenizer, trained once per test session."""
+    from llama_lora.demo import demo_tokenizer, generate_demo_records
+    from llama_lora.tokenizer import Tokenizer
+
+    return Tokenizer(demo_tokenizer(generate_demo_records(2000), 1024, tmp_path_factory.mktemp("cache")))

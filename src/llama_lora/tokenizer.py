@@ -63,6 +63,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, path: str | Path) -> 
             character_coverage=1.0,
             byte_fallback=True,
             split_digits=True,  # as LLaMA: one token per digit, which arithmetic tasks need
+            # As LLaMA: no normalisation, whitespace kept (the Alpaca template's newlines must survive a round trip).
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
             unk_id=0,
             bos_id=1,
             eos_id=2,

@@ -320,8 +320,8 @@ def save_meta(sd: StateDict, config: LlamaConfig, out_dir: str | Path, n_shards:
                 if v.shape[dim] % n_shards:
                     raise ValueError(f"{k}: dimension {dim} of size {v.shape[dim]} does not split into {n_shards} "
                                      "shards")
-                v = v.chunk(n_shards, dim=dim)[i]
-            shard[k] = v.clone()
+                v = v.chunk(n_shards, dim=dim)[i].clone()  # a view would save its whole storage
+            shard[k] = v
         _atomic_torch_save(shard, out_dir / f"consolidated.{i:02d}.pth")
     (out_dir / "params.json").write_text(json.dumps(config.to_meta_params(), indent=2))
     return out_dir

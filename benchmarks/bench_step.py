@@ -1,0 +1,134 @@
+"""Time the LoRA training step: r=8 on wq and wv, random weights, half-precision frozen base, fp32 LoRA, autocast.
+
+    python benchmarks/bench_step.py                       # shapes small and llama2-7b, each in its own process
+    python benchmarks/bench_step.py --shape small --steps 10
+    python benchmarks/bench_step.py --write-meta /tmp/llama7b   # write a random bf16 7B Meta checkpoint (13 GB)
+    python benchmarks/bench_step.py --shape llama2-7b --checkpoint /tmp/llama7b   # time load-to-ready too
+
+Prints one JSON object per shape: tokens/s, step time and peak RSS (and CUDA peak memory on GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from llama_lora.config import LlamaConfig
+from llama_lora.lora import apply_lora, mark_only_lora_as_trainable, trainable_summary
+from llama_lora.weights import build_model, save_meta
+
+SHAPES = {"small": (4, 256), "llama2-7b": (1, 128)}  # (micro-batch, tokens)
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
+def run_shape(args) -> dict:
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    config = LlamaConfig.from_name(args.shape)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.base_dtype]
+    batch, seq = (args.batch, args.seq) if args.batch else SHAPES[args.shape]
+    t0 = time.perf_counter()
+    model = build_model(config, checkpoint=args.checkpoint, base_dtype=dtype, device=device, seed=0,
+                        gradient_checkpointing=args.gc)
+    apply_lora(model, ["wq", "wv"], r=8, alpha=16)
+    mark_only_lora_as_trainable(model)
+    ready_s = time.perf_counter() - t0
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    g = torch.Generator().manual_seed(1)
+    data = torch.randint(0, config.vocab_size, (args.steps + args.warmup, batch, seq + 1), generator=g).to(device)
+    amp_dtype = torch.float16 if args.amp == "fp16" else torch.bfloat16
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    times = []
+    for i in range(args.warmup + args.steps):
+        x, y = data[i, :, :-1], data[i, :, 1:]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp != "off"):
+            logits = model(x)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t)
+        if i == 0:
+            first_step_s = time.perf_counter() - t
+    times.sort()
+    step_s = times[len(times) // 2]
+    result = {
+        "shape": args.shape, "micro_batch": batch, "seq_len": seq, "device": str(device),
+        "base_dtype": args.base_dtype, "autocast": args.amp, "gradient_checkpointing": args.gc,
+        "lora": trainable_summary(model), "steps": args.steps, "median_step_s": round(step_s, 4),
+        "tokens_per_s": round(batch * seq / step_s, 1), "peak_rss_gib": round(peak_rss_gib(), 3),
+        "ready_s": round(ready_s, 2), "first_step_s": round(first_step_s, 2), "final_loss": round(loss.item(), 4),
+        "checkpoint": str(args.checkpoint) if args.checkpoint else "random init",
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+    }
+    if device.type == "cuda":
+        result["cuda_max_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        result["cuda_max_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+        result["gpu"] = torch.cuda.get_device_name()
+    return result
+
+
+def write_meta(out_dir: Path) -> None:
+    t0 = time.perf_counter()
+    config = LlamaConfig.from_name("llama2-7b")
+    model = build_model(config, base_dtype=torch.bfloat16, seed=0)
+    save_meta(model.state_dict(), config, out_dir)
+    print(json.dumps({"wrote": str(out_dir), "seconds": round(time.perf_counter() - t0, 1),
+                      "peak_rss_gib": round(peak_rss_gib(), 3)}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), help="one shape in this process (default: all, one process each)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 10 small, 3 for 7B)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--batch", type=int, default=None, help="override the shape's micro-batch")
+    p.add_argument("--seq", type=int, default=None, help="override the shape's sequence length")
+    p.add_argument("--base-dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--amp", choices=["bf16", "fp16", "off"], default="bf16", help="autocast dtype")
+    p.add_argument("--gc", action="store_true", help="gradient checkpointing")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--checkpoint", type=Path, default=None, help="load this checkpoint instead of random weights")
+    p.add_argument("--write-meta", type=Path, default=None, help="write a random bf16 llama2-7b Meta checkpoint here")
+    p.add_argument("--json", type=Path, default=None, help="also append results to this JSON-lines file")
+    args = p.parse_args()
+    if args.batch and not args.seq or args.seq and not args.batch:
+        p.error("--batch and --seq go together")
+    if args.write_meta:
+        return write_meta(args.write_meta)
+    if args.shape is None:  # each shape in a fresh process, so that peak RSS is its own
+        for shape in SHAPES:
+            cmd = [sys.executable, __file__, "--shape", shape, *sys.argv[1:]]
+            subprocess.run(cmd, check=True)
+        return
+    args.steps = args.steps or (3 if args.shape == "llama2-7b" else 10)
+    result = run_shape(args)
+    line = json.dumps(result)
+    print(line, flush=True)
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()

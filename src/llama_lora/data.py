@@ -1,0 +1,418 @@
+"""Alpaca data: Stanford's prompts, preprocessing with prompt masking, batching, a resumable sampler, a DataModule.
+
+The names ``preprocess``, ``SupervisedDataset``, ``DataCollatorForSupervisedDataset`` and
+``make_supervised_data_module`` follow Stanford Alpaca's train.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .demo import default_cache_dir, demo_tokenizer, generate_demo_records
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
+DOWNLOAD_TIMEOUT_S = 60
+DOWNLOAD_MAX_BYTES = 512 * 2**20
+
+# Stanford Alpaca's templates, exact to the character.
+PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:"
+)
+
+
+def format_prompt(record: dict[str, str]) -> str:
+    """The Alpaca prompt for a record; an empty or missing ``input`` selects the no-input template."""
+    if record.get("input"):
+        return PROMPT_INPUT.format(instruction=record["instruction"], input=record["input"])
+    return PROMPT_NO_INPUT.format(instruction=record["instruction"])
+
+
+# ----- reading and validating records -----
+
+def download(url: str, cache_dir: str | Path | None = None) -> Path:
+    """Fetch an https URL once into the cache dir (atomic write, timeout, size cap) and return the local path."""
+    if not url.startswith("https://"):
+        raise ValueError(f"Only https URLs are downloaded, got {url!r}; pass a local path instead")
+    cache = Path(cache_dir or default_cache_dir())
+    target = cache / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{Path(url).name or 'data.json'}"
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    log.info("Downloading %s -> %s", url, target)
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp, tempfile.NamedTemporaryFile(
+            dir=cache, delete=False, suffix=".part"
+        ) as tmp:
+            size = 0
+            while chunk := resp.read(1 << 20):
+                size += len(chunk)
+                if size > DOWNLOAD_MAX_BYTES:
+                    raise ValueError(f"{url} is larger than {DOWNLOAD_MAX_BYTES >> 20} MiB; download it yourself")
+                tmp.write(chunk)
+        os.replace(tmp.name, target)
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        if "tmp" in locals():
+            Path(tmp.name).unlink(missing_ok=True)
+        raise ValueError(
+            f"Could not download {url} ({getattr(e, 'reason', e)}); download it by hand and set "
+            "data_path to the local file"
+        ) from None
+    return target
+
+
+def load_records(path: str | Path, cache_dir: str | Path | None = None) -> list[dict[str, str]]:
+    """Read and validate Alpaca records from a .json list, a .jsonl file or an https URL."""
+    if str(path).startswith(("http://", "https://")):
+        path = download(str(path), cache_dir)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Data file not found: {path}; give a local .json/.jsonl file or an https URL")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        records = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: invalid JSON on line {lineno}, column {e.colno}: {e.msg}") from None
+    else:
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: the top level is a JSON {type(records).__name__}, expected a list of records")
+    for i, rec in enumerate(records):
+        validate_record(rec, i, path)
+    return records
+
+
+def validate_record(rec: Any, index: int, source: str | Path = "data") -> None:
+    if not isinstance(rec, dict):
+        raise ValueError(f"{source}: record {index} is a {type(rec).__name__}, expected an object with "
+                         "'instruction', 'input' and 'output'")
+    for field in ("instruction", "output"):
+        if field not in rec:
+            raise ValueError(f"{source}: record {index} has no '{field}' field")
+    for field in ("instruction", "input", "output"):
+        if field in rec and not isinstance(rec[field], str):
+            raise ValueError(f"{source}: record {index} field '{field}' is a {type(rec[field]).__name__}, "
+                             "expected a string")
+
+
+# ----- tokenization -----
+
+@dataclass
+class PreprocessStats:
+    kept: int = 0
+    dropped: int = 0  # the prompt alone did not fit in max_seq_len
+    truncated: int = 0  # the response was cut to fit
+
+
+def tokenize_record(record: dict[str, str], tokenizer: Tokenizer, max_seq_len: int = 512,
+                    mask_prompt: bool = True) -> tuple[list[int], list[int], bool] | None:
+    """(input_ids, labels, truncated) for one record, or None when its prompt does not fit.
+
+    ids = BOS + prompt + response + EOS. The prompt and response are tokenized separately and concatenated, so the
+    prompt's tokens are exactly a prefix (SentencePiece would otherwise merge across the boundary).
+    """
+    prompt = [tokenizer.bos_id] + tokenizer.encode(format_prompt(record))
+    target = tokenizer.encode(record["output"]) + [tokenizer.eos_id]  # an empty output still trains on EOS
+    if len(prompt) >= max_seq_len:
+        return None
+    truncated = len(prompt) + len(target) > max_seq_len
+    target = target[: max_seq_len - len(prompt)]  # a truncated response loses its EOS: it did not end there
+    ids = prompt + target
+    labels = ([IGNORE_INDEX] * len(prompt) if mask_prompt else [IGNORE_INDEX] + prompt[1:]) + target
+    return ids, labels, truncated
+
+
+def preprocess(records: Sequence[dict[str, str]], tokenizer: Tokenizer, max_seq_len: int = 512,
+               mask_prompt: bool = True) -> tuple[list[dict[str, list[int]]], PreprocessStats]:
+    examples, stats = [], PreprocessStats()
+    for rec in records:
+        out = tokenize_record(rec, tokenizer, max_seq_len, mask_prompt)
+        if out is None:
+            stats.dropped += 1
+            continue
+        ids, labels, truncated = out
+        stats.truncated += truncated
+        examples.append({"input_ids": ids, "labels": labels})
+    stats.kept = len(examples)
+    if stats.dropped or stats.truncated:
+        log.info("preprocess: kept %d records, dropped %d (prompt longer than max_seq_len=%d), truncated %d",
+                 stats.kept, stats.dropped, max_seq_len, stats.truncated)
+    return examples, stats
+
+
+class SupervisedDataset(Dataset):
+    """Tokenized Alpaca examples: dicts of ``input_ids`` and ``labels`` (lists of ints, same length)."""
+
+    def __init__(self, records: Sequence[dict[str, str]], tokenizer: Tokenizer, max_seq_len: int = 512,
+                 mask_prompt: bool = True, source: str = "data") -> None:
+        self.examples, self.stats = preprocess(records, tokenizer, max_seq_len, mask_prompt)
+        if not self.examples:
+            raise ValueError(f"{source}: no records left after preprocessing ({self.stats.dropped} dropped because "
+                             f"the prompt exceeds max_seq_len={max_seq_len}); raise max_seq_len or check the data")
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return self.examples[i]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(e["input_ids"]) for e in self.examples]
+
+
+@dataclass
+class DataCollatorForSupervisedDataset:
+    """Right-pad to the longest sequence (optionally a multiple of ``pad_to_multiple_of``): pad id / -100."""
+
+    pad_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, examples: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        T = max(len(e["input_ids"]) for e in examples)
+        if self.pad_to_multiple_of:
+            T = -(-T // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(examples), T), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
+        for i, e in enumerate(examples):
+            n = len(e["input_ids"])
+            input_ids[i, :n] = torch.tensor(e["input_ids"])
+            labels[i, :n] = torch.tensor(e["labels"])
+        lengths = torch.tensor([len(e["input_ids"]) for e in examples])
+        return {
+            "input_ids": input_ids,  # (B, T)
+            "labels": labels,  # (B, T); position t is predicted from positions < t
+            "n_tokens": lengths.sum(),  # non-pad tokens
+            "n_targets": (labels[:, 1:] != IGNORE_INDEX).sum(),  # tokens the loss sees after the shift
+        }
+
+
+# ----- sampling -----
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Seeded batches that restart mid-epoch at an exact batch, shared out across data-parallel ranks.
+
+    Each step draws a *global* batch of ``batch_size * num_replicas`` examples from a permutation seeded by
+    (seed, epoch); rank r takes the r-th slice. One process with batch_size B*W therefore sees the same examples
+    per step as W processes with batch_size B. ``group_by_length`` sorts examples by length within windows of
+    ``50`` global batches (then shuffles the batch order) to cut padding.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, shuffle: bool = True,
+                 group_by_length: bool = False, drop_last: bool = False, num_replicas: int = 1, rank: int = 0) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
+        self.shuffle, self.group_by_length, self.drop_last = shuffle, group_by_length, drop_last
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch = 0
+        self.batch_index = 0  # batches of this epoch already consumed
+
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        n, size = len(self.lengths), self.batch_size * self.num_replicas
+        order = list(range(n))
+        rng = random.Random(f"{self.seed}-{epoch}")
+        if self.shuffle:
+            rng.shuffle(order)
+        if self.group_by_length:
+            window = size * 50
+            order = [i for w in range(0, n, window)
+                     for i in sorted(order[w : w + window], key=lambda j: -self.lengths[j])]
+        batches = [order[i : i + size] for i in range(0, n, size)]
+        if batches and (len(batches[-1]) < size and self.drop_last or len(batches[-1]) < self.num_replicas):
+            batches.pop()  # every rank needs at least one example, or DDP would hang
+        if self.group_by_length and self.shuffle:
+            rng.shuffle(batches)
+        return batches
+
+    def _rank_slice(self, batch: list[int]) -> list[int]:
+        per_rank = -(-len(batch) // self.num_replicas)
+        return batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self.global_batches(self.epoch)
+        start = self.batch_index
+        for i in range(start, len(batches)):
+            self.batch_index = i + 1
+            yield self._rank_slice(batches[i])
+        self.epoch, self.batch_index = self.epoch + 1, 0
+
+    def __len__(self) -> int:
+        return len(self.global_batches(self.epoch)) - self.batch_index
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "epoch": self.epoch, "batch_index": self.batch_index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(f"Sampler state is for seed {state['seed']}, this run uses seed {self.seed}; "
+                             "resume with the same data.seed")
+        self.epoch, self.batch_index = state["epoch"], state["batch_index"]
+
+
+# ----- Lightning -----
+
+DEMO = "demo"  # data_path value for the offline synthetic set
+
+
+class AlpacaDataModule(L.LightningDataModule):
+    """Alpaca instruction data for Lightning: seeded splits, resumable seeded batches, optional length grouping.
+
+    ``data_path``: a local .json/.jsonl file, an https URL (downloaded once into ``cache_dir``), or ``"demo"`` for
+    the offline synthetic set. ``tokenizer_path``: a SentencePiece model; None with the demo data trains the demo's
+    own tokenizer (``demo_vocab_size`` pieces, cached). ``num_samples``: take this many records after the seeded
+    shuffle (200 reproduces the seed experiment; None takes all). ``val_size``: records held out for validation.
+    """
+
+    def __init__(
+        self,
+        data_path: str = ALPACA_URL,
+        tokenizer_path: str | None = "checkpoints/Llama-2-7b/tokenizer.model",
+        num_samples: int | None = None,
+        val_size: int = 100,
+        seed: int = 42,
+        max_seq_len: int = 512,
+        micro_batch_size: int = 4,
+        num_workers: int = 0,
+        mask_prompt: bool = True,
+        group_by_length: bool = False,
+        pad_to_multiple_of: int | None = 8,
+        cache_dir: str | None = None,
+        demo_records: int = 2000,
+        demo_vocab_size: int = 1024,
+    ) -> None:
+        super().__init__()
+        for name, value in (("max_seq_len", max_seq_len), ("micro_batch_size", micro_batch_size)):
+            if value <= 0:
+                raise ValueError(f"data.{name} must be positive, got {value}")
+        if num_samples is not None and num_samples <= 0:
+            raise ValueError(f"data.num_samples must be positive or null (all records), got {num_samples}")
+        if val_size < 0:
+            raise ValueError(f"data.val_size must be >= 0, got {val_size}")
+        if tokenizer_path is None and data_path != DEMO:
+            raise ValueError("data.tokenizer_path is required unless data_path is 'demo'; point it at the "
+                             "tokenizer.model that comes with the LLaMA-2 weights")
+        self.save_hyperparameters()
+        self.data_path, self.tokenizer_path, self.num_samples = data_path, tokenizer_path, num_samples
+        self.val_size, self.seed, self.max_seq_len = val_size, seed, max_seq_len
+        self.micro_batch_size, self.num_workers, self.mask_prompt = micro_batch_size, num_workers, mask_prompt
+        self.group_by_length, self.pad_to_multiple_of = group_by_length, pad_to_multiple_of
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.demo_records, self.demo_vocab_size = demo_records, demo_vocab_size
+        self.tokenizer: Tokenizer | None = None
+        self.train_set: SupervisedDataset | None = None
+        self.val_set: SupervisedDataset | None = None
+        self.train_sampler: ResumableBatchSampler | None = None
+        self._sampler_state: dict[str, int] | None = None
+
+    def prepare_data(self) -> None:
+        """Runs on one process: download the data file or train the demo tokenizer, so setup() only reads."""
+        self._records()
+        self._tokenizer_file()
+
+    def _records(self) -> list[dict[str, str]]:
+        if self.data_path == DEMO:
+            return generate_demo_records(self.demo_records, seed=0)
+        return load_records(self.data_path, self.cache_dir)
+
+    def _tokenizer_file(self) -> Path:
+        if self.tokenizer_path is None:
+            return demo_tokenizer(generate_demo_records(self.demo_records, seed=0), self.demo_vocab_size,
+                                  self.cache_dir)
+        return Path(self.tokenizer_path)
+
+    def load_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            self.tokenizer = Tokenizer(self._tokenizer_file())
+        return self.tokenizer
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        tokenizer = self.load_tokenizer()
+        records = self._records()
+        order = list(range(len(records)))
+        random.Random(self.seed).shuffle(order)
+        if self.num_samples is not None:
+            order = order[: self.num_samples]
+        n_val = min(self.val_size, len(order) - 1)
+        val, train = [records[i] for i in order[:n_val]], [records[i] for i in order[n_val:]]
+        source = str(self.data_path)
+        self.train_set = SupervisedDataset(train, tokenizer, self.max_seq_len, self.mask_prompt, source)
+        self.val_set = SupervisedDataset(val, tokenizer, self.max_seq_len, self.mask_prompt, source) if val else None
+        log.info("Alpaca data %s: %d train / %d val examples (max_seq_len %d; %d dropped, %d truncated)", source,
+                 len(self.train_set), len(val), self.max_seq_len, self.train_set.stats.dropped,
+                 self.train_set.stats.truncated)
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _loader(self, dataset: SupervisedDataset, sampler: ResumableBatchSampler) -> DataLoader:
+        collate = DataCollatorForSupervisedDataset(self.load_tokenizer().pad_id, self.pad_to_multiple_of)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
+                          pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        world, rank = self._world()
+        self.train_sampler = ResumableBatchSampler(
+            self.train_set.lengths, self.micro_batch_size, seed=self.seed, shuffle=True,
+            group_by_length=self.group_by_length, num_replicas=world, rank=rank)
+        if self._sampler_state is not None:
+            self.train_sampler.load_state_dict(self._sampler_state)
+            self._sampler_state = None
+        return self._loader(self.train_set, self.train_sampler)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_set is None:
+            return []
+        world, rank = self._world()
+        sampler = ResumableBatchSampler(self.val_set.lengths, self.micro_batch_size, shuffle=False,
+                                        num_replicas=world, rank=rank)
+        return self._loader(self.val_set, sampler)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.train_sampler.state_dict()} if self.train_sampler is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._sampler_state = state.get("sampler")
+
+
+def make_supervised_data_module(**kwargs: Any) -> AlpacaDataModule:
+    """Stanford's entry point name; takes AlpacaDataModule's arguments."""
+    return AlpacaDataModule(**kwargs)

@@ -1,0 +1,87 @@
+"""Offline demo data: a synthetic instruction set in Alpaca's schema that a tiny model learns on a CPU in minutes.
+
+Tasks a few-million-parameter model can visibly pick up: copying with a twist (reverse, sort, upper-case, repeat),
+counting letters, and two-digit addition and subtraction. Records come with and without ``input``; generation is
+deterministic by seed. The demo trains its own SentencePiece tokenizer on this text, cached, so nothing downloads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+
+from .tokenizer import train_tokenizer
+
+WORDS = (
+    "apple river stone cloud tiger music green house light paper window garden bread water ocean forest table "
+    "candle silver orange yellow purple rabbit monkey planet rocket winter summer spring autumn castle dragon pencil "
+    "basket button carpet doctor engine finger guitar hammer island jacket kitten lemon mirror needle parrot pepper "
+    "pillow pocket puzzle rainbow saddle tomato turtle violin wallet zebra"
+).split()
+
+
+def _words(rng: random.Random, lo: int = 3, hi: int = 5) -> list[str]:
+    return rng.sample(WORDS, rng.randint(lo, hi))
+
+
+def _record(rng: random.Random) -> dict[str, str]:
+    task = rng.randrange(8)
+    with_input = rng.random() < 0.5
+    if task == 0:
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        if with_input:
+            return {"instruction": "Add the two numbers.", "input": f"{a} and {b}", "output": str(a + b)}
+        return {"instruction": f"What is {a} plus {b}?", "input": "", "output": str(a + b)}
+    if task == 1:
+        a, b = sorted((rng.randint(0, 99), rng.randint(0, 99)), reverse=True)
+        if with_input:
+            return {"instruction": "Subtract the second number from the first.", "input": f"{a} and {b}",
+                    "output": str(a - b)}
+        return {"instruction": f"What is {a} minus {b}?", "input": "", "output": str(a - b)}
+    words = _words(rng)
+    text = " ".join(words)
+    if task == 2:
+        instruction, output = "Reverse the order of the words.", " ".join(reversed(words))
+    elif task == 3:
+        instruction, output = "Sort the words in alphabetical order.", " ".join(sorted(words))
+    elif task == 4:
+        instruction, output = "Convert the text to upper case.", text.upper()
+    elif task == 5:
+        word = words[0]
+        instruction, text, output = "Count the letters in the word.", word, str(len(word))
+        if not with_input:
+            return {"instruction": f"How many letters are in the word \"{word}\"?", "input": "", "output": output}
+    elif task == 6:
+        word = words[0]
+        instruction, text, output = "Repeat the word three times.", word, " ".join([word] * 3)
+        if not with_input:
+            return {"instruction": f"Repeat the word \"{word}\" three times.", "input": "", "output": output}
+    else:
+        instruction, output = "Write the first letter of each word.", " ".join(w[0] for w in words)
+    if with_input:
+        return {"instruction": instruction, "input": text, "output": output}
+    return {"instruction": f"{instruction} {text}", "input": "", "output": output}
+
+
+def generate_demo_records(n: int = 2000, seed: int = 0) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    return [_record(rng) for _ in range(n)]
+
+
+def demo_tokenizer(records: list[dict[str, str]], vocab_size: int, cache_dir: str | Path) -> Path:
+    """Train (once, cached by content) the demo's SentencePiece tokenizer on the prompts and responses."""
+    from .data import format_prompt
+
+    texts = [format_prompt(r) + " " + r["output"] for r in records]
+    key = hashlib.sha256(json.dumps([vocab_size, texts]).encode()).hexdigest()[:12]
+    path = Path(cache_dir) / f"demo-tokenizer-{vocab_size}-{key}.model"
+    if not path.is_file():
+        train_tokenizer(texts, vocab_size, path)
+    return path
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LLAMA_LORA_CACHE", Path.home() / ".cache" / "llama_lora"))

@@ -1,0 +1,258 @@
+import json
+
+import pytest
+
+from llama_lora.data import (
+    IGNORE_INDEX,
+    AlpacaDataModule,
+    DataCollatorForSupervisedDataset,
+    ResumableBatchSampler,
+    SupervisedDataset,
+    format_prompt,
+    load_records,
+    make_supervised_data_module,
+    preprocess,
+    tokenize_record,
+)
+from llama_lora.demo import generate_demo_records
+
+REC_INPUT = {"instruction": "Sort the words.", "input": "pear apple", "output": "apple pear"}
+REC_NO_INPUT = {"instruction": "Name a color.", "input": "", "output": "Green."}
+
+
+def test_templates_exact():
+    assert format_prompt(REC_INPUT) == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\nSort the words.\n\n### Input:\npear apple\n\n### Response:")
+    assert format_prompt(REC_NO_INPUT) == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nName a color.\n\n### Response:")
+    assert format_prompt({"instruction": "x", "output": "y"}) == format_prompt({"instruction": "x", "input": "",
+                                                                              "output": "y"})
+
+
+@pytest.mark.parametrize("rec", [REC_INPUT, REC_NO_INPUT])
+def test_masking_and_prefix(demo_tok, rec):
+    ids, labels, truncated = tokenize_record(rec, demo_tok, 512)
+    prompt_ids = [demo_tok.bos_id] + demo_tok.encode(format_prompt(rec))
+    assert ids[: len(prompt_ids)] == prompt_ids and not truncated  # prefix property
+    n = len(prompt_ids)
+    assert labels[:n] == [IGNORE_INDEX] * n  # BOS and prompt masked
+    assert demo_tok.decode(ids[1:n]) == format_prompt(rec)  # masked positions are exactly the template
+    assert labels[n] == demo_tok.encode(rec["output"])[0]  # first label: first response token
+    assert labels[-1] == ids[-1] == demo_tok.eos_id == 2  # EOS is the last label, as id 2
+    assert demo_tok.decode(labels[n:-1]) == rec["output"]
+    unmasked = tokenize_record(rec, demo_tok, 512, mask_prompt=False)[1]
+    assert unmasked[0] == IGNORE_INDEX and unmasked[1:] == ids[1:]
+
+
+def test_empty_output_trains_on_eos(demo_tok):
+    ids, labels, _ = tokenize_record({"instruction": "Say nothing.", "input": "", "output": ""}, demo_tok)
+    assert [x for x in labels if x != IGNORE_INDEX] == [demo_tok.eos_id]
+
+
+def test_truncation_and_drop_counts(demo_tok):
+    short = {"instruction": "Hi.", "input": "", "output": "apple " * 100}
+    prompt_len = 1 + len(demo_tok.encode(format_prompt(short)))
+    long_prompt = {"instruction": "apple " * 200, "input": "", "output": "x"}
+    examples, stats = preprocess([short, long_prompt, REC_NO_INPUT], demo_tok, max_seq_len=prompt_len + 10)
+    assert (stats.kept, stats.dropped, stats.truncated) == (2, 1, 1)
+    cut = examples[0]
+    assert len(cut["input_ids"]) == prompt_len + 10 and cut["labels"][-1] != demo_tok.eos_id
+    # A prompt that exactly fills max_seq_len leaves no target: dropped too.
+    assert tokenize_record(short, demo_tok, max_seq_len=prompt_len) is None
+
+
+def test_collator_padding(demo_tok):
+    a = {"input_ids": [1, 5, 6, 7, 2], "labels": [-100, -100, 6, 7, 2]}
+    b = {"input_ids": [1, 9, 2], "labels": [-100, -100, 2]}
+    batch = DataCollatorForSupervisedDataset(pad_id=0)([a, b])
+    assert batch["input_ids"].tolist() == [[1, 5, 6, 7, 2], [1, 9, 2, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, -100, 6, 7, 2], [-100, -100, 2, -100, -100]]
+    assert batch["n_tokens"].item() == 8 and batch["n_targets"].item() == 4
+    padded = DataCollatorForSupervisedDataset(pad_id=0, pad_to_multiple_of=8)([a, b])
+    assert padded["input_ids"].shape == (2, 8) and padded["labels"][:, 5:].eq(-100).all()
+
+
+def test_sampler_determinism_and_epochs():
+    lengths = list(range(50))
+    a = list(ResumableBatchSampler(lengths, 4, seed=3))
+    b = list(ResumableBatchSampler(lengths, 4, seed=3))
+    assert a == b and sorted(i for batch in a for i in batch) == lengths
+    assert a != list(ResumableBatchSampler(lengths, 4, seed=4))
+    s = ResumableBatchSampler(lengths, 4, seed=3)
+    first, second = list(s), list(s)  # the epoch advances after a full pass
+    assert first == a and second != first and s.state_dict() == {"seed": 3, "epoch": 2, "batch_index": 0}
+
+
+def test_sampler_mid_epoch_restart():
+    lengths = [i % 17 for i in range(60)]
+    for group in (False, True):
+        full = ResumableBatchSampler(lengths, 4, seed=1, group_by_length=group)
+        full.set_epoch(2)
+        expected = list(full)
+        s = ResumableBatchSampler(lengths, 4, seed=1, group_by_length=group)
+        s.set_epoch(2)
+        it = iter(s)
+        head = [next(it) for _ in range(5)]
+        state = s.state_dict()
+        assert state == {"seed": 1, "epoch": 2, "batch_index": 5}
+        resumed = ResumableBatchSampler(lengths, 4, seed=1, group_by_length=group)
+        resumed.load_state_dict(state)
+        assert len(resumed) == len(expected) - 5
+        assert head + list(resumed) == expected
+    with pytest.raises(ValueError, match="same data.seed"):
+        ResumableBatchSampler(lengths, 4, seed=2).load_state_dict(state)
+
+
+def test_sampler_ranks_partition_the_global_batch():
+    lengths = list(range(38))  # the 2-example tail splits across 2 ranks
+    single = list(ResumableBatchSampler(lengths, 4, seed=0))
+    ranks = [list(ResumableBatchSampler(lengths, 2, seed=0, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == len(single)
+    for step, batch in enumerate(single):
+        assert ranks[0][step] + ranks[1][step] == batch
+
+
+def test_length_grouping_cuts_padding():
+    import random
+
+    lengths = [random.Random(i).randint(10, 500) for i in range(400)]
+
+    def padded(s):
+        return sum(len(b) * max(lengths[i] for i in b) for b in s)
+
+    plain, grouped = ResumableBatchSampler(lengths, 8, seed=0), ResumableBatchSampler(lengths, 8, seed=0,
+                                                                                      group_by_length=True)
+    assert sorted(i for b in grouped for i in b) == list(range(400))
+    assert padded(grouped) < 0.75 * padded(plain)
+
+
+def test_demo_generator_is_deterministic():
+    a, b = generate_demo_records(300, seed=5), generate_demo_records(300, seed=5)
+    assert a == b and a != generate_demo_records(300, seed=6)
+    assert {bool(r["input"]) for r in a} == {True, False}
+    assert all(set(r) == {"instruction", "input", "output"} and r["output"] for r in a)
+    adds = [r for r in a if r["instruction"] == "Add the two numbers."]
+    assert adds and all(int(r["output"]) == sum(map(int, r["input"].split(" and "))) for r in adds)
+
+
+def test_datamodule_demo_end_to_end(tmp_path, demo_tok):
+    dm = make_supervised_data_module(data_path="demo", tokenizer_path=str(demo_tok.path), val_size=50,
+                                     micro_batch_size=8, seed=7, cache_dir=str(tmp_path))
+    dm.setup("fit")
+    assert len(dm.train_set) + len(dm.val_set) == 2000 and len(dm.val_set) == 50
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 8 and batch["input_ids"].shape[1] % 8 == 0
+    # Seeded split: the same seed gives the same validation set, another seed another.
+    same = AlpacaDataModule(data_path="demo", tokenizer_path=str(demo_tok.path), val_size=50, seed=7)
+    other = AlpacaDataModule(data_path="demo", tokenizer_path=str(demo_tok.path), val_size=50, seed=8)
+    same.setup(), other.setup()
+    assert same.val_set.examples == dm.val_set.examples != other.val_set.examples
+    # num_samples takes a seeded subset.
+    sub = AlpacaDataModule(data_path="demo", tokenizer_path=str(demo_tok.path), num_samples=200, val_size=20)
+    sub.setup()
+    assert len(sub.train_set) == 180
+
+
+def test_demo_tokenizer_is_trained_and_cached(tmp_path):
+    dm = AlpacaDataModule(data_path="demo", tokenizer_path=None, cache_dir=str(tmp_path), demo_records=300,
+                          demo_vocab_size=400)
+    dm.prepare_data()
+    files = list(tmp_path.glob("demo-tokenizer-400-*.model"))
+    assert len(files) == 1 and dm.load_tokenizer().vocab_size == 400
+    mtime = files[0].stat().st_mtime_ns
+    AlpacaDataModule(data_path="demo", tokenizer_path=None, cache_dir=str(tmp_path), demo_records=300,
+                     demo_vocab_size=400).prepare_data()
+    assert files[0].stat().st_mtime_ns == mtime
+
+
+def test_local_jsonl_and_cached_url(tmp_path, monkeypatch):
+    recs = [REC_INPUT, REC_NO_INPUT]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n\n")
+    assert load_records(tmp_path / "d.jsonl") == recs
+    # A URL already in the cache is read from there, with no network access.
+    import hashlib
+
+    url = "https://example.invalid/alpaca_data.json"
+    cached = tmp_path / "cache" / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-alpaca_data.json"
+    cached.parent.mkdir()
+    cached.write_text(json.dumps(recs))
+    assert load_records(url, cache_dir=tmp_path / "cache") == recs
+
+
+# ----- bad input: one clear error each -----
+
+def write(tmp_path, content, name="data.json"):
+    path = tmp_path / name
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return path
+
+
+def test_bad_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Data file not found: .*nope.json"):
+        load_records(tmp_path / "nope.json")
+
+
+def test_bad_invalid_json(tmp_path):
+    with pytest.raises(ValueError, match=r"data.json: invalid JSON at line 3, column 5"):
+        load_records(write(tmp_path, '[\n{"instruction": "a",\n    oops}\n]'))
+    with pytest.raises(ValueError, match=r"data.jsonl: invalid JSON on line 2"):
+        load_records(write(tmp_path, '{"instruction": "a", "output": "b"}\n{bad\n', "data.jsonl"))
+
+
+def test_bad_top_level(tmp_path):
+    with pytest.raises(ValueError, match="top level is a JSON dict, expected a list"):
+        load_records(write(tmp_path, {"instruction": "a"}))
+
+
+def test_bad_record_not_object(tmp_path):
+    with pytest.raises(ValueError, match="data.json: record 1 is a str, expected an object"):
+        load_records(write(tmp_path, [REC_INPUT, "just text"]))
+
+
+@pytest.mark.parametrize("field", ["instruction", "output"])
+def test_bad_missing_field(tmp_path, field):
+    rec = {k: v for k, v in REC_INPUT.items() if k != field}
+    with pytest.raises(ValueError, match=f"data.json: record 2 has no '{field}' field"):
+        load_records(write(tmp_path, [REC_INPUT, REC_NO_INPUT, rec]))
+
+
+def test_bad_non_string_field(tmp_path):
+    with pytest.raises(ValueError, match="record 0 field 'input' is a int, expected a string"):
+        load_records(write(tmp_path, [{**REC_INPUT, "input": 3}]))
+
+
+def test_bad_empty_after_filtering(demo_tok):
+    with pytest.raises(ValueError, match="no records left after preprocessing .*raise max_seq_len"):
+        SupervisedDataset([REC_INPUT], demo_tok, max_seq_len=5, source="data.json")
+
+
+def test_bad_unfetchable_url(tmp_path):
+    with pytest.raises(ValueError, match="Could not download https://127.0.0.1:9/a.json .*local file"):
+        load_records("https://127.0.0.1:9/a.json", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="Only https URLs"):
+        load_records("http://example.com/a.json", cache_dir=tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing half-written left in the cache
+
+
+# ----- the real LLaMA-2 tokenizer on real Alpaca records -----
+
+def test_real_alpaca_token_stats(assets):
+    from llama_lora.tokenizer import Tokenizer
+
+    tok = Tokenizer(assets / "tokenizer.model")
+    records = load_records(assets / "alpaca_5000.json")
+    assert len(records) == 5000 and sum(bool(r["input"]) for r in records) == 1943
+    lengths = sorted(len(tokenize_record(r, tok, 10**6)[0]) for r in records)
+    _, stats = preprocess(records, tok, max_seq_len=512)
+    pct = {p: lengths[int(p / 100 * (len(lengths) - 1))] for p in (50, 90, 99)}
+    print(f"\nalpaca_5000 token lengths: min {lengths[0]} median {pct[50]} p90 {pct[90]} p99 {pct[99]} "
+          f"max {lengths[-1]} mean {sum(lengths) / len(lengths):.1f}; at 512: kept {stats.kept}, "
+          f"dropped {stats.dropped}, truncated {stats.truncated}")
+    assert stats.dropped == sum(1 for r in records if len(tokenize_record(r, tok, 10**6)[0])
+                                - len(tok.encode(r["output"])) - 1 >= 512)
+    assert stats.truncated == sum(n > 512 for n in lengths) - stats.dropped
+    assert stats.kept + stats.dropped == 5000
+    assert 40 <= pct[50] <= 400 and lengths[-1] > 512  # Alpaca has a long tail past 512
