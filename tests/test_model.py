@@ -60,6 +60,12 @@ def test_rope_equals_meta_complex_formulation():
     # bf16 inputs are rotated in fp32, then cast back once.
     xb = x.bfloat16()
     torch.testing.assert_close(apply_rope(xb, rope_cache(16, 10)), meta_rope(xb, meta_freqs_cis(16, 10)))
+    # The hand-written backward (inverse rotation) equals autograd through Meta's formulation.
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    g = torch.randn_like(x)
+    (apply_rope(x1, rope_cache(16, 10)) * g).sum().backward()
+    (meta_rope(x2, meta_freqs_cis(16, 10)) * g).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-6, atol=1e-6)
 
 
 def test_forward_equals_meta_reference_with_gqa(tiny_model, tokens):

@@ -166,5 +166,5 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Embedded demo: a few million parameters, vocab of the demo's own SentencePiece tokenizer.
     "demo": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=1024, hidden_dim=704, max_seq_len=512),
     # Unit tests: grouped-query attention on, everything tiny.
-    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, hidden_dim=176, max_seq_len=128),
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=176, max_seq_len=128),
 }

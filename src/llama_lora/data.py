@@ -185,8 +185,14 @@ class SupervisedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, i: int) -> dict[str, list[int]]:
-        return self.examples[i]
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        if isinstance(key, tuple):  # (index, target tokens in this batch's accumulation window), from the sampler
+            return {**self.examples[key[0]], "n_targets_window": key[1]}
+        return self.examples[key]
+
+    @property
+    def target_counts(self) -> list[int]:
+        return [sum(x != IGNORE_INDEX for x in e["labels"][1:]) for e in self.examples]
 
     @property
     def lengths(self) -> list[int]:
@@ -211,12 +217,15 @@ class DataCollatorForSupervisedDataset:
             input_ids[i, :n] = torch.tensor(e["input_ids"])
             labels[i, :n] = torch.tensor(e["labels"])
         lengths = torch.tensor([len(e["input_ids"]) for e in examples])
-        return {
+        batch = {
             "input_ids": input_ids,  # (B, T)
             "labels": labels,  # (B, T); position t is predicted from positions < t
             "n_tokens": lengths.sum(),  # non-pad tokens
             "n_targets": (labels[:, 1:] != IGNORE_INDEX).sum(),  # tokens the loss sees after the shift
         }
+        if "n_targets_window" in examples[0]:  # all ranks, all micro-batches of this optimizer step
+            batch["n_targets_window"] = torch.tensor(examples[0]["n_targets_window"])
+        return batch
 
 
 # ----- sampling -----
@@ -228,12 +237,18 @@ class ResumableBatchSampler(Sampler[list[int]]):
     (seed, epoch); rank r takes the r-th slice. One process with batch_size B*W therefore sees the same examples
     per step as W processes with batch_size B. ``group_by_length`` sorts examples by length within windows of
     ``50`` global batches (then shuffles the batch order) to cut padding.
+
+    With ``target_counts`` (target tokens per example), each index comes out as ``(index, n)``, where n counts the
+    target tokens of every example in the same accumulation window (``accumulate`` consecutive global batches from
+    the start of the epoch, as Lightning groups them): the denominator of a token-averaged loss, known up front.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, shuffle: bool = True,
-                 group_by_length: bool = False, drop_last: bool = False, num_replicas: int = 1, rank: int = 0) -> None:
+                 group_by_length: bool = False, drop_last: bool = False, num_replicas: int = 1, rank: int = 0,
+                 target_counts: Sequence[int] | None = None, accumulate: int = 1) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.target_counts, self.accumulate = target_counts, max(1, accumulate)
         self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
         self.shuffle, self.group_by_length, self.drop_last = shuffle, group_by_length, drop_last
         self.num_replicas, self.rank = num_replicas, rank
@@ -261,19 +276,27 @@ class ResumableBatchSampler(Sampler[list[int]]):
         per_rank = -(-len(batch) // self.num_replicas)
         return batch[self.rank * per_rank : (self.rank + 1) * per_rank]
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[int] | list[tuple[int, int]]]:
         batches = self.global_batches(self.epoch)
         start = self.batch_index
         for i in range(start, len(batches)):
             self.batch_index = i + 1
-            yield self._rank_slice(batches[i])
+            local = self._rank_slice(batches[i])
+            if self.target_counts is None:
+                yield local
+            else:
+                w = i - i % self.accumulate
+                n = sum(self.target_counts[j] for batch in batches[w : w + self.accumulate] for j in batch)
+                yield [(j, n) for j in local]
         self.epoch, self.batch_index = self.epoch + 1, 0
 
     def __len__(self) -> int:
-        return len(self.global_batches(self.epoch)) - self.batch_index
+        # The whole epoch, also after a mid-epoch restart: Lightning counts the restored batches itself.
+        return len(self.global_batches(self.epoch))
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        if epoch != self.epoch:
+            self.epoch, self.batch_index = epoch, 0
 
     def state_dict(self) -> dict[str, int]:
         return {"seed": self.seed, "epoch": self.epoch, "batch_index": self.batch_index}
@@ -385,14 +408,18 @@ class AlpacaDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: SupervisedDataset, sampler: ResumableBatchSampler) -> DataLoader:
         collate = DataCollatorForSupervisedDataset(self.load_tokenizer().pad_id, self.pad_to_multiple_of)
+        # A generator of its own keeps the DataLoader from drawing on the global RNG (exact resume).
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
-                          pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0)
+                          pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
+                          generator=torch.Generator().manual_seed(self.seed))
 
     def train_dataloader(self) -> DataLoader:
         world, rank = self._world()
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
         self.train_sampler = ResumableBatchSampler(
             self.train_set.lengths, self.micro_batch_size, seed=self.seed, shuffle=True,
-            group_by_length=self.group_by_length, num_replicas=world, rank=rank)
+            group_by_length=self.group_by_length, num_replicas=world, rank=rank,
+            target_counts=self.train_set.target_counts, accumulate=accumulate)
         if self._sampler_state is not None:
             self.train_sampler.load_state_dict(self._sampler_state)
             self._sampler_state = None
@@ -407,7 +434,15 @@ class AlpacaDataModule(L.LightningDataModule):
         return self._loader(self.val_set, sampler)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sampler": self.train_sampler.state_dict()} if self.train_sampler is not None else {}
+        if self.train_sampler is None:
+            return {}
+        state = self.train_sampler.state_dict()
+        if self.trainer is not None:
+            # The DataLoader runs ahead of training (prefetch, workers): the position that counts is the number of
+            # batches the loop has processed in this epoch, not the number the sampler has handed out.
+            state["batch_index"] = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            state["epoch"] = self.trainer.current_epoch
+        return {"sampler": state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._sampler_state = state.get("sampler")

@@ -41,14 +41,35 @@ def rope_cache(head_dim: int, max_seq_len: int, theta: float = 10000.0, device=N
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
-def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs (2i, 2i+1) of x: (B, T, H, D) by rope: (T, D // 2, 2), in fp32."""
+def _rotate(x: torch.Tensor, rope: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     B, T, H, D = x.shape
     xp = x.float().reshape(B, T, H, D // 2, 2)
     cos, sin = rope[:, None, :, 0], rope[:, None, :, 1]  # (T, 1, D // 2)
+    if inverse:
+        sin = -sin
     x0, x1 = xp[..., 0], xp[..., 1]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return out.flatten(3).type_as(x)
+
+
+class _RoPE(torch.autograd.Function):
+    """The rotation is orthogonal, so its backward is the inverse rotation: nothing but the table is saved
+    (autograd would keep several fp32 copies of q and k per layer)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rope)
+        return _rotate(x, rope)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (rope,) = ctx.saved_tensors
+        return _rotate(grad, rope, inverse=True), None
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs (2i, 2i+1) of x: (B, T, H, D) by rope: (T, D // 2, 2), in fp32."""
+    return _RoPE.apply(x, rope)
 
 
 class KVCache(nn.Module):

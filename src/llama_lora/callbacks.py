@@ -1,0 +1,141 @@
+"""Callbacks: peak memory (the seed experiment's measurement), token throughput, sample generations."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from .data import format_prompt
+from .lora import trainable_summary
+
+log = logging.getLogger(__name__)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is KiB on Linux
+
+
+class PeakMemoryMonitor(L.Callback):
+    """Logs peak memory per step and per epoch: CUDA max allocated/reserved on GPU, peak RSS on CPU.
+
+    At the end of fit it prints the seed experiment's summary: the trainable-params line, peak memory, computation
+    time and the average training loss.
+    """
+
+    def __init__(self) -> None:
+        self.fit_start: float | None = None
+        self.losses: list[float] = []
+
+    def _memory(self, pl_module: L.LightningModule) -> dict[str, float]:
+        device = pl_module.device
+        if device.type == "cuda":
+            return {"memory/max_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+                    "memory/max_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20}
+        return {"memory/peak_rss_mb": peak_rss_mb()}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+        self.fit_start, self.losses = time.perf_counter(), []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        pl_module.log_dict(self._memory(pl_module), on_step=True, on_epoch=False)
+        loss = trainer.callback_metrics.get("train/loss_step")
+        if loss is not None:
+            self.losses.append(float(loss))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.log_dict({f"{k}_epoch": v for k, v in self._memory(pl_module).items()}, on_epoch=True)
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        mem = self._memory(pl_module)
+        seconds = time.perf_counter() - (self.fit_start or time.perf_counter())
+        lines = [trainable_summary(pl_module)]
+        if "memory/max_allocated_mb" in mem:
+            lines.append(f"Peak GPU memory: {mem['memory/max_allocated_mb']:.2f} MB "
+                         f"(reserved {mem['memory/max_reserved_mb']:.2f} MB)")
+        else:
+            lines.append(f"Peak RSS: {mem['memory/peak_rss_mb']:.2f} MB")
+        lines.append(f"Computation time: {seconds:.2f} s")
+        if self.losses:
+            lines.append(f"Average loss: {sum(self.losses) / len(self.losses):.4f}")
+        print("\n".join(lines), flush=True)
+
+
+class TokenThroughput(L.Callback):
+    """Tokens per second of training: all non-pad tokens, and target (loss) tokens, per step and per epoch."""
+
+    def __init__(self) -> None:
+        self.start: float | None = None
+        self.epoch_tokens = self.epoch_targets = 0
+        self.epoch_time = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.epoch_tokens = self.epoch_targets = 0
+        self.epoch_time = 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        dt = max(time.perf_counter() - self.start, 1e-9)
+        tokens, targets = int(batch["n_tokens"]), int(batch["n_targets"])
+        self.epoch_tokens += tokens
+        self.epoch_targets += targets
+        self.epoch_time += dt
+        pl_module.log_dict({"throughput/tokens_per_s": tokens / dt, "throughput/target_tokens_per_s": targets / dt},
+                           on_step=True, on_epoch=False)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.epoch_time > 0:
+            pl_module.log_dict({"throughput/tokens_per_s_epoch": self.epoch_tokens / self.epoch_time,
+                                "throughput/target_tokens_per_s_epoch": self.epoch_targets / self.epoch_time},
+                               on_epoch=True)
+
+
+class SampleGenerations(L.Callback):
+    """Greedy responses to fixed instructions after each validation, logged as TensorBoard text."""
+
+    def __init__(self, prompts: list[str] | None = None, max_new_tokens: int = 32) -> None:
+        self.prompts = prompts
+        self.max_new_tokens = max_new_tokens
+        self.history: list[tuple[int, str, str]] = []
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # on_validation_end, not on_validation_epoch_end: only then does callback_metrics hold this validation's loss.
+        if trainer.sanity_checking:
+            return
+        datamodule = getattr(trainer, "datamodule", None)
+        prompts = self.prompts
+        if not prompts or datamodule is None:
+            return
+        tok = datamodule.load_tokenizer()
+        val_loss = trainer.callback_metrics.get("val/loss")
+        if val_loss is not None:
+            log.info("step %d | val/loss %.4f", trainer.global_step, float(val_loss))
+        texts = []
+        for instruction in prompts:
+            ids = [tok.bos_id] + tok.encode(format_prompt({"instruction": instruction, "input": ""}))
+            out = pl_module.model.generate(ids, self.max_new_tokens, temperature=0.0, eos_id=tok.eos_id)
+            response = tok.decode(out)
+            texts.append(f"**{instruction}**  \n→ {response}")
+            self.history.append((trainer.global_step, instruction, response))
+            log.info("step %d | %s -> %s", trainer.global_step, instruction, response)
+        experiment = getattr(trainer.logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_text"):
+            experiment.add_text("samples", "\n\n".join(texts), global_step=trainer.global_step)

@@ -1,0 +1,247 @@
+"""The LightningModule: builds the hand-written Llama (+ LoRA), computes a token-weighted loss, keeps checkpoints
+adapter-only. Every default lives in ``LlamaLoRAModule.__init__``; YAML and the CLI only override."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+from torchmetrics import MeanMetric
+from torchmetrics.text import Perplexity
+
+from .config import LlamaConfig
+from .data import IGNORE_INDEX
+from .lora import LORA_TARGETS, apply_lora, mark_only_lora_as_trainable, trainable_summary
+from .model import Llama
+from .weights import WEIGHTS_HELP, build_model, detect_format
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class LoRASettings:
+    targets: list[str] = field(default_factory=lambda: ["wq", "wv"])
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+        if unknown or not self.targets:
+            raise ValueError(f"model.lora.targets: unknown {unknown or 'empty list'}; use any of {list(LORA_TARGETS)}")
+        if self.r <= 0:
+            raise ValueError(f"model.lora.r must be a positive integer, got {self.r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+class WarmupCosineLR(LambdaLR):
+    """Linear warmup from 0, then cosine decay to ``min_lr_ratio`` of the peak, per optimizer step.
+
+    ``max_steps=None`` takes the Trainer's ``max_steps`` (set by the module once the Trainer is known).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 100, max_steps: int | None = None,
+                 min_lr_ratio: float = 0.1) -> None:
+        self.warmup_steps, self.max_steps, self.min_lr_ratio = warmup_steps, max_steps, min_lr_ratio
+        super().__init__(optimizer, self.factor)
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        total = max(self.max_steps or step + 1, self.warmup_steps + 1)
+        progress = min(1.0, (step - self.warmup_steps) / max(1, total - self.warmup_steps))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def token_loss_sum(model: Llama, input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024) -> tuple[
+        torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over target positions, and their count.
+
+    The output layer runs only where labels are not -100 (prompt and padding cost nothing there), in chunks, each
+    recomputed in backward, so the fp32 logits of all positions never exist at once.
+    """
+    h = model.hidden_states(input_ids)  # (B, T, dim)
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    h, targets = h[:, :-1][keep], targets[keep]  # (N, dim), (N,)
+
+    def chunk_loss(h_chunk: torch.Tensor, t_chunk: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model.output(h_chunk).float(), t_chunk, reduction="sum")
+
+    total = h.new_zeros((), dtype=torch.float32)
+    for i in range(0, h.shape[0], chunk_size):
+        h_c, t_c = h[i : i + chunk_size], targets[i : i + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            total = total + activation_checkpoint(chunk_loss, h_c, t_c, use_reentrant=False)
+        else:
+            total = total + chunk_loss(h_c, t_c)
+    return total, keep.sum()
+
+
+class LlamaLoRAModule(L.LightningModule):
+    def __init__(
+        self,
+        model: str = "llama2-7b",
+        checkpoint_dir: str | None = None,
+        base_dtype: Literal["bf16", "fp16", "fp32"] = "bf16",
+        lora: LoRASettings | None = LoRASettings(),
+        gradient_checkpointing: bool = False,
+        max_seq_len: int = 512,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable = WarmupCosineLR,
+        loss_chunk_size: int = 1024,
+        init_seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            model: preset name (llama2-7b, llama2-13b, llama2-70b, small, demo, tiny); the checkpoint must match it.
+            checkpoint_dir: Meta or HF checkpoint dir (or llama2.c .bin); None for random init (demo, benchmarks).
+            base_dtype: dtype of the frozen base weights. LoRA weights and optimizer state are always fp32.
+            lora: LoRA settings; null means full fine-tuning.
+            gradient_checkpointing: recompute each block's activations in backward (use_reentrant=False).
+            max_seq_len: longest training sequence (linked from data.max_seq_len).
+            loss_chunk_size: target positions per output-layer chunk of the loss.
+            init_seed: seed of the random init when there is no checkpoint.
+        """
+        super().__init__()
+        self.config = LlamaConfig.from_name(model, max_seq_len=max(max_seq_len, 1))
+        if checkpoint_dir is not None:
+            path = Path(checkpoint_dir)
+            if not path.exists():
+                raise FileNotFoundError(f"model.checkpoint_dir {path} does not exist. {WEIGHTS_HELP}. "
+                                        "Or set model.checkpoint_dir: null for random init")
+            detect_format(path)  # fails now, before anything is allocated, if no weights are there
+        self.lora = lora
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "lora"])
+        self.hparams["lora"] = asdict(lora) if lora is not None else None  # plain types: weights_only loading
+        self.checkpoint_dir, self.base_dtype = checkpoint_dir, DTYPES[base_dtype]
+        self.gradient_checkpointing, self.loss_chunk_size, self.init_seed = (
+            gradient_checkpointing, loss_chunk_size, init_seed)
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.model: Llama | None = None
+        self.val_loss = MeanMetric()
+        self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+        self._rng_to_restore: dict[str, Any] | None = None
+
+    # ----- building -----
+
+    def configure_model(self) -> None:
+        """Build on the meta device, fill from the checkpoint (mmap, assign) or init randomly, then add LoRA."""
+        if self.model is not None:
+            return
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        self.model = build_model(self.config, self.checkpoint_dir, self.base_dtype, device, seed=self.init_seed,
+                                 gradient_checkpointing=self.gradient_checkpointing)
+        if self.lora is not None:
+            apply_lora(self.model, self.lora.targets, self.lora.r, self.lora.alpha, self.lora.dropout)
+            mark_only_lora_as_trainable(self.model)
+        log.info(trainable_summary(self.model))
+
+    def setup(self, stage: str) -> None:
+        precision = str(self.trainer.precision)
+        if self.lora is None and self.base_dtype != torch.float32 and precision == "16-mixed":
+            raise ValueError("Full fine-tuning (lora: null) under 16-mixed needs base_dtype: fp32, since the "
+                             "GradScaler cannot unscale half-precision gradients")
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "load_tokenizer"):
+            vocab = datamodule.load_tokenizer().vocab_size
+            if vocab != self.config.vocab_size:
+                raise ValueError(f"The tokenizer has {vocab} pieces, model {self.hparams.model!r} has vocab "
+                                 f"{self.config.vocab_size}; use the tokenizer that matches the model")
+
+    def on_fit_start(self) -> None:
+        precision = str(self.trainer.precision)
+        device = self.trainer.strategy.root_device.type
+        note = " (Lightning turns 16-mixed into bf16-mixed on CPU: fp16 autocast is CPU-unsupported)" if (
+            device == "cpu" and precision == "bf16-mixed") else ""
+        log.info("Precision %s on %s, base weights %s, LoRA fp32%s", precision, device, self.base_dtype, note)
+
+    # ----- training -----
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return token_loss_sum(self.model, batch["input_ids"], batch["labels"], self.loss_chunk_size)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss_sum, n = self._loss(batch)
+        # Average over the target tokens of the whole accumulation window on all devices. Lightning divides by
+        # accumulate_grad_batches and DDP averages over ranks; multiplying by both undoes that exactly.
+        window = batch["n_targets_window"].clamp(min=1)
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
+        self.log("train/loss", loss_sum.detach() / n.clamp(min=1), prog_bar=True, on_step=True, on_epoch=True,
+                 batch_size=int(n))
+        return loss_sum * scale / window
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # The RNG state is restored here, at the first batch after resuming, not in on_train_start: Lightning and
+        # the DataLoader draw random numbers in between, which the uninterrupted run drew before saving.
+        if self._rng_to_restore is not None:
+            _set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits = self.model(batch["input_ids"]).float()  # (B, T, vocab); perplexity wants float logits
+        self.val_ppl.update(logits[:, :-1], batch["labels"][:, 1:])
+        loss_sum, n = self._loss(batch)
+        self.val_loss.update(loss_sum / n.clamp(min=1), weight=n)
+        self.log("val/loss", self.val_loss, prog_bar=True, on_epoch=True, batch_size=int(n))
+        self.log("val/ppl", self.val_ppl, on_epoch=True, batch_size=int(n))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        scheduler = self.scheduler_factory(optimizer)
+        if getattr(scheduler, "max_steps", 0) is None:
+            scheduler.max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else None
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----- adapter-only checkpoints -----
+
+    def trainable_keys(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self.trainable_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["rng"] = _get_rng_state()
+        checkpoint["model_config"] = asdict(self.config)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.model is None:  # loading outside a Trainer (e.g. for generation): build first
+            self.configure_model()
+        expected, got = self.trainable_keys(), set(checkpoint.get("state_dict", {}))
+        missing, unexpected = sorted(expected - got), sorted(got - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"Checkpoint does not match this model's trainable weights: {len(missing)} missing "
+                f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}); resume with the "
+                "same model preset and LoRA settings it was trained with")
+        self.strict_loading = False  # the frozen base comes from checkpoint_dir, not from this file
+        self._rng_to_restore = checkpoint.get("rng")
+
+
+def _get_rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -1,0 +1,187 @@
+"""Training through the real CLI: configs, accumulation, resume, DDP, checkpoints, TensorBoard."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+FIT = ROOT / "scripts" / "fit.py"
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("llama_lora_cache")
+
+
+def tiny_config(tmp_path: Path, cache_dir: Path, **overrides) -> Path:
+    """configs/demo.yaml shrunk to the tiny preset: fp32, no dropout, every step logged, checkpoints in tmp_path."""
+    cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    t, m, d = cfg["trainer"], cfg["model"], cfg["data"]
+    t.update(precision="32-true", max_steps=6, val_check_interval=3, limit_val_batches=2, log_every_n_steps=1,
+             enable_progress_bar=False, enable_model_summary=False)
+    t["logger"]["init_args"].update(save_dir=str(tmp_path / "logs"), name="tiny")
+    t["callbacks"][0]["init_args"].update(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2)
+    t["callbacks"] = [c for c in t["callbacks"] if not c["class_path"].endswith("SampleGenerations")]
+    m.update(model="tiny", lora={"targets": ["wq", "wv", "w2"], "r": 4, "alpha": 8, "dropout": 0.0})
+    m["optimizer"]["init_args"]["lr"] = 0.01
+    m["scheduler"]["init_args"].update(warmup_steps=2, max_steps=6)
+    d.update(demo_records=120, demo_vocab_size=512, val_size=8, max_seq_len=128, micro_batch_size=4,
+             group_by_length=False, cache_dir=str(cache_dir))
+    for section, values in overrides.items():
+        cfg[section].update(values)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def fit(config: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, str(FIT), "--config", str(config), *args], capture_output=True, text=True,
+                          env=env, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"fit.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def scalars(log_dir: Path, tag: str) -> dict[int, float]:
+    """{step: value} of one TensorBoard tag over every run (version) under log_dir; later runs win."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[int, float] = {}
+    for events in sorted(log_dir.rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            out.update({e.step: e.value for e in acc.Scalars(tag)})
+    return out
+
+
+def tags(log_dir: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found = set()
+    for events in log_dir.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        found |= set(acc.Tags()["scalars"])
+    return found
+
+
+def lora_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, weights_only=True)["state_dict"]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_config_parses(config):
+    """Each YAML parses through the CLI; --print_config yields the full config (7B configs: parsing only)."""
+    proc = subprocess.run([sys.executable, str(FIT), "--config", str(config), "--print_config"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = yaml.safe_load(proc.stdout)
+    assert printed["model"]["model"] == yaml.safe_load(config.read_text())["model"]["model"]
+    first = config.read_text().splitlines()[:3]
+    assert any("python scripts/fit.py" in line for line in first), "each config starts with the command to run it"
+
+
+def test_print_config_runs_as_is(tmp_path, cache_dir):
+    config = tiny_config(tmp_path, cache_dir)
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(fit(config, "--print_config").stdout)
+    proc = fit(printed, "--trainer.fast_dev_run", "2")
+    assert "trainable params:" in proc.stdout
+
+
+def test_fast_dev_run_tiny(tmp_path, cache_dir):
+    proc = fit(tiny_config(tmp_path, cache_dir), "--trainer.fast_dev_run", "2")
+    assert "trainable params: " in proc.stdout and "Peak RSS:" in proc.stdout and "Average loss:" in proc.stdout
+
+
+def test_missing_checkpoint_dir_message(tmp_path, cache_dir):
+    proc = fit(tiny_config(tmp_path, cache_dir), "--model.checkpoint_dir", str(tmp_path / "Llama-2-7b"), check=False)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: model.checkpoint_dir") and "Accepted layouts" in err
+    assert "Traceback" not in proc.stderr
+
+
+def test_checkpoints_are_adapter_only_and_tensorboard_has_the_tags(tmp_path, cache_dir):
+    fit(tiny_config(tmp_path, cache_dir))
+    ckpts = sorted((tmp_path / "ckpt").glob("*.ckpt"))
+    assert {p.name for p in ckpts} >= {"last.ckpt", "step00002.ckpt", "step00006.ckpt"}
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)  # no pickled code needed to load
+    assert ckpt["state_dict"] and all(k.split(".")[-1] in ("lora_a", "lora_b") for k in ckpt["state_dict"])
+    assert {"optimizer_states", "lr_schedulers", "loops", "rng", "AlpacaDataModule"} <= set(ckpt)
+    assert ckpt["AlpacaDataModule"]["sampler"]["batch_index"] > 0
+    n_lora = sum(v.numel() for v in ckpt["state_dict"].values())
+    from llama_lora.config import LlamaConfig
+
+    assert n_lora < 0.2 * LlamaConfig.from_name("tiny").n_params  # the frozen base is not in the file
+    found = tags(tmp_path / "logs")
+    for tag in ("train/loss_step", "val/loss", "val/ppl", "lr-AdamW", "memory/peak_rss_mb",
+                "throughput/tokens_per_s", "throughput/target_tokens_per_s"):
+        assert tag in found, (tag, found)
+
+
+def test_accumulation_equivalence(tmp_path, cache_dir):
+    """Micro-batch 1 x accumulate 4 = micro-batch 4 x accumulate 1 on batches of unequal lengths (token-weighted)."""
+    runs = {}
+    for name, micro, accumulate in (("acc", 1, 4), ("big", 4, 1)):
+        d = tmp_path / name
+        d.mkdir()
+        config = tiny_config(d, cache_dir, trainer={"accumulate_grad_batches": accumulate, "max_steps": 3,
+                                                    "val_check_interval": 1000, "limit_val_batches": 0},
+                             data={"micro_batch_size": micro})
+        fit(config)
+        runs[name] = lora_weights(d / "ckpt" / "last.ckpt")
+    for k in runs["acc"]:
+        torch.testing.assert_close(runs["acc"][k], runs["big"][k], rtol=1e-4, atol=1e-5)
+    assert any(not torch.all(v == 0) for k, v in runs["acc"].items() if k.endswith("lora_b"))  # it trained
+
+
+@pytest.mark.slow
+def test_exact_resume_mid_epoch(tmp_path, cache_dir):
+    """Stop after 5 of 9 steps (mid-epoch, mid-accumulation-window is excluded by construction), resume with
+    --ckpt_path last: the per-step losses equal an uninterrupted run's, bit for bit."""
+    settings = dict(trainer={"max_steps": 9, "accumulate_grad_batches": 2, "val_check_interval": 1000,
+                             "limit_val_batches": 0},
+                    model={"lora": {"targets": ["wq", "wv"], "r": 4, "alpha": 8, "dropout": 0.1}})
+    full_dir, res_dir = tmp_path / "full", tmp_path / "resumed"
+    full_dir.mkdir(), res_dir.mkdir()
+    fit(tiny_config(full_dir, cache_dir, **settings))
+    resumed_config = tiny_config(res_dir, cache_dir, **settings)
+    fit(resumed_config, "--trainer.max_steps", "5")
+    fit(resumed_config, "--ckpt_path", "last")
+    full = scalars(full_dir / "logs", "train/loss_step")
+    resumed = scalars(res_dir / "logs", "train/loss_step")
+    second = scalars(sorted((res_dir / "logs" / "tiny").glob("version_*"))[-1], "train/loss_step")
+    assert min(second) >= 4, "the second run must continue from the checkpoint, not start over"
+    # 120 records - 8 val = 112 examples = 28 micro-batches = 14 steps per epoch; step 5 is mid-epoch.
+    assert len(full) >= 9 and full.keys() == resumed.keys()
+    assert [full[s] for s in sorted(full)] == [resumed[s] for s in sorted(resumed)]
+    a, b = lora_weights(full_dir / "ckpt" / "last.ckpt"), lora_weights(res_dir / "ckpt" / "last.ckpt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equals_single_process(tmp_path, cache_dir):
+    """DDP on 2 CPU processes (gloo) with micro-batch 2 = one process with micro-batch 4 (same global batch)."""
+    runs = {}
+    for name, devices, micro in (("ddp", 2, 2), ("single", 1, 4)):
+        d = tmp_path / name
+        d.mkdir()
+        strategy = "ddp" if devices > 1 else "auto"
+        config = tiny_config(d, cache_dir, trainer={"devices": devices, "strategy": strategy, "max_steps": 3,
+                                                    "val_check_interval": 1000, "limit_val_batches": 0},
+                             data={"micro_batch_size": micro})
+        fit(config)
+        runs[name] = lora_weights(d / "ckpt" / "last.ckpt")
+    for k in runs["ddp"]:
+        torch.testing.assert_close(runs["ddp"][k], runs["single"][k], rtol=1e-4, atol=1e-5)
