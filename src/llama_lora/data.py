@@ -406,7 +406,7 @@ class AlpacaDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
-    def _loader(self, dataset: SupervisedDataset, sampler: ResumableBatchSampler) -> DataLoader:
+    def _loader(self, dataset: SupervisedDataset, sampler: Sampler | list[list[int]]) -> DataLoader:
         collate = DataCollatorForSupervisedDataset(self.load_tokenizer().pad_id, self.pad_to_multiple_of)
         # A generator of its own keeps the DataLoader from drawing on the global RNG (exact resume).
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
@@ -429,9 +429,10 @@ class AlpacaDataModule(L.LightningDataModule):
         if self.val_set is None:
             return []
         world, rank = self._world()
-        sampler = ResumableBatchSampler(self.val_set.lengths, self.micro_batch_size, shuffle=False,
-                                        num_replicas=world, rank=rank)
-        return self._loader(self.val_set, sampler)
+        # A fixed list of batches: validation must see the same examples every time, whatever stopped it early.
+        batches = list(ResumableBatchSampler(self.val_set.lengths, self.micro_batch_size, shuffle=False,
+                                             num_replicas=world, rank=rank))
+        return self._loader(self.val_set, batches)
 
     def state_dict(self) -> dict[str, Any]:
         if self.train_sampler is None:

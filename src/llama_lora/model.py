@@ -186,9 +186,11 @@ class Llama(nn.Module):
                 h = layer(h, rope, start_pos)
         return self.norm(h)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab). With start_pos set, reads and extends the KV cache (generation)."""
-        return self.output(self.hidden_states(tokens, start_pos))
+    def forward(self, tokens: torch.Tensor, start_pos: int | None = None, return_hidden: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab); with ``return_hidden``, the final hidden states (B, T, dim) instead, for a loss that
+        applies the output layer itself. With start_pos set, reads and extends the KV cache (generation)."""
+        h = self.hidden_states(tokens, start_pos)
+        return h if return_hidden else self.output(h)
 
     # ----- generation -----
 

@@ -73,7 +73,7 @@ def token_loss_sum(model: Llama, input_ids: torch.Tensor, labels: torch.Tensor, 
     The output layer runs only where labels are not -100 (prompt and padding cost nothing there), in chunks, each
     recomputed in backward, so the fp32 logits of all positions never exist at once.
     """
-    h = model.hidden_states(input_ids)  # (B, T, dim)
+    h = model(input_ids, return_hidden=True)  # (B, T, dim); through forward, so FSDP2's hooks run
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     h, targets = h[:, :-1][keep], targets[keep]  # (N, dim), (N,)
@@ -132,6 +132,9 @@ class LlamaLoRAModule(L.LightningModule):
             gradient_checkpointing, loss_chunk_size, init_seed)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.model: Llama | None = None
+        # Checkpoints hold the trainable weights only; the frozen base comes from checkpoint_dir. Lightning's strict
+        # check would reject that, so on_load_checkpoint checks the keys itself (misspelled keys still fail).
+        self.strict_loading = False
         self.val_loss = MeanMetric()
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
         self._rng_to_restore: dict[str, Any] | None = None
@@ -149,6 +152,17 @@ class LlamaLoRAModule(L.LightningModule):
             apply_lora(self.model, self.lora.targets, self.lora.r, self.lora.alpha, self.lora.dropout)
             mark_only_lora_as_trainable(self.model)
         log.info(trainable_summary(self.model))
+        mesh = self.device_mesh  # set by ModelParallelStrategy only
+        if mesh is not None:
+            # FSDP2 over the data-parallel ranks: each block, the output layer (the chunked loss calls it on its own),
+            # then the root (embeddings, final norm).
+            from torch.distributed.fsdp import fully_shard
+
+            data_parallel = mesh["data_parallel"]
+            for layer in self.model.layers:
+                fully_shard(layer, mesh=data_parallel)
+            fully_shard(self.model.output, mesh=data_parallel)
+            fully_shard(self.model, mesh=data_parallel)
 
     def setup(self, stage: str) -> None:
         precision = str(self.trainer.precision)
@@ -215,20 +229,22 @@ class LlamaLoRAModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["trainable_keys"] = sorted(checkpoint["state_dict"])  # still there if a strategy pops state_dict
         checkpoint["rng"] = _get_rng_state()
         checkpoint["model_config"] = asdict(self.config)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.model is None:  # loading outside a Trainer (e.g. for generation): build first
             self.configure_model()
-        expected, got = self.trainable_keys(), set(checkpoint.get("state_dict", {}))
+        # ModelParallelStrategy loads and removes "state_dict" before this hook; the key list is kept beside it.
+        expected = self.trainable_keys()
+        got = set(checkpoint["state_dict"]) if "state_dict" in checkpoint else set(checkpoint.get("trainable_keys", ()))
         missing, unexpected = sorted(expected - got), sorted(got - expected)
         if missing or unexpected:
             raise ValueError(
                 f"Checkpoint does not match this model's trainable weights: {len(missing)} missing "
                 f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}); resume with the "
                 "same model preset and LoRA settings it was trained with")
-        self.strict_loading = False  # the frozen base comes from checkpoint_dir, not from this file
         self._rng_to_restore = checkpoint.get("rng")
 
 
