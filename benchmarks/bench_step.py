@@ -20,13 +20,21 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from llama_lora.config import LlamaConfig
 from llama_lora.lora import apply_lora, mark_only_lora_as_trainable, trainable_summary
+from llama_lora.module import token_loss_sum
 from llama_lora.weights import build_model, save_meta
 
 SHAPES = {"small": (4, 256), "llama2-7b": (1, 128)}  # (micro-batch, tokens)
+
+
+def lora_step_flops(config: LlamaConfig, batch: int, seq: int) -> float:
+    """Model FLOPs of one LoRA step (frozen base): forward 2N and input-gradient backward 2N per token for the matmul
+    weights (no weight gradients), plus attention scores and values (12 * layers * dim * seq per token, PaLM's count).
+    Recomputation from gradient checkpointing is not counted, so this gives MFU, not hardware utilisation."""
+    n_matmul = config.n_params - config.vocab_size * config.dim - config.dim * (2 * config.n_layers + 1)
+    return batch * seq * (4 * n_matmul + 12 * config.n_layers * config.dim * seq)
 
 
 def peak_rss_gib() -> float:
@@ -48,18 +56,21 @@ def run_shape(args) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator().manual_seed(1)
-    data = torch.randint(0, config.vocab_size, (args.steps + args.warmup, batch, seq + 1), generator=g).to(device)
+    data = torch.randint(0, config.vocab_size, (args.steps + args.warmup, batch, seq), generator=g).to(device)
     amp_dtype = torch.float16 if args.amp == "fp16" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     times = []
     for i in range(args.warmup + args.steps):
-        x, y = data[i, :, :-1], data[i, :, 1:]
+        x = data[i]
+        labels = x.clone()
+        labels[:, 0] = -100  # every later position is a target: (B, T) labels predict from positions < t
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
         with torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp != "off"):
-            logits = model(x)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+            # The training loss of the project: output layer and fp32 cross-entropy in chunks, recomputed in backward.
+            loss_sum, n = token_loss_sum(model, x, labels)
+            loss = loss_sum / n
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -77,6 +88,7 @@ def run_shape(args) -> dict:
         "base_dtype": args.base_dtype, "autocast": args.amp, "gradient_checkpointing": args.gc,
         "lora": trainable_summary(model), "steps": args.steps, "median_step_s": round(step_s, 4),
         "tokens_per_s": round(batch * seq / step_s, 1), "peak_rss_gib": round(peak_rss_gib(), 3),
+        "model_tflops_per_s": round(lora_step_flops(config, batch, seq) / step_s / 1e12, 2),
         "ready_s": round(ready_s, 2), "first_step_s": round(first_step_s, 2), "final_loss": round(loss.item(), 4),
         "checkpoint": str(args.checkpoint) if args.checkpoint else "random init",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
@@ -85,6 +97,8 @@ def run_shape(args) -> dict:
         result["cuda_max_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         result["cuda_max_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
         result["gpu"] = torch.cuda.get_device_name()
+        result["mfu"] = round(result["model_tflops_per_s"] / args.peak_tflops, 4)
+        result["peak_tflops"] = args.peak_tflops
     return result
 
 
@@ -111,6 +125,7 @@ def main() -> None:
     p.add_argument("--checkpoint", type=Path, default=None, help="load this checkpoint instead of random weights")
     p.add_argument("--write-meta", type=Path, default=None, help="write a random bf16 llama2-7b Meta checkpoint here")
     p.add_argument("--json", type=Path, default=None, help="also append results to this JSON-lines file")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense fp16/bf16 peak for MFU (H100/H200 SXM)")
     args = p.parse_args()
     if args.batch and not args.seq or args.seq and not args.batch:
         p.error("--batch and --seq go together")

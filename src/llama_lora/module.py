@@ -66,20 +66,63 @@ class WarmupCosineLR(LambdaLR):
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i W^T, t_i), computed chunk by chunk with its gradients in the same pass.
+
+    Each chunk's logits (chunk, vocab) live in fp32 only while that chunk is processed; what is kept for backward
+    is grad_h (N, dim) and, when W is trained, grad_W. No recomputation, and the full fp32 logits never exist.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                compute_dtype: torch.dtype) -> torch.Tensor:
+        w = weight.to(compute_dtype)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, h.shape[0], chunk_size):
+            h_c, t_c = h[i : i + chunk_size].to(compute_dtype), targets[i : i + chunk_size]
+            logits = (h_c @ w.T).float()  # (chunk, vocab)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t_c[:, None]).squeeze(1)).sum()
+            # d(loss)/d(logits) = softmax - one_hot, computed in place over the logits buffer.
+            dlogits = logits.sub_(lse[:, None]).exp_()
+            dlogits[torch.arange(t_c.shape[0], device=t_c.device), t_c] -= 1
+            dlogits = dlogits.to(compute_dtype)
+            grad_h[i : i + chunk_size] = (dlogits @ w).to(h.dtype)
+            if grad_w is not None:
+                grad_w += (dlogits.T @ h_c).float()
+        ctx.save_for_backward(grad_h, grad_w if grad_w is not None else torch.empty(0))
+        ctx.weight_dtype, ctx.has_grad_w = weight.dtype, grad_w is not None
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        grad_weight = (grad_w * grad_out).to(ctx.weight_dtype) if ctx.has_grad_w else None
+        return grad_h * grad_out.to(grad_h.dtype), grad_weight, None, None, None
+
+
 def token_loss_sum(model: Llama, input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024) -> tuple[
         torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over target positions, and their count.
 
-    The output layer runs only where labels are not -100 (prompt and padding cost nothing there), in chunks, each
-    recomputed in backward, so the fp32 logits of all positions never exist at once.
+    The output layer runs only where labels are not -100 (prompt and padding cost nothing there), in chunks, so the
+    fp32 logits of all positions never exist at once.
     """
     h = model(input_ids, return_hidden=True)  # (B, T, dim); through forward, so FSDP2's hooks run
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     h, targets = h[:, :-1][keep], targets[keep]  # (N, dim), (N,)
+    output = model.output
+    if type(output) is torch.nn.Linear and type(output.weight) is torch.nn.Parameter and output.bias is None:
+        device = h.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else output.weight.dtype
+        return _FusedLinearCrossEntropy.apply(h, output.weight, targets, chunk_size, dtype), keep.sum()
 
+    # A LoRA or FSDP-sharded output layer: call the module per chunk, recomputed in backward.
     def chunk_loss(h_chunk: torch.Tensor, t_chunk: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(model.output(h_chunk).float(), t_chunk, reduction="sum")
+        return F.cross_entropy(output(h_chunk).float(), t_chunk, reduction="sum")
 
     total = h.new_zeros((), dtype=torch.float32)
     for i in range(0, h.shape[0], chunk_size):
