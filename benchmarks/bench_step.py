@@ -52,6 +52,8 @@ def run_shape(args) -> dict:
                         gradient_checkpointing=args.gc)
     apply_lora(model, ["wq", "wv"], r=8, alpha=16)
     mark_only_lora_as_trainable(model)
+    if args.compile:
+        model.compile_blocks()
     ready_s = time.perf_counter() - t0
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -85,7 +87,7 @@ def run_shape(args) -> dict:
     step_s = times[len(times) // 2]
     result = {
         "shape": args.shape, "micro_batch": batch, "seq_len": seq, "device": str(device),
-        "base_dtype": args.base_dtype, "autocast": args.amp, "gradient_checkpointing": args.gc,
+        "base_dtype": args.base_dtype, "autocast": args.amp, "gradient_checkpointing": args.gc, "compile": args.compile,
         "lora": trainable_summary(model), "steps": args.steps, "median_step_s": round(step_s, 4),
         "tokens_per_s": round(batch * seq / step_s, 1), "peak_rss_gib": round(peak_rss_gib(), 3),
         "model_tflops_per_s": round(lora_step_flops(config, batch, seq) / step_s / 1e12, 2),
@@ -121,6 +123,7 @@ def main() -> None:
     p.add_argument("--base-dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], default="bf16", help="autocast dtype")
     p.add_argument("--gc", action="store_true", help="gradient checkpointing")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block (warmup steps absorb compile time)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--checkpoint", type=Path, default=None, help="load this checkpoint instead of random weights")
     p.add_argument("--write-meta", type=Path, default=None, help="write a random bf16 llama2-7b Meta checkpoint here")

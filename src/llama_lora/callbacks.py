@@ -55,7 +55,8 @@ class PeakMemoryMonitor(L.Callback):
         pl_module.log_dict({f"{k}_epoch": v for k, v in self._memory(pl_module).items()}, on_epoch=True)
 
     @rank_zero_only
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # on_train_end, not on_fit_end: Lightning's teardown moves the module to the CPU in between.
         mem = self._memory(pl_module)
         seconds = time.perf_counter() - (self.fit_start or time.perf_counter())
         lines = [trainable_summary(pl_module)]

@@ -160,6 +160,11 @@ class Llama(nn.Module):
             self._rope = rope_cache(c.head_dim, c.max_seq_len, c.rope_theta, device=device)
         return self._rope
 
+    def compile_blocks(self) -> None:
+        """torch.compile each block in place (parameter names unchanged), so that one compiled graph serves all."""
+        for layer in self.layers:
+            layer.compile()
+
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         """Random init for tests, the demo and benchmarks (real runs load a checkpoint)."""
         for name, p in self.named_parameters():

@@ -147,6 +147,7 @@ class LlamaLoRAModule(L.LightningModule):
         scheduler: LRSchedulerCallable = WarmupCosineLR,
         loss_chunk_size: int = 1024,
         init_seed: int = 0,
+        compile: bool = False,
     ) -> None:
         """
         Args:
@@ -158,6 +159,7 @@ class LlamaLoRAModule(L.LightningModule):
             max_seq_len: longest training sequence (linked from data.max_seq_len).
             loss_chunk_size: target positions per output-layer chunk of the loss.
             init_seed: seed of the random init when there is no checkpoint.
+            compile: torch.compile each transformer block (fuses norms, RoPE, SwiGLU; pays on GPU for long runs).
         """
         super().__init__()
         self.config = LlamaConfig.from_name(model, max_seq_len=max(max_seq_len, 1))
@@ -174,6 +176,7 @@ class LlamaLoRAModule(L.LightningModule):
         self.gradient_checkpointing, self.loss_chunk_size, self.init_seed = (
             gradient_checkpointing, loss_chunk_size, init_seed)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.compile_blocks = compile
         self.model: Llama | None = None
         # Checkpoints hold the trainable weights only; the frozen base comes from checkpoint_dir. Lightning's strict
         # check would reject that, so on_load_checkpoint checks the keys itself (misspelled keys still fail).
@@ -195,6 +198,8 @@ class LlamaLoRAModule(L.LightningModule):
             apply_lora(self.model, self.lora.targets, self.lora.r, self.lora.alpha, self.lora.dropout)
             mark_only_lora_as_trainable(self.model)
         log.info(trainable_summary(self.model))
+        if self.compile_blocks:
+            self.model.compile_blocks()
         mesh = self.device_mesh  # set by ModelParallelStrategy only
         if mesh is not None:
             # FSDP2 over the data-parallel ranks: each block, the output layer (the chunked loss calls it on its own),
