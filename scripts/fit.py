@@ -24,7 +24,7 @@ class FitCLI(LightningCLI):
 
 
 def main(argv: list[str]) -> None:
-    if not any(a == "--config" or a.startswith("--config=") for a in argv) and "--print_config" not in argv[:1]:
+    if not any(a == "--config" or a.startswith("--config=") for a in argv):
         argv = ["--config", str(DEMO), *argv]
     # The data module restores the sampler's exact mid-epoch position itself (see AlpacaDataModule.state_dict).
     warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")

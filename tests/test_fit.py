@@ -130,20 +130,23 @@ def test_checkpoints_are_adapter_only_and_tensorboard_has_the_tags(tmp_path, cac
         assert tag in found, (tag, found)
 
 
+def trained_lora(tmp_path: Path, cache_dir: Path, name: str, **overrides) -> dict[str, torch.Tensor]:
+    """Train the tiny config for 3 steps (no validation) in tmp_path/name; return the LoRA weights of last.ckpt."""
+    d = tmp_path / name
+    d.mkdir()
+    trainer = {"max_steps": 3, "val_check_interval": 1000, "limit_val_batches": 0, **overrides.pop("trainer", {})}
+    fit(tiny_config(d, cache_dir, trainer=trainer, **overrides))
+    return lora_weights(d / "ckpt" / "last.ckpt")
+
+
 def test_accumulation_equivalence(tmp_path, cache_dir):
     """Micro-batch 1 x accumulate 4 = micro-batch 4 x accumulate 1 on batches of unequal lengths (token-weighted)."""
-    runs = {}
-    for name, micro, accumulate in (("acc", 1, 4), ("big", 4, 1)):
-        d = tmp_path / name
-        d.mkdir()
-        config = tiny_config(d, cache_dir, trainer={"accumulate_grad_batches": accumulate, "max_steps": 3,
-                                                    "val_check_interval": 1000, "limit_val_batches": 0},
-                             data={"micro_batch_size": micro})
-        fit(config)
-        runs[name] = lora_weights(d / "ckpt" / "last.ckpt")
-    for k in runs["acc"]:
-        torch.testing.assert_close(runs["acc"][k], runs["big"][k], rtol=1e-4, atol=1e-5)
-    assert any(not torch.all(v == 0) for k, v in runs["acc"].items() if k.endswith("lora_b"))  # it trained
+    acc = trained_lora(tmp_path, cache_dir, "acc", trainer={"accumulate_grad_batches": 4},
+                       data={"micro_batch_size": 1})
+    big = trained_lora(tmp_path, cache_dir, "big", data={"micro_batch_size": 4})
+    for k in acc:
+        torch.testing.assert_close(acc[k], big[k], rtol=1e-4, atol=1e-5)
+    assert any(not torch.all(v == 0) for k, v in acc.items() if k.endswith("lora_b"))  # it trained
 
 
 @pytest.mark.slow
@@ -173,18 +176,11 @@ def test_exact_resume_mid_epoch(tmp_path, cache_dir):
 @pytest.mark.slow
 def test_ddp_two_processes_equals_single_process(tmp_path, cache_dir):
     """DDP on 2 CPU processes (gloo) with micro-batch 2 = one process with micro-batch 4 (same global batch)."""
-    runs = {}
-    for name, devices, micro in (("ddp", 2, 2), ("single", 1, 4)):
-        d = tmp_path / name
-        d.mkdir()
-        strategy = "ddp" if devices > 1 else "auto"
-        config = tiny_config(d, cache_dir, trainer={"devices": devices, "strategy": strategy, "max_steps": 3,
-                                                    "val_check_interval": 1000, "limit_val_batches": 0},
-                             data={"micro_batch_size": micro})
-        fit(config)
-        runs[name] = lora_weights(d / "ckpt" / "last.ckpt")
-    for k in runs["ddp"]:
-        torch.testing.assert_close(runs["ddp"][k], runs["single"][k], rtol=1e-4, atol=1e-5)
+    ddp = trained_lora(tmp_path, cache_dir, "ddp", trainer={"devices": 2, "strategy": "ddp"},
+                       data={"micro_batch_size": 2})
+    single = trained_lora(tmp_path, cache_dir, "single", data={"micro_batch_size": 4})
+    for k in ddp:
+        torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -125,6 +125,10 @@ class SampleGenerations(L.Callback):
         prompts = self.prompts
         if not prompts or datamodule is None:
             return
+        if pl_module.device_mesh is not None:
+            # A sharded (FSDP2) forward needs every rank; generating on rank 0 alone would wait forever.
+            log.info("SampleGenerations: skipped, the model is sharded across ranks")
+            return
         tok = datamodule.load_tokenizer()
         val_loss = trainer.callback_metrics.get("val/loss")
         if val_loss is not None:
