@@ -207,3 +207,12 @@ def test_fsdp2_two_processes_runs_checkpoints_and_resumes(tmp_path, cache_dir):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_resume_with_other_lora_settings_is_refused(tmp_path, cache_dir):
+    """Lightning's strict=False alone would accept the wrong adapter silently; the module checks the keys."""
+    fit(tiny_config(tmp_path, cache_dir, trainer={"max_steps": 2, "limit_val_batches": 0}))
+    proc = fit(tiny_config(tmp_path, cache_dir), "--ckpt_path", "last", "--model.lora.targets", "[wq, wk]", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "Checkpoint does not match this model's trainable weights" in proc.stderr
+    assert "same model preset and LoRA settings" in proc.stderr
