@@ -1,0 +1,93 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llama_lora.adapters import export_peft, import_peft, load_model, merged_state_dict
+from llama_lora.lora import apply_lora
+from llama_lora.weights import build_model, save_hf, save_meta
+
+LORA = {"targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"], "r": 4, "alpha": 8.0, "dropout": 0.0}
+
+
+@pytest.fixture
+def lora_model(tiny_config):
+    torch.manual_seed(0)
+    model = build_model(tiny_config, base_dtype=torch.float32, seed=0)
+    apply_lora(model, LORA["targets"], LORA["r"], LORA["alpha"])
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_b"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+def test_peft_export_names_shapes_and_config(tmp_path, lora_model, tiny_config):
+    export_peft(lora_model, LORA, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
+    assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]) == (4, 8.0, 0.0)
+    assert cfg["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj",
+                                            "up_proj", "lm_head"])
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    c = tiny_config
+    kv_dim = c.n_kv_heads * c.head_dim
+    assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (4, c.dim)
+    assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].shape == (c.dim, 4)
+    assert tensors["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"].shape == (kv_dim, 4)
+    assert tensors["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"].shape == (4, c.hidden_dim)
+    assert tensors["base_model.model.lm_head.lora_B.weight"].shape == (c.vocab_size, 4)
+    assert len(tensors) == 2 * (7 * c.n_layers + 1)
+    # q/k lora_B rows carry HF's permutation, like the base weights; v does not.
+    wq = lora_model.layers[0].attention.wq
+    assert not torch.equal(tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"], wq.lora_b)
+    assert torch.equal(tensors["base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"],
+                       lora_model.layers[0].attention.wv.lora_b)
+
+
+def test_peft_round_trip_gives_identical_logits(tmp_path, lora_model, tiny_config, tokens):
+    expected = lora_model(tokens)
+    save_meta(build_model(tiny_config, base_dtype=torch.float32, seed=0).state_dict(), tiny_config, tmp_path / "base")
+    export_peft(lora_model, LORA, tmp_path / "adapter")
+    sd, lora = import_peft(tmp_path / "adapter", tiny_config)
+    assert lora == LORA
+    loaded = load_model(tmp_path / "base", tmp_path / "adapter", base_dtype=torch.float32)
+    assert torch.equal(loaded.model(tokens), expected)
+
+
+def test_delta_weight_in_hf_layout_equals_permuted_meta_delta(tmp_path, lora_model, tiny_config):
+    """What PeftModel computes on the HF base (B_hf A_hf) is exactly HF's permutation of our delta."""
+    from llama_lora.weights import permute_to_hf
+
+    export_peft(lora_model, LORA, tmp_path)
+    t = load_file(tmp_path / "adapter_model.safetensors")
+    for proj, meta, heads in (("q_proj", "wq", tiny_config.n_heads), ("k_proj", "wk", tiny_config.n_kv_heads)):
+        pre = f"base_model.model.model.layers.1.self_attn.{proj}"
+        delta_hf = t[f"{pre}.lora_B.weight"] @ t[f"{pre}.lora_A.weight"]
+        layer = getattr(lora_model.layers[1].attention, meta)
+        torch.testing.assert_close(delta_hf, permute_to_hf(layer.lora_b @ layer.lora_a, heads))
+
+
+@pytest.mark.parametrize("fmt", ["meta", "hf"])
+def test_merged_checkpoint_equals_unmerged(tmp_path, lora_model, tiny_config, tokens, fmt):
+    expected = lora_model(tokens)
+    sd = merged_state_dict(lora_model, torch.float32)
+    assert not any("lora_" in k for k in sd)
+    (save_meta if fmt == "meta" else save_hf)(sd, tiny_config, tmp_path)
+    merged = build_model(checkpoint=tmp_path, base_dtype=torch.float32)
+    torch.testing.assert_close(merged(tokens), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_adapters(tmp_path, tiny_config):
+    with pytest.raises(FileNotFoundError, match="Adapter not found"):
+        load_model(None, tmp_path / "nope.ckpt", model="tiny")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "target_modules": ["c_attn"],
+                                                              "r": 4, "lora_alpha": 8}))
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="no LLaMA counterpart"):
+        import_peft(tmp_path, tiny_config)
+    (tmp_path / "x.ckpt").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a readable fit.py checkpoint"):
+        load_model(None, tmp_path / "x.ckpt", model="tiny")

@@ -1,0 +1,73 @@
+"""generate.py, merge.py and export_adapter.py on a real fit.py checkpoint of the tiny preset."""
+
+import inspect
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_fit import ROOT, fit, tiny_config  # noqa: I001
+
+from llama_lora.adapters import load_model
+from llama_lora.data import AlpacaDataModule, format_prompt
+from llama_lora.weights import build_model
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fit")
+    cache = tmp_path_factory.mktemp("cache")
+    fit(tiny_config(d, cache, trainer={"max_steps": 4, "limit_val_batches": 0},
+                    model={"lora": {"targets": ["wq", "wk", "wv", "output"], "r": 4, "alpha": 8, "dropout": 0.0}}))
+    return d
+
+
+def script(name, *args, stdin=None):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
+                          input=stdin, timeout=300)
+
+
+def test_generate_instruction_mode_prints_only_the_response(run_dir):
+    """The script's stdout is exactly the sampled response (seeded), nothing of the template."""
+    ckpt = run_dir / "ckpt" / "last.ckpt"
+    sampling = ["--temperature", "1.0", "--top_p", "1.0", "--seed", "5", "--max_new_tokens", "12"]
+    proc = script("generate.py", "--adapter", str(ckpt), *sampling, "Name a color.")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded = load_model(adapter=ckpt)
+    known = inspect.signature(AlpacaDataModule).parameters
+    tok = AlpacaDataModule(**{k: v for k, v in loaded.datamodule_hparams.items() if k in known}).load_tokenizer()
+    ids = [tok.bos_id] + tok.encode(format_prompt({"instruction": "Name a color.", "input": ""}))
+    out = loaded.model.generate(ids, 12, temperature=1.0, top_p=1.0, eos_id=tok.eos_id,
+                                generator=torch.Generator().manual_seed(5))
+    expected = tok.decode(out)
+    assert out and proc.stdout == expected + "\n"
+    assert "### Response" not in proc.stdout and "Below is" not in proc.stdout
+    assert "tokens/s" in proc.stderr
+
+
+def test_generate_reads_stdin_and_rejects_empty_prompts(run_dir):
+    ckpt = str(run_dir / "ckpt" / "last.ckpt")
+    proc = script("generate.py", "--adapter", ckpt, "--greedy", "--max_new_tokens", "3", stdin="one\ntwo\n")
+    assert proc.returncode == 0 and proc.stderr.count("tokens/s") == 2
+    proc = script("generate.py", "--adapter", ckpt, "   ")
+    assert proc.returncode == 2 and proc.stderr.strip().endswith("Prompt 0 is empty; give some text to continue or "
+                                                                  "an instruction")
+
+
+@pytest.mark.parametrize("fmt", ["meta", "hf"])
+def test_merge_script_equals_unmerged(run_dir, tmp_path, tokens, fmt):
+    ckpt = run_dir / "ckpt" / "last.ckpt"
+    proc = script("merge.py", "--adapter", str(ckpt), "--out", str(tmp_path), "--format", fmt, "--dtype", "fp32")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    merged = build_model(checkpoint=tmp_path, base_dtype=torch.float32)
+    unmerged = load_model(adapter=ckpt, base_dtype=torch.float32).model
+    torch.testing.assert_close(merged(tokens), unmerged(tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_export_script_round_trip(run_dir, tmp_path, tokens):
+    ckpt = run_dir / "ckpt" / "last.ckpt"
+    proc = script("export_adapter.py", "--adapter", str(ckpt), "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from_ckpt = load_model(adapter=ckpt, base_dtype=torch.float32).model(tokens)
+    from_peft = load_model(adapter=tmp_path, model="tiny", base_dtype=torch.float32).model(tokens)
+    assert torch.equal(from_ckpt, from_peft)
