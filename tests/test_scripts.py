@@ -71,3 +71,18 @@ def test_export_script_round_trip(run_dir, tmp_path, tokens):
     from_ckpt = load_model(adapter=ckpt, base_dtype=torch.float32).model(tokens)
     from_peft = load_model(adapter=tmp_path, model="tiny", base_dtype=torch.float32).model(tokens)
     assert torch.equal(from_ckpt, from_peft)
+
+
+def test_evaluate_script_on_the_held_out_split(run_dir, tmp_path):
+    import json
+    import math
+
+    out = tmp_path / "eval.json"
+    proc = script("evaluate.py", "--adapter", str(run_dir / "ckpt" / "last.ckpt"), "--precision", "32-true",
+                  "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert record["val_examples"] == 8 and record["data"] == "demo"
+    # Token-weighted loss and torchmetrics' perplexity over the same target tokens: ppl = exp(loss).
+    assert math.isclose(record["val_ppl"], math.exp(record["val_loss"]), rel_tol=1e-4)
+    assert "Held-out evaluation" in proc.stdout

@@ -7,6 +7,7 @@ An adapter is a ``fit.py`` Lightning checkpoint (``.ckpt``) or a PEFT folder (``
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ from .weights import build_model, hf_key_to_meta, meta_key_to_hf, permute_from_h
 _HF_MODULE = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w2": "down_proj",
               "w3": "up_proj", "output": "lm_head"}
 _META_MODULE = {v: k for k, v in _HF_MODULE.items()}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -154,6 +157,11 @@ def import_peft(path: str | Path, config: LlamaConfig) -> tuple[dict[str, torch.
     sd: dict[str, torch.Tensor] = {}
     with safe_open(str(weights), framework="pt") as f:
         for key in f.keys():
+            if key.endswith(".base_layer.weight"):
+                # PEFT saves the full lm_head/embedding weights when they are targeted (save_embedding_layers):
+                # those are the base model's, which comes from checkpoint_dir here.
+                log.info("import_peft: ignoring base weight %s saved beside the adapter", key)
+                continue
             m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight", key)
             if not m:
                 raise ValueError(f"{weights}: unexpected tensor {key!r} in a LoRA adapter")

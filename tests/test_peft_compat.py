@@ -1,0 +1,36 @@
+"""Our PEFT export against HF's own stack. Skipped unless transformers and peft are installed (they are not
+dependencies): `pip install "transformers<5" peft` in a scratch environment to run it."""
+
+import pytest
+import torch
+
+from llama_lora.adapters import export_peft, import_peft
+from llama_lora.lora import apply_lora
+from llama_lora.weights import build_model, save_hf
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+LORA = {"targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"], "r": 4, "alpha": 8.0, "dropout": 0.0}
+
+
+def test_peft_model_from_pretrained_gives_our_logits(tmp_path, tiny_config, tokens):
+    torch.manual_seed(0)
+    model = build_model(tiny_config, base_dtype=torch.float32, seed=0)
+    save_hf(model.state_dict(), tiny_config, tmp_path / "base")
+    apply_lora(model, LORA["targets"], LORA["r"], LORA["alpha"])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_b"):
+                p.normal_(0, 0.1)
+    model.eval()
+    export_peft(model, LORA, tmp_path / "adapter", base_model=str(tmp_path / "base"))
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", torch_dtype=torch.float32)
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=tokens).logits, model(tokens), rtol=1e-4, atol=1e-4)
+    # And the reverse: PEFT's own save of that adapter imports back to the same weights.
+    theirs.save_pretrained(tmp_path / "resaved")
+    sd, lora = import_peft(tmp_path / "resaved", tiny_config)
+    own = model.state_dict()
+    assert lora == LORA and all(torch.equal(v, own[k]) for k, v in sd.items())
