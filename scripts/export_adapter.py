@@ -23,7 +23,7 @@ def main(argv: list[str]) -> None:
     if not loaded.lora:
         raise ValueError(f"{args.adapter} was trained without LoRA (lora: null); use merge.py for full weights")
     export_peft(loaded.model, loaded.lora, args.out, args.base_model)
-    print(f"wrote PEFT adapter ({loaded.lora['r']=}, targets {loaded.lora['targets']}) to {args.out}")
+    print(f"wrote PEFT adapter (r={loaded.lora['r']}, targets {loaded.lora['targets']}) to {args.out}")
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def main(argv: list[str]) -> None:
         raise ValueError(f"The tokenizer has {tok.vocab_size} pieces, the model {loaded.config.vocab_size}; "
                          "use the tokenizer that matches the model")
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    for i, record in enumerate(records):
+    for record in records:
         text = format_prompt(record) if args.mode == "instruction" else record["instruction"]
         ids = [tok.bos_id] + tok.encode(text)
         if args.mode == "completion":
@@ -107,7 +107,7 @@ def main(argv: list[str]) -> None:
             print(decoded[len(shown):], end="", flush=True)
             shown = decoded
         seconds = time.perf_counter() - start
-        print("\n" if i + 1 < len(records) else "", flush=True)
+        print(flush=True)
         print(f"[{len(out)} tokens, {len(out) / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr, flush=True)
 
 

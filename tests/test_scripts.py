@@ -86,3 +86,13 @@ def test_evaluate_script_on_the_held_out_split(run_dir, tmp_path):
     # Token-weighted loss and torchmetrics' perplexity over the same target tokens: ppl = exp(loss).
     assert math.isclose(record["val_ppl"], math.exp(record["val_loss"]), rel_tol=1e-4)
     assert "Held-out evaluation" in proc.stdout
+
+
+def test_generate_seed_prompts_in_completion_format(run_dir):
+    proc = script("generate.py", "--adapter", str(run_dir / "ckpt" / "last.ckpt"), "--seed-prompts", "--greedy",
+                  "--max_new_tokens", "4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert out.startswith("I believe the meaning of life is") and proc.stderr.count("tokens/s") == 4
+    for text in ("Simply put, the theory of relativity states that", "Hi everyone,\n\nI just", "cheese =>"):
+        assert text in out  # the prompt is printed, then its continuation
