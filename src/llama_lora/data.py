@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -65,24 +64,23 @@ def download(url: str, cache_dir: str | Path | None = None) -> Path:
         return target
     cache.mkdir(parents=True, exist_ok=True)
     log.info("Downloading %s -> %s", url, target)
+    part = target.with_name(target.name + ".part")
     try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp, tempfile.NamedTemporaryFile(
-            dir=cache, delete=False, suffix=".part"
-        ) as tmp:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp, open(part, "wb") as out:
             size = 0
             while chunk := resp.read(1 << 20):
                 size += len(chunk)
                 if size > DOWNLOAD_MAX_BYTES:
                     raise ValueError(f"{url} is larger than {DOWNLOAD_MAX_BYTES >> 20} MiB; download it yourself")
-                tmp.write(chunk)
-        os.replace(tmp.name, target)
+                out.write(chunk)
+        os.replace(part, target)  # atomic: the cache never holds a half-written file under the final name
     except (urllib.error.URLError, OSError, TimeoutError) as e:
-        if "tmp" in locals():
-            Path(tmp.name).unlink(missing_ok=True)
         raise ValueError(
             f"Could not download {url} ({getattr(e, 'reason', e)}); download it by hand and set "
             "data_path to the local file"
         ) from None
+    finally:
+        part.unlink(missing_ok=True)
     return target
 
 

@@ -162,7 +162,7 @@ class LlamaLoRAModule(L.LightningModule):
             compile: torch.compile each transformer block (fuses norms, RoPE, SwiGLU; pays on GPU for long runs).
         """
         super().__init__()
-        self.config = LlamaConfig.from_name(model, max_seq_len=max(max_seq_len, 1))
+        self.config = LlamaConfig.from_name(model, max_seq_len=max_seq_len)
         if checkpoint_dir is not None:
             path = Path(checkpoint_dir)
             if not path.exists():
