@@ -114,7 +114,6 @@ class SampleGenerations(L.Callback):
     def __init__(self, prompts: list[str] | None = None, max_new_tokens: int = 32) -> None:
         self.prompts = prompts
         self.max_new_tokens = max_new_tokens
-        self.history: list[tuple[int, str, str]] = []
 
     @rank_zero_only
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -139,7 +138,6 @@ class SampleGenerations(L.Callback):
             out = pl_module.model.generate(ids, self.max_new_tokens, temperature=0.0, eos_id=tok.eos_id)
             response = tok.decode(out)
             texts.append(f"**{instruction}**  \n→ {response}")
-            self.history.append((trainer.global_step, instruction, response))
             log.info("step %d | %s -> %s", trainer.global_step, instruction, response)
         experiment = getattr(trainer.logger, "experiment", None)
         if experiment is not None and hasattr(experiment, "add_text"):
