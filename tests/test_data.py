@@ -82,8 +82,11 @@ def test_sampler_determinism_and_epochs():
     assert a == b and sorted(i for batch in a for i in batch) == lengths
     assert a != list(ResumableBatchSampler(lengths, 4, seed=4))
     s = ResumableBatchSampler(lengths, 4, seed=3)
-    first, second = list(s), list(s)  # the epoch advances after a full pass
-    assert first == a and second != first and s.state_dict() == {"seed": 3, "epoch": 2, "batch_index": 0}
+    first = list(s)
+    s.set_epoch(1)  # as Lightning does before every epoch (it reaches us as the batch sampler's `.sampler`)
+    second = list(s)
+    assert first == a and second != first and s.state_dict() == {"seed": 3, "epoch": 1, "batch_index": 13}
+    assert list(s) == [] and s.sampler is s  # no epoch of its own: exhausted until set_epoch moves on
 
 
 def test_sampler_mid_epoch_restart():

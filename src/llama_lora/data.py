@@ -252,6 +252,9 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         self.batch_index = 0  # batches of this epoch already consumed
+        # Lightning calls set_epoch on `dataloader.sampler` and `batch_sampler.sampler`, never on a batch sampler
+        # itself: exposing ourselves as `.sampler` makes Lightning's epoch counter the one that drives the shuffle.
+        self.sampler = self
 
     def global_batches(self, epoch: int) -> list[list[int]]:
         n, size = len(self.lengths), self.batch_size * self.num_replicas
@@ -286,15 +289,19 @@ class ResumableBatchSampler(Sampler[list[int]]):
                 w = i - i % self.accumulate
                 n = sum(self.target_counts[j] for batch in batches[w : w + self.accumulate] for j in batch)
                 yield [(j, n) for j in local]
-        self.epoch, self.batch_index = self.epoch + 1, 0
+        # The epoch does not advance here: set_epoch does (Lightning calls it before every epoch). Advancing on
+        # exhaustion as well made an extra, empty epoch whenever both happened.
 
     def __len__(self) -> int:
         # The whole epoch, also after a mid-epoch restart: Lightning counts the restored batches itself.
         return len(self.global_batches(self.epoch))
 
     def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its first batch, unless it is the epoch a restored state is in the middle of."""
         if epoch != self.epoch:
             self.epoch, self.batch_index = epoch, 0
+        elif self.batch_index >= len(self.global_batches(epoch)):
+            self.batch_index = 0  # the same epoch again after a full pass (a standalone loop without a new epoch)
 
     def state_dict(self) -> dict[str, int]:
         return {"seed": self.seed, "epoch": self.epoch, "batch_index": self.batch_index}
