@@ -1,18 +1,22 @@
 """Fine-tune LLaMA-2 with LoRA on Alpaca: `python scripts/fit.py --config configs/lora_amp.yaml`.
 
 With no --config, runs the embedded default, configs/demo.yaml (offline, CPU, a few minutes).
-Resume with `--ckpt_path last` (or a checkpoint path). `--print_config` prints a config that runs as it is.
+Resume with `--ckpt_path last` (the newest intact checkpoint) or a checkpoint path. `--print_config` prints a config
+that runs as it is. SIGTERM or Ctrl-C saves last.ckpt at the end of the current optimizer step and exits with
+128 + the signal number; see the README's "When things go wrong".
 """
 
 import sys
 import warnings
 from pathlib import Path
 
+import torch
 from lightning.pytorch.cli import LightningCLI
 
 from llama_lora.cli import configure_logging, main_guard
 from llama_lora.data import AlpacaDataModule
 from llama_lora.module import LlamaLoRAModule
+from llama_lora.resilience import GracefulStop, OutOfMemory, oom_advice, resolve_resume_checkpoint
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -20,7 +24,8 @@ DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 class FitCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.max_seq_len", "model.max_seq_len")
-        parser.add_argument("--ckpt_path", type=str | None, default=None, help="checkpoint to resume: a path or 'last'")
+        parser.add_argument("--ckpt_path", type=str | None, default=None,
+                            help="checkpoint to resume: a path, or 'last' for the newest intact one")
 
 
 def main(argv: list[str]) -> None:
@@ -30,8 +35,23 @@ def main(argv: list[str]) -> None:
     warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended to run from within Python.*")
     cli = FitCLI(LlamaLoRAModule, AlpacaDataModule, run=False, auto_configure_optimizers=False, args=argv,
-                 save_config_kwargs={"overwrite": True})
-    cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=cli.config.ckpt_path)
+                 save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
+    trainer, model = cli.trainer, cli.model
+    ckpt_path = resolve_resume_checkpoint(trainer, cli.config.ckpt_path)  # before anything large is allocated
+    try:
+        trainer.fit(model, cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except torch.OutOfMemoryError as e:
+        data = cli.datamodule
+        advice = oom_advice(gradient_checkpointing=model.gradient_checkpointing,
+                            micro_batch_size=data.micro_batch_size, precision=str(trainer.precision),
+                            base_dtype=cli.config.model.base_dtype,
+                            lora_targets=model.lora.targets if model.lora is not None else None,
+                            max_seq_len=data.max_seq_len)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
+        raise OutOfMemory(f"out of memory at step {trainer.global_step + 1} ({first[:200]})\n{advice}") from None
+    stop = next((cb for cb in trainer.callbacks if isinstance(cb, GracefulStop)), None)
+    if stop is not None and stop.stopped_by is not None:
+        sys.exit(128 + stop.stopped_by)
 
 
 if __name__ == "__main__":

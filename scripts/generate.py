@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from llama_lora.adapters import load_model
+from llama_lora.adapters import adapter_hparams, load_model
 from llama_lora.cli import configure_logging, main_guard
+from llama_lora.config import LlamaConfig
 from llama_lora.data import AlpacaDataModule, format_prompt
 from llama_lora.module import DTYPES
 from llama_lora.tokenizer import Tokenizer
@@ -40,17 +41,37 @@ def read_prompts(args: argparse.Namespace) -> list[dict[str, str]]:
         path = Path(args.file)
         if not path.is_file():
             raise FileNotFoundError(f"Prompt file not found: {path}")
-        raw = path.read_text(encoding="utf-8")
-        texts = json.loads(raw) if path.suffix == ".json" else [line for line in raw.splitlines() if line.strip()]
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not UTF-8 text; give one prompt per line or a JSON list") from None
+        if path.suffix == ".json":
+            try:
+                texts = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+            if not isinstance(texts, list):
+                raise ValueError(f"{path}: expected a JSON list of prompts or of {{instruction, input}} records")
+        else:
+            texts = [line for line in raw.splitlines() if line.strip()]
     else:
         texts = [line for line in sys.stdin.read().splitlines() if line.strip()]
     records = [t if isinstance(t, dict) else {"instruction": str(t), "input": args.input} for t in texts]
     if not records:
         raise ValueError("No prompts: give them as arguments, with --file, on stdin, or use --seed-prompts")
     for i, r in enumerate(records):
+        if not all(isinstance(r.get(k, ""), str) for k in ("instruction", "input")):
+            raise ValueError(f"Prompt {i}: instruction and input must be strings, got {r!r:.80}")
         if not r.get("instruction", "").strip():
             raise ValueError(f"Prompt {i} is empty; give some text to continue or an instruction")
     return records
+
+
+def check_prompt_lengths(prompts: list[list[int]], context: int) -> None:
+    for i, ids in enumerate(prompts):
+        if len(ids) >= context:
+            raise ValueError(f"Prompt {i} has {len(ids)} tokens, the model's context holds {context}; "
+                             "shorten it to leave room for the response")
 
 
 def load_tokenizer(args: argparse.Namespace, datamodule_hparams: dict) -> Tokenizer:
@@ -85,15 +106,21 @@ def main(argv: list[str]) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     records = read_prompts(args)
+    # The tokenizer and the prompts' lengths are checked before the base model is loaded.
+    hparams, datamodule_hparams = adapter_hparams(args.adapter)
+    tok = load_tokenizer(args, datamodule_hparams)
+    texts = [format_prompt(r) if args.mode == "instruction" else r["instruction"] for r in records]
+    prompts = [[tok.bos_id] + tok.encode(text) for text in texts]
+    preset = args.model or hparams.get("model")
+    if preset:
+        check_prompt_lengths(prompts, LlamaConfig.from_name(preset).max_seq_len)
     loaded = load_model(args.checkpoint_dir, args.adapter, args.model, DTYPES[args.base_dtype], args.device)
-    tok = load_tokenizer(args, loaded.datamodule_hparams)
     if tok.vocab_size != loaded.config.vocab_size:
         raise ValueError(f"The tokenizer has {tok.vocab_size} pieces, the model {loaded.config.vocab_size}; "
                          "use the tokenizer that matches the model")
+    check_prompt_lengths(prompts, loaded.config.max_seq_len)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    for record in records:
-        text = format_prompt(record) if args.mode == "instruction" else record["instruction"]
-        ids = [tok.bos_id] + tok.encode(text)
+    for text, ids in zip(texts, prompts, strict=True):
         if args.mode == "completion":
             print(text, end="", flush=True)
         out: list[int] = []

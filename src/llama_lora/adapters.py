@@ -45,6 +45,14 @@ def _read_ckpt(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not a readable fit.py checkpoint ({str(e).splitlines()[0]})") from None
 
 
+def adapter_hparams(adapter: str | Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model and data-module hyperparameters a fit.py checkpoint was trained with ({} for none or PEFT)."""
+    if adapter is None or not Path(adapter).is_file():
+        return {}, {}
+    ckpt = _read_ckpt(Path(adapter))
+    return ckpt.get("hyper_parameters", {}), ckpt.get("datamodule_hyper_parameters", {})
+
+
 def load_model(
     checkpoint_dir: str | Path | None = None,
     adapter: str | Path | None = None,

@@ -23,6 +23,7 @@ from .config import LlamaConfig
 from .data import IGNORE_INDEX
 from .lora import LORA_TARGETS, apply_lora, mark_only_lora_as_trainable, trainable_summary
 from .model import Llama
+from .resilience import GracefulStop, NumericsGuard
 from .weights import WEIGHTS_HELP, build_model, detect_format
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,7 @@ class LlamaLoRAModule(L.LightningModule):
         loss_chunk_size: int = 1024,
         init_seed: int = 0,
         compile: bool = False,
+        max_nonfinite_steps: int = 3,
     ) -> None:
         """
         Args:
@@ -160,6 +162,7 @@ class LlamaLoRAModule(L.LightningModule):
             loss_chunk_size: target positions per output-layer chunk of the loss.
             init_seed: seed of the random init when there is no checkpoint.
             compile: torch.compile each transformer block (fuses norms, RoPE, SwiGLU; pays on GPU for long runs).
+            max_nonfinite_steps: stop the run when the loss is inf/NaN for this many optimizer steps in a row.
         """
         super().__init__()
         self.config = LlamaConfig.from_name(model, max_seq_len=max_seq_len)
@@ -177,6 +180,9 @@ class LlamaLoRAModule(L.LightningModule):
             gradient_checkpointing, loss_chunk_size, init_seed)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.compile_blocks = compile
+        if max_nonfinite_steps < 1:
+            raise ValueError(f"model.max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
+        self.max_nonfinite_steps = max_nonfinite_steps
         self.model: Llama | None = None
         # Checkpoints hold the trainable weights only; the frozen base comes from checkpoint_dir. Lightning's strict
         # check would reject that, so on_load_checkpoint checks the keys itself (misspelled keys still fail).
@@ -230,6 +236,10 @@ class LlamaLoRAModule(L.LightningModule):
         note = " (Lightning turns 16-mixed into bf16-mixed on CPU: fp16 autocast is CPU-unsupported)" if (
             device == "cpu" and precision == "bf16-mixed") else ""
         log.info("Precision %s on %s, base weights %s, LoRA fp32%s", precision, device, self.base_dtype, note)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        # Always on, whatever the config's callback list: save-and-stop on SIGTERM/SIGINT, and the numerics guard.
+        return [GracefulStop(), NumericsGuard(patience=self.max_nonfinite_steps)]
 
     # ----- training -----
 

@@ -258,6 +258,9 @@ def check_state_dict(model: torch.nn.Module, sd: StateDict, sources: dict[str, s
                              f"{what} expects {tuple(shape)}; the checkpoint is for a different model size")
 
 
+_STRUCTURE = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size")
+
+
 def build_model(
     config: LlamaConfig | None = None,
     checkpoint: str | Path | None = None,
@@ -273,6 +276,13 @@ def build_model(
     sd = sources = None
     if checkpoint is not None:
         sd, sources, ckpt_config = load_checkpoint(checkpoint)
+        if config is not None and ckpt_config is not None:
+            # Head counts shape no tensor, so the shape check below cannot catch a wrong preset for them.
+            differ = [f"{k}={getattr(ckpt_config, k)} (preset: {getattr(config, k)})" for k in _STRUCTURE
+                      if getattr(ckpt_config, k) != getattr(config, k)]
+            if differ:
+                raise ValueError(f"{checkpoint}: the checkpoint's config has {', '.join(differ)}; choose the "
+                                 "model preset that matches the checkpoint")
         config = config or ckpt_config
         if config is None:
             raise ValueError(f"{checkpoint}: no params.json/config.json found; pass a model config or preset")
