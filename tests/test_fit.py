@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -219,31 +221,51 @@ def test_resume_with_other_lora_settings_is_refused(tmp_path, cache_dir):
     assert "same model preset and LoRA settings" in proc.stderr
 
 
-@pytest.mark.slow
-def test_sigkill_then_resume_gives_the_uninterrupted_losses(tmp_path, cache_dir):
-    """A real SIGKILL at an arbitrary moment after the third checkpoint, then --ckpt_path last: the per-step losses
-    and final weights equal an uninterrupted run's. Checkpoints are written to a temporary file and moved into place
-    (Lightning's fsspec transaction), so the kill can never leave a torn last.ckpt."""
-    import signal
-    import time
+KILL_SETTINGS = dict(trainer={"max_steps": 40, "val_check_interval": 1000, "limit_val_batches": 0},
+                     model={"lora": {"targets": ["wq", "wv"], "r": 4, "alpha": 8, "dropout": 0.1}})
 
-    settings = dict(trainer={"max_steps": 40, "val_check_interval": 1000, "limit_val_batches": 0},
-                    model={"lora": {"targets": ["wq", "wv"], "r": 4, "alpha": 8, "dropout": 0.1}})
-    full_dir, killed_dir = tmp_path / "full", tmp_path / "killed"
-    full_dir.mkdir(), killed_dir.mkdir()
-    fit(tiny_config(full_dir, cache_dir, **settings))
-    config = tiny_config(killed_dir, cache_dir, **settings)
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache_dir) -> Path:
+    d = tmp_path_factory.mktemp("uninterrupted")
+    fit(tiny_config(d, cache_dir, **KILL_SETTINGS))
+    return d
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_stopped_run_resumes_with_the_uninterrupted_losses(uninterrupted, tmp_path, cache_dir, sig):
+    """A real signal at an arbitrary moment after the third checkpoint, then --ckpt_path last: the per-step losses
+    and final weights equal an uninterrupted run's.
+
+    - SIGKILL: nothing can be saved. Checkpoints are written to a temporary file and moved into place (Lightning's
+      fsspec transaction), so the kill never leaves a torn file; the test then tears last.ckpt itself, and `last`
+      falls back to the newest intact step file.
+    - SIGTERM / SIGINT: the run saves last.ckpt at the end of the current optimizer step and exits with 128 + signal.
+    """
+    config = tiny_config(tmp_path, cache_dir, **KILL_SETTINGS)
     proc = subprocess.Popen([sys.executable, str(FIT), "--config", str(config)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     deadline = time.time() + 120
-    while not (killed_dir / "ckpt" / "step00006.ckpt").exists() and proc.poll() is None and time.time() < deadline:
+    while not (tmp_path / "ckpt" / "step00006.ckpt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.3)  # somewhere in the following steps, possibly mid-save
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    fit(config, "--ckpt_path", "last")
-    full = scalars(full_dir / "logs", "train/loss_step")
-    resumed = scalars(killed_dir / "logs", "train/loss_step")
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    last = tmp_path / "ckpt" / "last.ckpt"
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+        last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    else:
+        assert proc.returncode == 128 + sig, stderr[-3000:]
+        assert "Resume with --ckpt_path last" in " ".join(stderr.split()) and "Traceback" not in stderr
+        stopped_at = torch.load(last, weights_only=True)["global_step"]
+        assert 6 <= stopped_at < 40
+    resumed_proc = fit(config, "--ckpt_path", "last")
+    if sig == signal.SIGKILL:
+        assert "Skipping" in resumed_proc.stderr and "truncated or corrupt" in resumed_proc.stderr, resumed_proc.stderr
+    full = scalars(uninterrupted / "logs", "train/loss_step")
+    resumed = scalars(tmp_path / "logs", "train/loss_step")
     assert len(full) == 40 and [full[s] for s in sorted(full)] == [resumed[s] for s in sorted(resumed)]
-    a, b = lora_weights(full_dir / "ckpt" / "last.ckpt"), lora_weights(killed_dir / "ckpt" / "last.ckpt")
+    a, b = lora_weights(uninterrupted / "ckpt" / "last.ckpt"), lora_weights(last)
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-import signal
 import shutil
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -18,8 +18,14 @@ from test_fit import scalars  # noqa: I001
 from llama_lora.cli import RunFailed
 from llama_lora.data import AlpacaDataModule
 from llama_lora.module import LlamaLoRAModule, LoRASettings, WarmupCosineLR
-from llama_lora.resilience import (GracefulStop, NumericsGuard, TrainingDiverged, checkpoint_problem, oom_advice,
-                                   resolve_resume_checkpoint)
+from llama_lora.resilience import (
+    GracefulStop,
+    NumericsGuard,
+    TrainingDiverged,
+    checkpoint_problem,
+    oom_advice,
+    resolve_resume_checkpoint,
+)
 
 
 class Poisoned(LlamaLoRAModule):
@@ -68,8 +74,8 @@ class Recorder(L.Callback):
         self.weights: dict[int, dict[str, torch.Tensor]] = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.weights[trainer.global_step] = {n.removeprefix("model."): p.detach().clone() for n, p in pl_module.named_parameters()
-                                             if p.requires_grad}
+        self.weights[trainer.global_step] = {n.removeprefix("model."): p.detach().clone()
+                                             for n, p in pl_module.named_parameters() if p.requires_grad}
 
 
 def ckpt_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from rich.console import Console
 from rich.logging import RichHandler
 
 USER_ERRORS = (ValueError, FileNotFoundError)
@@ -19,8 +20,9 @@ class RunFailed(RuntimeError):
 
 
 def configure_logging(level: int = logging.INFO) -> None:
+    # Logs go to stderr: stdout carries results (generate.py's responses, the run summary).
     logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)])
+                        handlers=[RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)])
 
 
 def user_message(e: BaseException) -> str:
