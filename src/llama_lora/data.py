@@ -91,7 +91,10 @@ def load_records(path: str | Path, cache_dir: str | Path | None = None) -> list[
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Data file not found: {path}; give a local .json/.jsonl file or an https URL")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); Alpaca data is a JSON list or JSON lines") from None
     if path.suffix == ".jsonl":
         records = []
         for lineno, line in enumerate(text.splitlines(), 1):
