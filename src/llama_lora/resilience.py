@@ -93,11 +93,12 @@ class GracefulStop(L.Callback):
             log.warning("No ModelCheckpoint callback is configured: stopping at step %d without saving",
                         trainer.global_step)
         else:
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)  # the full training state, to resume from
             log.warning("Stopped by %s at step %d; saved %s. Resume with --ckpt_path last",
                         signal.Signals(signum).name, trainer.global_step, path)
         self.stopped_by = signum
         trainer.should_stop = True
+        trainer.limit_val_batches = 0  # Lightning validates when a run stops early; a preempted job has no time
 
 
 def last_checkpoint_path(trainer: L.Trainer) -> str | None:
