@@ -227,7 +227,7 @@ def checkpoint_problem(path: str | Path) -> str | None:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - any failure to read means: not usable
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
         return f"truncated or corrupt ({first[:160]})"
     if not isinstance(ckpt, dict) or "loops" not in ckpt or "global_step" not in ckpt:
         return "not a training checkpoint of fit.py (no loop state)"
