@@ -1,0 +1,364 @@
+"""llama-lora against LitGPT and torchtune on the same LoRA work, side by side on this machine.
+
+The peers are never dependencies: install them into a scratch virtual environment and pass its interpreter.
+
+    python3 -m venv /tmp/peers && /tmp/peers/bin/pip install torch==2.13.0 litgpt==0.5.13 torchtune==0.6.1 \
+        torchao==0.10.0
+    python benchmarks/compare_peers.py step --peer-python /tmp/peers/bin/python
+    python benchmarks/compare_peers.py epoch --peer-python /tmp/peers/bin/python \
+        --tokenizer ../shared/assets/tokenizer.model --data ../shared/assets/alpaca_5000.json
+
+step: one LoRA training step (r=8 on the query and value projections, random weights, a bf16 frozen base with fp32
+LoRA weights under bf16 autocast, AdamW) on identical random batches of 4 x 256 tokens of the `small` shape (dim 512,
+8 layers, ffn 1376, vocab 32000). Each tool runs in its own process per round, rounds alternate between the tools,
+and the table gives the median over rounds of each round's median step time, and the highest peak RSS.
+
+epoch: one epoch of the first 1,000 Alpaca records with the real LLaMA-2 tokenizer, max_seq_len 512, micro-batch 4,
+prompt masked, shape `small`, random init: `scripts/fit.py` against `litgpt finetune_lora` (its own data pipeline,
+bf16-true: its fastest CPU setting). Wall time of the whole command, data preparation included.
+
+Prints a table with ratios and writes the raw JSON lines to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = dict(dim=512, n_layers=8, n_heads=8, ffn=1376, vocab=32000)
+TOOLS = ("llama-lora", "litgpt", "torchtune")
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+# ----- one tool's step, run in that tool's interpreter (no llama_lora import for the peers) -----
+
+
+def build_llama_lora():
+    import torch
+
+    from llama_lora.config import LlamaConfig
+    from llama_lora.lora import apply_lora, mark_only_lora_as_trainable
+    from llama_lora.module import token_loss_sum
+    from llama_lora.weights import build_model
+
+    model = build_model(LlamaConfig.from_name("small"), base_dtype=torch.bfloat16, seed=0)
+    apply_lora(model, ["wq", "wv"], r=8, alpha=16, dropout=0.0)
+    mark_only_lora_as_trainable(model)
+
+    def loss_fn(x):
+        labels = x.clone()
+        labels[:, 0] = -100  # the first position has no previous token; every other one is a target
+        loss_sum, n = token_loss_sum(model, x, labels)
+        return loss_sum / n
+
+    return model, loss_fn
+
+
+def build_litgpt():
+    import torch
+    from litgpt.lora import GPT, Config, mark_only_lora_as_trainable
+    from litgpt.utils import chunked_cross_entropy
+
+    config = Config(name="small", block_size=2048, vocab_size=SMALL["vocab"], padded_vocab_size=SMALL["vocab"],
+                    n_layer=SMALL["n_layers"], n_head=SMALL["n_heads"], n_embd=SMALL["dim"],
+                    n_query_groups=SMALL["n_heads"], rotary_percentage=1.0, parallel_residual=False, bias=False,
+                    norm_class_name="RMSNorm", norm_eps=1e-5, mlp_class_name="LLaMAMLP",
+                    intermediate_size=SMALL["ffn"], lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_query=True,
+                    lora_value=True)
+    model = GPT(config)
+    model.max_seq_length = 256
+    _half_base(model)
+    mark_only_lora_as_trainable(model)
+
+    def loss_fn(x):
+        logits = model(x, lm_head_chunk_size=128)  # LitGPT's finetune_lora step, as in litgpt/finetune/lora.py
+        logits[-1] = logits[-1][..., :-1, :]
+        return chunked_cross_entropy(logits, x[..., 1:])
+
+    return model, loss_fn
+
+
+def build_torchtune():
+    import torch
+    from torchtune.models.llama2 import lora_llama2
+    from torchtune.modules.loss import CEWithChunkedOutputLoss
+    from torchtune.modules.peft import get_adapter_params, set_trainable_params
+
+    model = lora_llama2(lora_attn_modules=["q_proj", "v_proj"], apply_lora_to_mlp=False, apply_lora_to_output=False,
+                        vocab_size=SMALL["vocab"], num_layers=SMALL["n_layers"], num_heads=SMALL["n_heads"],
+                        num_kv_heads=SMALL["n_heads"], embed_dim=SMALL["dim"], max_seq_len=2048,
+                        intermediate_dim=SMALL["ffn"], norm_eps=1e-5, lora_rank=8, lora_alpha=16, lora_dropout=0.0)
+    set_trainable_params(model, get_adapter_params(model))
+    _half_base(model)
+    ce = CEWithChunkedOutputLoss()
+    model.set_num_output_chunks(ce.num_output_chunks)  # torchtune's lora_finetune_single_device recipe
+
+    def loss_fn(x):
+        labels = torch.hstack((x[:, 1:], torch.full_like(x[:, :1], -100)))
+        return ce(model(x), labels)
+
+    return model, loss_fn
+
+
+def _half_base(model) -> None:
+    """bf16 frozen base, fp32 LoRA weights: the same storage for every tool."""
+    import torch
+
+    for name, p in model.named_parameters():
+        p.data = p.data.to(torch.float32 if "lora" in name else torch.bfloat16)
+
+
+def step_worker(tool: str, steps: int, warmup: int) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    baseline = peak_rss_gib()
+    model, loss_fn = {"llama-lora": build_llama_lora, "litgpt": build_litgpt, "torchtune": build_torchtune}[tool]()
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    g = torch.Generator().manual_seed(1)
+    data = torch.randint(0, SMALL["vocab"], (warmup + steps, 4, 256), generator=g)
+    times, losses = [], []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_fn(data[i])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+        losses.append(float(loss.detach()))
+    step_s = statistics.median(times)
+    return {"tool": tool, "step_s": step_s, "tokens_per_s": 4 * 256 / step_s, "peak_rss_gib": peak_rss_gib(),
+            "baseline_rss_gib": baseline, "trainable_params": trainable, "first_loss": losses[0],
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+# ----- driver -----
+
+
+def run_json(cmd: list[str], env: dict | None = None) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def tool_python(tool: str, peer_python: str | None) -> str | None:
+    return sys.executable if tool == "llama-lora" else peer_python
+
+
+def compare_steps(args) -> list[dict]:
+    tools = [t for t in TOOLS if tool_python(t, args.peer_python)]
+    rounds: dict[str, list[dict]] = {t: [] for t in tools}
+    for r in range(args.rounds):
+        for tool in tools if r % 2 == 0 else reversed(tools):  # alternate the order too
+            result = run_json([tool_python(tool, args.peer_python), __file__, "step-worker", tool,
+                               "--steps", str(args.steps), "--warmup", str(args.warmup)])
+            rounds[tool].append(result)
+            print(f"round {r + 1}/{args.rounds} {tool:10s} {result['tokens_per_s']:8.0f} tokens/s  "
+                  f"peak RSS {result['peak_rss_gib']:.2f} GiB", flush=True)
+    rows = []
+    for tool, results in rounds.items():
+        step_s = statistics.median(r["step_s"] for r in results)
+        rows.append({"bench": "step", "tool": tool, "tokens_per_s": 4 * 256 / step_s, "step_s": step_s,
+                     "peak_rss_gib": max(r["peak_rss_gib"] for r in results),
+                     "baseline_rss_gib": statistics.median(r["baseline_rss_gib"] for r in results),
+                     "trainable_params": results[0]["trainable_params"], "first_loss": results[0]["first_loss"],
+                     "rounds": [round(r["tokens_per_s"], 1) for r in results]})
+    return rows
+
+
+# ----- epoch -----
+
+
+def epoch_ours(args, data: Path, workdir: Path) -> dict:
+    config = {
+        "seed_everything": 42,
+        "trainer": {"accelerator": "cpu", "devices": 1, "precision": "bf16-mixed", "max_epochs": 1, "max_steps": -1,
+                    "limit_val_batches": 0, "num_sanity_val_steps": 0, "logger": False, "enable_checkpointing": False,
+                    "enable_progress_bar": False, "enable_model_summary": False,
+                    "callbacks": [{"class_path": "llama_lora.callbacks.PeakMemoryMonitor"},
+                                  {"class_path": "llama_lora.callbacks.TokenThroughput"}]},
+        "model": {"model": "small", "checkpoint_dir": None, "base_dtype": "bf16",
+                  "lora": {"targets": ["wq", "wv"], "r": 8, "alpha": 16, "dropout": 0.05},
+                  "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-4}},
+                  "scheduler": {"class_path": "llama_lora.module.WarmupCosineLR", "init_args": {"warmup_steps": 10}}},
+        "data": {"data_path": str(data), "tokenizer_path": args.tokenizer, "val_size": 0, "max_seq_len": 512,
+                 "micro_batch_size": 4, "mask_prompt": True, "group_by_length": args.group_by_length},
+    }
+    path = workdir / "ours.json"
+    path.write_text(json.dumps(config))
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "fit.py"), "--config", str(path)],
+                          capture_output=True, text=True, timeout=7200)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    peak = next((float(line.split()[2]) / 1024 for line in proc.stdout.splitlines() if line.startswith("Peak RSS")),
+                None)
+    return {"bench": "epoch", "tool": "llama-lora", "wall_s": wall, "peak_rss_gib": peak,
+            "setting": f"bf16 base, fp32 LoRA, bf16-mixed, group_by_length={args.group_by_length}"}
+
+
+LITGPT_CONFIG = """name: small
+block_size: 2048
+vocab_size: 32000
+padded_vocab_size: 32000
+n_layer: 8
+n_head: 8
+n_embd: 512
+n_query_groups: 8
+rotary_percentage: 1.0
+parallel_residual: false
+bias: false
+norm_class_name: RMSNorm
+norm_eps: 1.0e-05
+mlp_class_name: LLaMAMLP
+intermediate_size: 1376
+"""
+
+
+def epoch_litgpt(args, data: Path, workdir: Path) -> dict:
+    ckpt = workdir / "litgpt-small"
+    ckpt.mkdir()
+    (ckpt / "model_config.yaml").write_text(LITGPT_CONFIG)
+    (ckpt / "tokenizer.model").write_bytes(Path(args.tokenizer).read_bytes())
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "bos_token": "<s>",
+                                                            "eos_token": "</s>"}))
+    (ckpt / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    init = ("import torch, sys; from litgpt import GPT, Config; c = Config.from_file(sys.argv[1] + '/model_config.yaml');"
+            " torch.manual_seed(0); torch.save(GPT(c).state_dict(), sys.argv[1] + '/lit_model.pth')")
+    subprocess.run([args.peer_python, "-c", init, str(ckpt)], check=True, timeout=600)
+    litgpt = str(Path(args.peer_python).parent / "litgpt")
+    cmd = [litgpt, "finetune_lora", str(ckpt), "--out_dir", str(workdir / "litgpt-out"), "--precision", "bf16-true",
+           "--devices", "1", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.05",
+           "--data", "JSON", "--data.json_path", str(data.with_name("litgpt.json")),
+           "--data.val_split_fraction", str(1 / 1001), "--data.mask_prompt", "true", "--data.prompt_style", "alpaca",
+           "--train.epochs", "1", "--train.micro_batch_size", "4", "--train.global_batch_size", "4",
+           "--train.max_seq_length", "512", "--train.lr_warmup_steps", "10", "--train.save_interval", "100000",
+           "--train.log_interval", "50", "--eval.interval", "100000", "--eval.initial_validation", "false",
+           "--eval.final_validation", "false", "--logger_name", "csv", "--optimizer.lr", "3e-4"]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=7200, cwd=workdir)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-3000:])
+    (workdir / "litgpt.log").write_text(proc.stdout + proc.stderr)
+    return {"bench": "epoch", "tool": "litgpt", "wall_s": wall, "peak_rss_gib": None,
+            "setting": "bf16-true (base and LoRA bf16), its own padding and full-vocab chunked loss"}
+
+
+def dataset_counts(args, data: Path) -> dict:
+    """Non-pad and target tokens of the epoch, from the project's own preprocessing (the same Alpaca template)."""
+    from llama_lora.data import load_records, preprocess
+    from llama_lora.tokenizer import Tokenizer
+
+    examples, stats = preprocess(load_records(data), Tokenizer(args.tokenizer), 512, True)
+    tokens = sum(len(e["input_ids"]) for e in examples)
+    targets = sum(sum(1 for t in e["labels"][1:] if t != -100) for e in examples)
+    return {"examples": len(examples), "tokens": tokens, "targets": targets}
+
+
+def compare_epoch(args) -> list[dict]:
+    records = json.loads(Path(args.data).read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        data = workdir / "alpaca_1000.json"
+        data.write_text(json.dumps(records[: args.records]))
+        (workdir / "litgpt.json").write_text(json.dumps(records[: args.records + 1]))  # + 1 record of validation
+        counts = dataset_counts(args, data)
+        rows = []
+        for r in range(args.rounds):
+            for run in (epoch_ours, epoch_litgpt) if r % 2 == 0 else (epoch_litgpt, epoch_ours):
+                if run is epoch_litgpt and not args.peer_python:
+                    continue
+                sub = workdir / f"{run.__name__}-{r}"
+                sub.mkdir()
+                row = run(args, data, sub)
+                row.update(counts, round=r + 1, tokens_per_s=counts["tokens"] / row["wall_s"],
+                           targets_per_s=counts["targets"] / row["wall_s"])
+                print(f"round {r + 1}/{args.rounds} {row['tool']:10s} {row['wall_s']:7.1f} s  "
+                      f"{row['tokens_per_s']:6.0f} tokens/s  {row['targets_per_s']:6.0f} target tokens/s", flush=True)
+                rows.append(row)
+    return rows
+
+
+def table(rows: list[dict], bench: str) -> str:
+    if bench == "step":
+        best_peer = max((r["tokens_per_s"] for r in rows if r["tool"] != "llama-lora"), default=None)
+        lines = ["| tool | tokens/s | vs better peer | peak RSS | RSS before the model |", "|---|---|---|---|---|"]
+        for r in rows:
+            ratio = f"{r['tokens_per_s'] / best_peer:.2f}x" if best_peer else "-"
+            lines.append(f"| {r['tool']} | {r['tokens_per_s']:,.0f} | {ratio} | {r['peak_rss_gib']:.2f} GiB | "
+                         f"{r['baseline_rss_gib']:.2f} GiB |")
+        return "\n".join(lines)
+    by_tool: dict[str, list[dict]] = {}
+    for r in rows:
+        by_tool.setdefault(r["tool"], []).append(r)
+    med = {t: statistics.median(r["wall_s"] for r in rs) for t, rs in by_tool.items()}
+    lit = med.get("litgpt")
+    lines = ["| tool | epoch wall time | tokens/s (non-pad) | target tokens/s | speed-up vs LitGPT |",
+             "|---|---|---|---|---|"]
+    for tool, rs in by_tool.items():
+        r = rs[0]
+        lines.append(f"| {tool} | {med[tool]:.1f} s | {r['tokens'] / med[tool]:,.0f} | {r['targets'] / med[tool]:,.0f} "
+                     f"| {f'{lit / med[tool]:.2f}x' if lit else '-'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    step = sub.add_parser("step")
+    step.add_argument("--peer-python", help="interpreter of a venv with litgpt and torchtune installed")
+    step.add_argument("--rounds", type=int, default=5)
+    step.add_argument("--steps", type=int, default=10)
+    step.add_argument("--warmup", type=int, default=3)
+    step.add_argument("--out", default=None, help="append the result rows (JSON lines) to this file")
+    epoch = sub.add_parser("epoch")
+    epoch.add_argument("--peer-python")
+    epoch.add_argument("--tokenizer", required=True)
+    epoch.add_argument("--data", required=True, help="Alpaca JSON; the first --records are used")
+    epoch.add_argument("--records", type=int, default=1000)
+    epoch.add_argument("--rounds", type=int, default=1)
+    epoch.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True)
+    epoch.add_argument("--out", default=None)
+    worker = sub.add_parser("step-worker")
+    worker.add_argument("tool", choices=TOOLS)
+    worker.add_argument("--steps", type=int, default=10)
+    worker.add_argument("--warmup", type=int, default=3)
+    args = p.parse_args()
+    if args.command == "step-worker":
+        print(json.dumps(step_worker(args.tool, args.steps, args.warmup)))
+        return
+    rows = compare_steps(args) if args.command == "step" else compare_epoch(args)
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "python": platform.python_version()}
+    for row in rows:
+        row.update(meta)
+    print()
+    print(table(rows, args.command))
+    if args.out:
+        with open(args.out, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
