@@ -36,7 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(dim=512, n_layers=8, n_heads=8, ffn=1376, vocab=32000)
-TOOLS = ("llama-lora", "litgpt", "torchtune")
+TOOLS = ("llama-lora", "litgpt", "torchtune", "torchtune-full-logits")
 
 
 def peak_rss_gib() -> float:
@@ -91,8 +91,9 @@ def build_litgpt():
     return model, loss_fn
 
 
-def build_torchtune():
+def build_torchtune(chunked: bool = True):
     import torch
+    import torch.nn.functional as F
     from torchtune.models.llama2 import lora_llama2
     from torchtune.modules.loss import CEWithChunkedOutputLoss
     from torchtune.modules.peft import get_adapter_params, set_trainable_params
@@ -104,11 +105,15 @@ def build_torchtune():
     set_trainable_params(model, get_adapter_params(model))
     _half_base(model)
     ce = CEWithChunkedOutputLoss()
-    model.set_num_output_chunks(ce.num_output_chunks)  # torchtune's lora_finetune_single_device recipe
+    if chunked:
+        model.set_num_output_chunks(ce.num_output_chunks)  # torchtune's lora_finetune_single_device recipe
 
     def loss_fn(x):
         labels = torch.hstack((x[:, 1:], torch.full_like(x[:, :1], -100)))
-        return ce(model(x), labels)
+        if chunked:
+            return ce(model(x), labels)
+        # The same model with one output matmul: on CPU the chunked output above copies the weight per chunk.
+        return F.cross_entropy(model(x).float().flatten(0, 1), labels.flatten(), ignore_index=-100)
 
     return model, loss_fn
 
@@ -126,7 +131,9 @@ def step_worker(tool: str, steps: int, warmup: int) -> dict:
 
     torch.manual_seed(0)
     baseline = peak_rss_gib()
-    model, loss_fn = {"llama-lora": build_llama_lora, "litgpt": build_litgpt, "torchtune": build_torchtune}[tool]()
+    builders = {"llama-lora": build_llama_lora, "litgpt": build_litgpt, "torchtune": build_torchtune,
+                "torchtune-full-logits": lambda: build_torchtune(chunked=False)}
+    model, loss_fn = builders[tool]()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=1e-4)

@@ -84,10 +84,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         for i in range(0, h.shape[0], chunk_size):
             h_c, t_c = h[i : i + chunk_size].to(compute_dtype), targets[i : i + chunk_size]
             logits = (h_c @ w.T).float()  # (chunk, vocab)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t_c[:, None]).squeeze(1)).sum()
-            # d(loss)/d(logits) = softmax - one_hot, computed in place over the logits buffer.
-            dlogits = logits.sub_(lse[:, None]).exp_()
+            # loss = logsumexp - target logit; d(loss)/d(logits) = softmax - one_hot. One exp pass, all in place
+            # over this chunk's buffer (no temporaries of the chunk's size).
+            row_max = logits.amax(dim=-1, keepdim=True)
+            target_logit = logits.gather(1, t_c[:, None])
+            exp_sum = logits.sub_(row_max).exp_().sum(dim=-1, keepdim=True)
+            total += (row_max + exp_sum.log() - target_logit).sum()
+            dlogits = logits.div_(exp_sum)
             dlogits[torch.arange(t_c.shape[0], device=t_c.device), t_c] -= 1
             dlogits = dlogits.to(compute_dtype)
             grad_h[i : i + chunk_size] = (dlogits @ w).to(h.dtype)
@@ -104,13 +107,21 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return grad_h * grad_out.to(grad_h.dtype), grad_weight, None, None, None
 
 
-def token_loss_sum(model: Llama, input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int = 1024) -> tuple[
-        torch.Tensor, torch.Tensor]:
+def default_loss_chunk(device: torch.device) -> int:
+    """Target positions per output-layer chunk: 128 on CPU, where a (128, 32000) fp32 chunk stays in cache and is
+    reused by the allocator (larger ones are fresh page-faulted memory each time: 1024 made the CPU step 20% slower),
+    1024 on GPU, where larger matmuls pay."""
+    return 128 if device.type == "cpu" else 1024
+
+
+def token_loss_sum(model: Llama, input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over target positions, and their count.
 
     The output layer runs only where labels are not -100 (prompt and padding cost nothing there), in chunks, so the
     fp32 logits of all positions never exist at once.
     """
+    chunk_size = chunk_size or default_loss_chunk(input_ids.device)
     h = model(input_ids, return_hidden=True)  # (B, T, dim); through forward, so FSDP2's hooks run
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
@@ -146,7 +157,7 @@ class LlamaLoRAModule(L.LightningModule):
         max_seq_len: int = 512,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable = WarmupCosineLR,
-        loss_chunk_size: int = 1024,
+        loss_chunk_size: int | None = None,
         init_seed: int = 0,
         compile: bool = False,
         max_nonfinite_steps: int = 3,
@@ -159,7 +170,7 @@ class LlamaLoRAModule(L.LightningModule):
             lora: LoRA settings; null means full fine-tuning.
             gradient_checkpointing: recompute each block's activations in backward (use_reentrant=False).
             max_seq_len: longest training sequence (linked from data.max_seq_len).
-            loss_chunk_size: target positions per output-layer chunk of the loss.
+            loss_chunk_size: target positions per output-layer chunk of the loss (None: 128 on CPU, 1024 on GPU).
             init_seed: seed of the random init when there is no checkpoint.
             compile: torch.compile each transformer block (fuses norms, RoPE, SwiGLU; pays on GPU for long runs).
             max_nonfinite_steps: stop the run when the loss is inf/NaN for this many optimizer steps in a row.
