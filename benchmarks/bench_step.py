@@ -49,7 +49,8 @@ def run_shape(args) -> dict:
     batch, seq = (args.batch, args.seq) if args.batch else SHAPES[args.shape]
     t0 = time.perf_counter()
     model = build_model(config, checkpoint=args.checkpoint, base_dtype=dtype, device=device, seed=0,
-                        gradient_checkpointing=args.gc)
+                        gradient_checkpointing=args.gc or args.gc_layers is not None,
+                        checkpoint_layers=args.gc_layers)
     apply_lora(model, ["wq", "wv"], r=8, alpha=16)
     mark_only_lora_as_trainable(model)
     if args.compile:
@@ -87,7 +88,9 @@ def run_shape(args) -> dict:
     step_s = times[len(times) // 2]
     result = {
         "shape": args.shape, "micro_batch": batch, "seq_len": seq, "device": str(device),
-        "base_dtype": args.base_dtype, "autocast": args.amp, "gradient_checkpointing": args.gc, "compile": args.compile,
+        "base_dtype": args.base_dtype, "autocast": args.amp,
+        "gradient_checkpointing": args.gc or args.gc_layers is not None, "checkpoint_layers": args.gc_layers,
+        "compile": args.compile,
         "lora": trainable_summary(model), "steps": args.steps, "median_step_s": round(step_s, 4),
         "tokens_per_s": round(batch * seq / step_s, 1), "peak_rss_gib": round(peak_rss_gib(), 3),
         "model_tflops_per_s": round(lora_step_flops(config, batch, seq) / step_s / 1e12, 2),
@@ -123,6 +126,7 @@ def main() -> None:
     p.add_argument("--base-dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--amp", choices=["bf16", "fp16", "off"], default="bf16", help="autocast dtype")
     p.add_argument("--gc", action="store_true", help="gradient checkpointing")
+    p.add_argument("--gc-layers", type=int, default=None, help="checkpoint only the first N blocks (implies --gc)")
     p.add_argument("--compile", action="store_true", help="torch.compile each block (warmup steps absorb compile time)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--checkpoint", type=Path, default=None, help="load this checkpoint instead of random weights")

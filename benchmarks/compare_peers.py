@@ -10,8 +10,11 @@ The peers are never dependencies: install them into a scratch virtual environmen
 
 step: one LoRA training step (r=8 on the query and value projections, random weights, a bf16 frozen base with fp32
 LoRA weights under bf16 autocast, AdamW) on identical random batches of 4 x 256 tokens of the `small` shape (dim 512,
-8 layers, ffn 1376, vocab 32000). Each tool runs in its own process per round, rounds alternate between the tools,
-and the table gives the median over rounds of each round's median step time, and the highest peak RSS.
+8 layers, ffn 1376, vocab 32000). Each peer runs its own fine-tuning step (LitGPT: `lm_head_chunk_size=128` and
+`chunked_cross_entropy` as in finetune_lora; torchtune: chunked output and `CEWithChunkedOutputLoss` as in its LoRA
+recipe) and, as "-full-logits", the same model with one output matmul and a plain cross-entropy, which is faster on
+a CPU. Each tool runs in its own process per round, the order alternates between rounds, and the table gives the
+median over rounds of each round's median step time, and the highest peak RSS.
 
 epoch: one epoch of the first 1,000 Alpaca records with the real LLaMA-2 tokenizer, max_seq_len 512, micro-batch 4,
 prompt masked, shape `small`, random init: `scripts/fit.py` against `litgpt finetune_lora` (its own data pipeline,
@@ -26,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -36,7 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(dim=512, n_layers=8, n_heads=8, ffn=1376, vocab=32000)
-TOOLS = ("llama-lora", "litgpt", "torchtune", "torchtune-full-logits")
+TOOLS = ("llama-lora", "litgpt", "litgpt-full-logits", "torchtune", "torchtune-full-logits")
 
 
 def peak_rss_gib() -> float:
@@ -67,8 +71,8 @@ def build_llama_lora():
     return model, loss_fn
 
 
-def build_litgpt():
-    import torch
+def build_litgpt(chunked: bool = True):
+    import torch.nn.functional as F
     from litgpt.lora import GPT, Config, mark_only_lora_as_trainable
     from litgpt.utils import chunked_cross_entropy
 
@@ -84,6 +88,8 @@ def build_litgpt():
     mark_only_lora_as_trainable(model)
 
     def loss_fn(x):
+        if not chunked:  # one output matmul and a plain cross-entropy over all positions
+            return F.cross_entropy(model(x)[:, :-1].float().flatten(0, 1), x[:, 1:].flatten())
         logits = model(x, lm_head_chunk_size=128)  # LitGPT's finetune_lora step, as in litgpt/finetune/lora.py
         logits[-1] = logits[-1][..., :-1, :]
         return chunked_cross_entropy(logits, x[..., 1:])
@@ -131,7 +137,8 @@ def step_worker(tool: str, steps: int, warmup: int) -> dict:
 
     torch.manual_seed(0)
     baseline = peak_rss_gib()
-    builders = {"llama-lora": build_llama_lora, "litgpt": build_litgpt, "torchtune": build_torchtune,
+    builders = {"llama-lora": build_llama_lora, "litgpt": build_litgpt,
+                "litgpt-full-logits": lambda: build_litgpt(chunked=False), "torchtune": build_torchtune,
                 "torchtune-full-logits": lambda: build_torchtune(chunked=False)}
     model, loss_fn = builders[tool]()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -219,7 +226,9 @@ def epoch_ours(args, data: Path, workdir: Path) -> dict:
         raise RuntimeError(proc.stderr[-3000:])
     peak = next((float(line.split()[2]) / 1024 for line in proc.stdout.splitlines() if line.startswith("Peak RSS")),
                 None)
+    train_s = re.findall(r"Computation time: ([\d.]+) s", proc.stdout)
     return {"bench": "epoch", "tool": "llama-lora", "wall_s": wall, "peak_rss_gib": peak,
+            "train_s": float(train_s[-1]) if train_s else None,
             "setting": f"bf16 base, fp32 LoRA, bf16-mixed, group_by_length={args.group_by_length}"}
 
 
@@ -247,10 +256,11 @@ def epoch_litgpt(args, data: Path, workdir: Path) -> dict:
     (ckpt / "model_config.yaml").write_text(LITGPT_CONFIG)
     (ckpt / "tokenizer.model").write_bytes(Path(args.tokenizer).read_bytes())
     (ckpt / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "bos_token": "<s>",
-                                                            "eos_token": "</s>"}))
+                                                            "eos_token": "</s>", "tokenizer_class": "LlamaTokenizer"}))
     (ckpt / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
-    init = ("import torch, sys; from litgpt import GPT, Config; c = Config.from_file(sys.argv[1] + '/model_config.yaml');"
-            " torch.manual_seed(0); torch.save(GPT(c).state_dict(), sys.argv[1] + '/lit_model.pth')")
+    init = ("import torch, sys; from litgpt import GPT, Config; torch.manual_seed(0); "
+            "c = Config.from_file(sys.argv[1] + '/model_config.yaml'); "
+            "torch.save(GPT(c).state_dict(), sys.argv[1] + '/lit_model.pth')")
     subprocess.run([args.peer_python, "-c", init, str(ckpt)], check=True, timeout=600)
     litgpt = str(Path(args.peer_python).parent / "litgpt")
     cmd = [litgpt, "finetune_lora", str(ckpt), "--out_dir", str(workdir / "litgpt-out"), "--precision", "bf16-true",
@@ -260,14 +270,17 @@ def epoch_litgpt(args, data: Path, workdir: Path) -> dict:
            "--train.epochs", "1", "--train.micro_batch_size", "4", "--train.global_batch_size", "4",
            "--train.max_seq_length", "512", "--train.lr_warmup_steps", "10", "--train.save_interval", "100000",
            "--train.log_interval", "50", "--eval.interval", "100000", "--eval.initial_validation", "false",
-           "--eval.final_validation", "false", "--logger_name", "csv", "--optimizer.lr", "3e-4"]
+           "--eval.final_validation", "false", "--logger_name", "csv"]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=7200, cwd=workdir)
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-3000:])
-    (workdir / "litgpt.log").write_text(proc.stdout + proc.stderr)
+    out = proc.stdout + proc.stderr
+    iters = [int(m) for m in re.findall(r"iter (\d+) step", out)]
+    train_s = re.findall(r"Training Time\s*:\s*([\d.]+) s", out)
     return {"bench": "epoch", "tool": "litgpt", "wall_s": wall, "peak_rss_gib": None,
+            "train_s": float(train_s[-1]) if train_s else None, "micro_batches": max(iters, default=None),
             "setting": "bf16-true (base and LoRA bf16), its own padding and full-vocab chunked loss"}
 
 
@@ -300,7 +313,8 @@ def compare_epoch(args) -> list[dict]:
                 row = run(args, data, sub)
                 row.update(counts, round=r + 1, tokens_per_s=counts["tokens"] / row["wall_s"],
                            targets_per_s=counts["targets"] / row["wall_s"])
-                print(f"round {r + 1}/{args.rounds} {row['tool']:10s} {row['wall_s']:7.1f} s  "
+                print(f"round {r + 1}/{args.rounds} {row['tool']:10s} {row['wall_s']:7.1f} s "
+                      f"(training loop {row['train_s']} s)  "
                       f"{row['tokens_per_s']:6.0f} tokens/s  {row['targets_per_s']:6.0f} target tokens/s", flush=True)
                 rows.append(row)
     return rows

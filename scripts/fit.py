@@ -43,6 +43,7 @@ def main(argv: list[str]) -> None:
     except torch.OutOfMemoryError as e:
         data = cli.datamodule
         advice = oom_advice(gradient_checkpointing=model.gradient_checkpointing,
+                            checkpoint_layers=model.checkpoint_layers,
                             micro_batch_size=data.micro_batch_size, precision=str(trainer.precision),
                             base_dtype=cli.config.model.base_dtype,
                             lora_targets=model.lora.targets if model.lora is not None else None,

@@ -99,16 +99,32 @@ def test_kv_cache_decoding_equals_full_forward(tiny_model, tokens):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
-def test_gradient_checkpointing_gives_same_loss_and_grads(tiny_config, tokens):
-    grads = []
+@pytest.mark.parametrize("gc_layers", [None, 1, 0], ids=["all", "first-1", "none"])
+def test_gradient_checkpointing_gives_same_loss_and_grads(tiny_config, tokens, gc_layers):
+    """Full or partial checkpointing changes nothing numerically; exactly the first `gc_layers` blocks (all when
+    None) run their forward a second time, in backward."""
+    grads, calls = [], []
     for gc in (False, True):
-        model = build_model(tiny_config, base_dtype=torch.float32, seed=0, gradient_checkpointing=gc)
+        model = build_model(tiny_config, base_dtype=torch.float32, seed=0, gradient_checkpointing=gc,
+                            checkpoint_layers=gc_layers)
+        counts = [0] * tiny_config.n_layers
+        for i, layer in enumerate(model.layers):
+            layer.register_forward_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1))
         loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
         loss.backward()
         grads.append((loss.detach(), [p.grad for p in model.parameters()]))
+        calls.append(counts)
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
     for a, b in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    n = tiny_config.n_layers if gc_layers is None else gc_layers
+    assert calls[0] == [1] * tiny_config.n_layers
+    assert calls[1] == [2] * n + [1] * (tiny_config.n_layers - n)
+
+
+def test_checkpoint_layers_out_of_range_is_refused(tiny_config):
+    with pytest.raises(ValueError, match="checkpoint_layers must be between 0 and n_layers=2"):
+        build_model(tiny_config, gradient_checkpointing=True, checkpoint_layers=3)
 
 
 def test_greedy_generation_with_and_without_cache(tiny_model):

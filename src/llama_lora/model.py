@@ -142,10 +142,17 @@ class TransformerBlock(nn.Module):
 
 
 class Llama(nn.Module):
-    def __init__(self, config: LlamaConfig, gradient_checkpointing: bool = False) -> None:
+    def __init__(self, config: LlamaConfig, gradient_checkpointing: bool = False,
+                 checkpoint_layers: int | None = None) -> None:
+        """``gradient_checkpointing`` recomputes blocks' activations in backward: all blocks, or only the first
+        ``checkpoint_layers`` of them (the rest keep their activations: less recomputation for some more memory)."""
         super().__init__()
         self.config = config
         self.gradient_checkpointing = gradient_checkpointing
+        if checkpoint_layers is not None and not 0 <= checkpoint_layers <= config.n_layers:
+            raise ValueError(f"checkpoint_layers must be between 0 and n_layers={config.n_layers}, "
+                             f"got {checkpoint_layers}")
+        self.checkpoint_layers = config.n_layers if checkpoint_layers is None else checkpoint_layers
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
@@ -184,8 +191,9 @@ class Llama(nn.Module):
             )
         rope = self.rope(tokens.device)[offset : offset + T]
         h = self.tok_embeddings(tokens)  # (B, T, dim)
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        for i, layer in enumerate(self.layers):
+            if (self.gradient_checkpointing and i < self.checkpoint_layers and self.training
+                    and torch.is_grad_enabled()):
                 h = checkpoint(layer, h, rope, start_pos, use_reentrant=False)
             else:
                 h = layer(h, rope, start_pos)

@@ -154,6 +154,7 @@ class LlamaLoRAModule(L.LightningModule):
         base_dtype: Literal["bf16", "fp16", "fp32"] = "bf16",
         lora: LoRASettings | None = LoRASettings(),
         gradient_checkpointing: bool = False,
+        checkpoint_layers: int | None = None,
         max_seq_len: int = 512,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable = WarmupCosineLR,
@@ -169,6 +170,8 @@ class LlamaLoRAModule(L.LightningModule):
             base_dtype: dtype of the frozen base weights. LoRA weights and optimizer state are always fp32.
             lora: LoRA settings; null means full fine-tuning.
             gradient_checkpointing: recompute each block's activations in backward (use_reentrant=False).
+            checkpoint_layers: with gradient_checkpointing, recompute only the first this many blocks (None: all):
+                the rest keep their activations, trading memory for less recomputation.
             max_seq_len: longest training sequence (linked from data.max_seq_len).
             loss_chunk_size: target positions per output-layer chunk of the loss (None: 128 on CPU, 1024 on GPU).
             init_seed: seed of the random init when there is no checkpoint.
@@ -189,6 +192,10 @@ class LlamaLoRAModule(L.LightningModule):
         self.checkpoint_dir, self.base_dtype = checkpoint_dir, DTYPES[base_dtype]
         self.gradient_checkpointing, self.loss_chunk_size, self.init_seed = (
             gradient_checkpointing, loss_chunk_size, init_seed)
+        if checkpoint_layers is not None and not 0 <= checkpoint_layers <= self.config.n_layers:
+            raise ValueError(f"model.checkpoint_layers must be between 0 and {self.config.n_layers} (the preset's "
+                             f"layers), got {checkpoint_layers}")
+        self.checkpoint_layers = checkpoint_layers
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.compile_blocks = compile
         if max_nonfinite_steps < 1:
@@ -210,7 +217,8 @@ class LlamaLoRAModule(L.LightningModule):
             return
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         self.model = build_model(self.config, self.checkpoint_dir, self.base_dtype, device, seed=self.init_seed,
-                                 gradient_checkpointing=self.gradient_checkpointing)
+                                 gradient_checkpointing=self.gradient_checkpointing,
+                                 checkpoint_layers=self.checkpoint_layers)
         if self.lora is not None:
             apply_lora(self.model, self.lora.targets, self.lora.r, self.lora.alpha, self.lora.dropout)
             mark_only_lora_as_trainable(self.model)

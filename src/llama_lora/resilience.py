@@ -220,6 +220,8 @@ def checkpoint_problem(path: str | Path) -> str | None:
     short fails here (the zip's directory is at its end); a bit flip inside tensor data is not detected.
     """
     path = Path(path)
+    if path.is_dir():
+        return None  # a distributed (sharded) checkpoint folder: Lightning checks it when it loads it
     if not path.is_file():
         return "no such file"
     if path.stat().st_size == 0:
@@ -243,8 +245,8 @@ def resolve_resume_checkpoint(trainer: L.Trainer, ckpt_path: str | None) -> str 
     ones are skipped with a warning. None when there is nothing to resume from yet (a first run with ``last`` set).
     A named path that is missing or damaged raises ValueError naming an intact alternative, if any.
     """
-    if ckpt_path is None:
-        return None
+    if ckpt_path is None or ckpt_path in ("best", "hpc"):
+        return ckpt_path  # Lightning's other names: resolved by Lightning itself
     folders = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks
                if isinstance(cb, ModelCheckpoint) and cb.dirpath is not None]
     candidates = sorted({p for d in folders if d.is_dir() for p in d.glob("*.ckpt")},
@@ -278,11 +280,13 @@ class OutOfMemory(RunFailed):
 
 
 def oom_advice(*, gradient_checkpointing: bool, micro_batch_size: int, precision: str, base_dtype: str,
-               lora_targets: list[str] | None, max_seq_len: int) -> str:
+               lora_targets: list[str] | None, max_seq_len: int, checkpoint_layers: int | None = None) -> str:
     """The memory levers, each with this run's setting: printed when CUDA runs out of memory."""
     lines = ["Ways to fit in memory (this run's setting in brackets):"]
     if not gradient_checkpointing:
         lines.append("  - model.gradient_checkpointing: true (recompute activations) [false]")
+    elif checkpoint_layers is not None:
+        lines.append(f"  - model.checkpoint_layers: null (recompute every block) [{checkpoint_layers}]")
     if micro_batch_size > 1:
         lines.append(f"  - a smaller data.micro_batch_size with a larger trainer.accumulate_grad_batches, same "
                      f"global batch [{micro_batch_size}]")

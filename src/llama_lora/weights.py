@@ -268,6 +268,7 @@ def build_model(
     device: str | torch.device = "cpu",
     seed: int | None = None,
     gradient_checkpointing: bool = False,
+    checkpoint_layers: int | None = None,
 ) -> Llama:
     """A ready Llama: random (seeded) when ``checkpoint`` is None, else filled from the checkpoint with no copy.
 
@@ -289,7 +290,7 @@ def build_model(
     if config is None:
         raise ValueError("build_model needs a config (preset) or a checkpoint")
     with torch.device("meta"):
-        model = Llama(config, gradient_checkpointing=gradient_checkpointing)
+        model = Llama(config, gradient_checkpointing=gradient_checkpointing, checkpoint_layers=checkpoint_layers)
     if sd is None:
         model = model.to(base_dtype).to_empty(device=device)  # cast on meta first: no fp32 copy of a big model
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
