@@ -220,7 +220,7 @@ def epoch_ours(args, data: Path, workdir: Path) -> dict:
     path.write_text(json.dumps(config))
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "fit.py"), "--config", str(path)],
-                          capture_output=True, text=True, timeout=7200)
+                          capture_output=True, text=True, timeout=7200, cwd=workdir)  # its config.yaml lands there
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
