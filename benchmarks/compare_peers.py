@@ -213,8 +213,9 @@ def epoch_ours(args, data: Path, workdir: Path) -> dict:
                   "lora": {"targets": ["wq", "wv"], "r": 8, "alpha": 16, "dropout": 0.05},
                   "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-4}},
                   "scheduler": {"class_path": "llama_lora.module.WarmupCosineLR", "init_args": {"warmup_steps": 10}}},
-        "data": {"data_path": str(data), "tokenizer_path": args.tokenizer, "val_size": 0, "max_seq_len": 512,
-                 "micro_batch_size": 4, "mask_prompt": True, "group_by_length": args.group_by_length},
+        "data": {"data_path": str(data), "tokenizer_path": str(Path(args.tokenizer).resolve()), "val_size": 0,
+                 "max_seq_len": 512, "micro_batch_size": 4, "mask_prompt": True,
+                 "group_by_length": args.group_by_length},
     }
     path = workdir / "ours.json"
     path.write_text(json.dumps(config))
