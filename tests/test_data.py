@@ -1,3 +1,4 @@
+import io
 import json
 
 import pytest
@@ -259,3 +260,53 @@ def test_real_alpaca_token_stats(assets):
     assert stats.truncated == sum(n > 512 for n in lengths) - stats.dropped
     assert stats.kept + stats.dropped == 5000
     assert 40 <= pct[50] <= 400 and lengths[-1] > 512  # Alpaca has a long tail past 512
+
+
+class _FakeResponse(io.BytesIO):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def test_download_size_cap_timeout_and_atomic_write(tmp_path, monkeypatch):
+    """Over the size cap: refused, nothing left in the cache. A timeout: one line suggesting a local file. Each
+    request carries a timeout. A complete download lands under its final name only at the end."""
+    import llama_lora.data as data
+
+    seen = []
+
+    def fake_open(url, timeout):
+        seen.append(timeout)
+        return _FakeResponse(json.dumps([{"instruction": "a", "input": "", "output": "b"}] * 50).encode())
+
+    monkeypatch.setattr(data, "_open_url", fake_open)
+    monkeypatch.setattr(data, "DOWNLOAD_MAX_BYTES", 100)
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match="larger than"):
+        data.download("https://example.invalid/big.json", cache)
+    assert list(cache.iterdir()) == [] and seen == [data.DOWNLOAD_TIMEOUT_S]
+
+    def timing_out(url, timeout):
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(data, "_open_url", timing_out)
+    with pytest.raises(ValueError, match="Could not download .*timed out.*local file"):
+        data.download("https://example.invalid/slow.json", cache)
+    assert list(cache.iterdir()) == []
+
+    monkeypatch.setattr(data, "_open_url", fake_open)
+    monkeypatch.setattr(data, "DOWNLOAD_MAX_BYTES", 1 << 20)
+    path = data.download("https://example.invalid/ok.json", cache)
+    assert [p.name for p in cache.iterdir()] == [path.name] and len(data.load_records(path)) == 50
+
+
+def test_download_refuses_a_redirect_to_http():
+    import urllib.error
+
+    from llama_lora.data import _HttpsOnlyRedirects
+
+    handler = _HttpsOnlyRedirects()
+    with pytest.raises(urllib.error.URLError, match="not https"):
+        handler.redirect_request(None, None, 302, "Found", {}, "http://example.invalid/alpaca.json")

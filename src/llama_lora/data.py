@@ -54,6 +54,18 @@ def format_prompt(record: dict[str, str]) -> str:
 
 # ----- reading and validating records -----
 
+class _HttpsOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if not newurl.startswith("https://"):
+            raise urllib.error.URLError(f"redirected to {newurl}, which is not https")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _open_url(url: str, timeout: float):
+    """The response for an https URL; redirects must stay on https."""
+    return urllib.request.build_opener(_HttpsOnlyRedirects).open(url, timeout=timeout)
+
+
 def download(url: str, cache_dir: str | Path | None = None) -> Path:
     """Fetch an https URL once into the cache dir (atomic write, timeout, size cap) and return the local path."""
     if not url.startswith("https://"):
@@ -66,7 +78,7 @@ def download(url: str, cache_dir: str | Path | None = None) -> Path:
     log.info("Downloading %s -> %s", url, target)
     part = target.with_name(target.name + ".part")
     try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp, open(part, "wb") as out:
+        with _open_url(url, DOWNLOAD_TIMEOUT_S) as resp, open(part, "wb") as out:
             size = 0
             while chunk := resp.read(1 << 20):
                 size += len(chunk)
