@@ -209,7 +209,7 @@ def epoch_ours(args, data: Path, workdir: Path) -> dict:
                     "enable_progress_bar": False, "enable_model_summary": False,
                     "callbacks": [{"class_path": "llama_lora.callbacks.PeakMemoryMonitor"},
                                   {"class_path": "llama_lora.callbacks.TokenThroughput"}]},
-        "model": {"model": "small", "checkpoint_dir": None, "base_dtype": "bf16",
+        "model": {"model": "small", "checkpoint_dir": None, "base_dtype": "bf16", "compile": args.compile,
                   "lora": {"targets": ["wq", "wv"], "r": 8, "alpha": 16, "dropout": 0.05},
                   "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-4}},
                   "scheduler": {"class_path": "llama_lora.module.WarmupCosineLR", "init_args": {"warmup_steps": 10}}},
@@ -230,7 +230,8 @@ def epoch_ours(args, data: Path, workdir: Path) -> dict:
     train_s = re.findall(r"Computation time: ([\d.]+) s", proc.stdout)
     return {"bench": "epoch", "tool": "llama-lora", "wall_s": wall, "peak_rss_gib": peak,
             "train_s": float(train_s[-1]) if train_s else None,
-            "setting": f"bf16 base, fp32 LoRA, bf16-mixed, group_by_length={args.group_by_length}"}
+            "setting": f"bf16 base, fp32 LoRA, bf16-mixed, group_by_length={args.group_by_length}, "
+                       f"compile={args.compile}"}
 
 
 LITGPT_CONFIG = """name: small
@@ -360,6 +361,7 @@ def main() -> None:
     epoch.add_argument("--records", type=int, default=1000)
     epoch.add_argument("--rounds", type=int, default=1)
     epoch.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True)
+    epoch.add_argument("--compile", action="store_true", help="llama-lora with model.compile: true")
     epoch.add_argument("--out", default=None)
     worker = sub.add_parser("step-worker")
     worker.add_argument("tool", choices=TOOLS)
