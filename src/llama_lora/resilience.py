@@ -149,7 +149,10 @@ class NumericsGuard(L.Callback):
         if self._scaler(trainer) is not None:
             return  # the GradScaler checks the unscaled gradients and skips the step itself
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not grads or bool(torch.stack([g.detach().float().norm() for g in grads]).isfinite().all()):
+        finite = not grads or bool(torch.nn.utils.get_total_norm(grads).isfinite())
+        if trainer.world_size > 1:  # sharded gradients (FSDP2): every rank skips, or none does
+            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
             return
         for group in optimizer.param_groups:
             for p in group["params"]:
