@@ -273,3 +273,25 @@ def test_stopped_run_resumes_with_the_uninterrupted_losses(uninterrupted, tmp_pa
     assert sorted(second) == list(range(min(second), 100)) and min(second) >= 6
     a, b = lora_weights(uninterrupted / "ckpt" / "last.ckpt"), lora_weights(last)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_sigterm_under_ddp_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path, cache_dir):
+    """DDP on 2 processes, SIGTERM to rank 0 only (the launcher): both ranks agree at the next step boundary, the
+    checkpoint is written once, and the job exits with 143 instead of leaving rank 1 behind."""
+    settings = dict(trainer={**KILL_SETTINGS["trainer"], "devices": 2, "strategy": "ddp"},
+                    data={"micro_batch_size": 2}, model=KILL_SETTINGS["model"])
+    config = tiny_config(tmp_path, cache_dir, **settings)
+    proc = subprocess.Popen([sys.executable, str(FIT), "--config", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    deadline = time.time() + 180
+    while not (tmp_path / "ckpt" / "step00006.ckpt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    stopped_at = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"]
+    assert 6 <= stopped_at < 100 and "Traceback" not in stderr
+    time.sleep(1)
+    left = subprocess.run(["pgrep", "-f", str(config)], capture_output=True, text=True).stdout.split()
+    assert not left, f"rank processes left running: {left}"
