@@ -243,9 +243,8 @@ def test_malformed_input(name, run, tmp_path):
     script, build, error, fragment = CASES[name]
     before = snapshot(run / "ckpt")
     argv = build(run, tmp_path)
-    if script == "fit":
-        argv = ["--config", str(run / "config.yaml"), *argv] if argv[0] != "--config" else [
-            "--config", str(run / "config.yaml"), *argv]
+    if script == "fit":  # the finished run's config (a case's own --config is layered on top), resuming its folder
+        argv = ["--config", str(run / "config.yaml"), *argv]
         argv += ["--ckpt_path", "last"] if "--ckpt_path" not in argv else []
     main = load_script(script).main
     with pytest.raises(error) as caught:
