@@ -7,6 +7,8 @@ import torch
 from llama_lora.config import LlamaConfig
 from llama_lora.weights import build_model
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 @pytest.fixture
 def tiny_config() -> LlamaConfig:

@@ -157,7 +157,7 @@ def test_datamodule_demo_end_to_end(tmp_path, demo_tok):
     # num_samples takes a seeded subset.
     sub = AlpacaDataModule(data_path="demo", tokenizer_path=str(demo_tok.path), num_samples=200, val_size=20)
     sub.setup()
-    assert len(sub.train_set) == 180
+    assert len(sub.train_set) == 200 and len(sub.val_set) == 20
 
 
 def test_demo_tokenizer_is_trained_and_cached(tmp_path):
@@ -310,3 +310,96 @@ def test_download_refuses_a_redirect_to_http():
     handler = _HttpsOnlyRedirects()
     with pytest.raises(urllib.error.URLError, match="not https"):
         handler.redirect_request(None, None, 302, "Found", {}, "http://example.invalid/alpaca.json")
+
+
+# ----- regression: the user's paths (issue "Real users' paths") -----
+
+def test_num_samples_is_the_number_of_training_examples_on_real_alpaca(assets):
+    """lora_amp.yaml's data settings with --data.num_samples 200, as the README tells users to reproduce the seed:
+    exactly 200 training examples, and a non-empty validation set that shares no record with them."""
+    import yaml
+
+    from conftest import ROOT
+
+    data = yaml.safe_load((ROOT / "configs" / "lora_amp.yaml").read_text())["data"]
+    data.update(data_path=str(assets / "alpaca_5000.json"), tokenizer_path=str(assets / "tokenizer.model"),
+                num_samples=200, num_workers=0)
+    dm = AlpacaDataModule(**data)
+    dm.setup("fit")
+    assert len(dm.train_set) == 200
+    assert dm.val_set is not None and len(dm.val_set) > 0
+    assert not set(dm.train_set.indices) & set(dm.val_set.indices)
+
+
+def test_validation_shrinks_never_the_training_set(demo_tok, caplog):
+    """Fewer records than num_samples + val_size: validation takes what is left, with one line saying so."""
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        dm = AlpacaDataModule(data_path="demo", tokenizer_path=str(demo_tok.path), demo_records=300,
+                              num_samples=250, val_size=100)
+        dm.setup()
+    assert len(dm.train_set) == 250 and len(dm.val_set) == 50
+    assert not set(dm.train_set.indices) & set(dm.val_set.indices)
+    assert any("validation shrunk to 50" in r.getMessage() for r in caplog.records)
+    everything = AlpacaDataModule(data_path="demo", tokenizer_path=str(demo_tok.path), demo_records=300,
+                                  num_samples=400, val_size=10)
+    everything.setup()
+    assert len(everything.train_set) == 300 and everything.val_set is None
+
+
+def _rank_batches(n, batch_size, world, group, accumulate, counts):
+    lengths = [(i * 37) % 23 + 1 for i in range(n)]
+    return [list(ResumableBatchSampler(lengths, batch_size, seed=n, group_by_length=group, num_replicas=world,
+                                       rank=r, target_counts=counts, accumulate=accumulate)) for r in range(world)]
+
+
+def test_sampler_every_rank_gets_an_example_on_every_step_and_the_union_is_the_epoch():
+    """World sizes 1-8, micro-batches 1-8, accumulation 1-4, dataset sizes 1-200, length grouping on and off: no rank
+    is ever empty, every rank has the same number of steps, and the real examples of all ranks and steps are the
+    epoch, each record exactly once. Padding examples (to fill a rank) carry no targets and no window weight."""
+    from llama_lora.data import Padding
+
+    checked = 0
+    for world in range(1, 9):
+        for batch_size in range(1, 9):
+            for n in sorted({1, 2, 3, world - 1, world, world + 1, batch_size * world - 1, batch_size * world + 1,
+                             *range(1 + (world * batch_size) % 7, 201, 9), 200} - {0}):
+                group, accumulate = (n + world) % 2 == 0, 1 + (n + batch_size) % 4
+                counts = [(i % 5) + 1 for i in range(n)]
+                ranks = _rank_batches(n, batch_size, world, group, accumulate, counts)
+                steps = {len(r) for r in ranks}
+                assert len(steps) == 1, (world, batch_size, n)
+                seen = []
+                for step in range(steps.pop()):
+                    windows = set()
+                    for r in ranks:
+                        local = r[step]
+                        assert local, f"empty rank: world {world}, micro-batch {batch_size}, {n} examples"
+                        assert len(local) <= batch_size
+                        windows |= {w for _, w in local}
+                        seen += [i for i, _ in local if not isinstance(i, Padding)]
+                    assert len(windows) == 1  # every rank divides by the same window total
+                assert sorted(seen) == list(range(n)), (world, batch_size, n)
+                checked += 1
+    assert checked > 1500
+
+
+@pytest.mark.parametrize("world, n, expected", [(3, 4, [2, 1, 1]), (4, 5, [2, 1, 1, 1]), (6, 200, None)])
+def test_short_last_batch_splits_evenly(world, n, expected):
+    ranks = [list(ResumableBatchSampler(list(range(n)), 4, shuffle=False, num_replicas=world, rank=r))
+             for r in range(world)]
+    last = [len(r[-1]) for r in ranks]
+    if expected is not None:
+        assert last == expected
+    assert all(len(b) >= 1 for r in ranks for b in r)  # validation with val_size 200 on 6 ranks: none empty
+
+
+def test_padding_example_weighs_nothing(demo_tok):
+    from llama_lora.data import Padding
+
+    ds = SupervisedDataset(generate_demo_records(10), demo_tok, 128)
+    collate = DataCollatorForSupervisedDataset(pad_id=0)
+    batch = collate([ds[(Padding(3), 17)]])
+    assert batch["n_targets"].item() == 0 and batch["n_tokens"].item() == 0
+    assert batch["labels"].eq(IGNORE_INDEX).all() and batch["n_targets_window"].item() == 17

@@ -168,16 +168,20 @@ def tokenize_record(record: dict[str, str], tokenizer: Tokenizer, max_seq_len: i
 
 
 def preprocess(records: Sequence[dict[str, str]], tokenizer: Tokenizer, max_seq_len: int = 512,
-               mask_prompt: bool = True) -> tuple[list[dict[str, list[int]]], PreprocessStats]:
+               mask_prompt: bool = True, limit: int | None = None) -> tuple[list[dict[str, list[int]]], PreprocessStats]:
+    """Tokenized examples of ``records`` in order; with ``limit``, stop once that many are kept. Each example keeps the
+    position of its record in ``records`` as ``index``."""
     examples, stats = [], PreprocessStats()
-    for rec in records:
+    for i, rec in enumerate(records):
+        if limit is not None and len(examples) >= limit:
+            break
         out = tokenize_record(rec, tokenizer, max_seq_len, mask_prompt)
         if out is None:
             stats.dropped += 1
             continue
         ids, labels, truncated = out
         stats.truncated += truncated
-        examples.append({"input_ids": ids, "labels": labels})
+        examples.append({"input_ids": ids, "labels": labels, "index": i})
     stats.kept = len(examples)
     if stats.dropped or stats.truncated:
         log.info("preprocess: kept %d records, dropped %d (prompt longer than max_seq_len=%d), truncated %d",
@@ -185,12 +189,24 @@ def preprocess(records: Sequence[dict[str, str]], tokenizer: Tokenizer, max_seq_
     return examples, stats
 
 
+class Padding(int):
+    """An example index handed to a rank only so that it is not empty (a short last batch over many ranks). The
+    dataset returns it as a single BOS token with no target: it weighs nothing in the token-weighted loss."""
+
+
 class SupervisedDataset(Dataset):
-    """Tokenized Alpaca examples: dicts of ``input_ids`` and ``labels`` (lists of ints, same length)."""
+    """Tokenized Alpaca examples: dicts of ``input_ids`` and ``labels`` (lists of ints, same length).
+
+    ``indices[i]`` is the position in ``records`` of the record example i came from (``record_ids`` maps them to the
+    caller's own numbering, e.g. positions in the data file). ``limit`` keeps the first that many examples."""
 
     def __init__(self, records: Sequence[dict[str, str]], tokenizer: Tokenizer, max_seq_len: int = 512,
-                 mask_prompt: bool = True, source: str = "data") -> None:
-        self.examples, self.stats = preprocess(records, tokenizer, max_seq_len, mask_prompt)
+                 mask_prompt: bool = True, source: str = "data", limit: int | None = None,
+                 record_ids: Sequence[int] | None = None) -> None:
+        examples, self.stats = preprocess(records, tokenizer, max_seq_len, mask_prompt, limit)
+        ids = record_ids if record_ids is not None else range(len(records))
+        self.indices = [ids[e.pop("index")] for e in examples]
+        self.examples = examples
         if not self.examples:
             raise ValueError(f"{source}: no records left after preprocessing ({self.stats.dropped} dropped because "
                              f"the prompt exceeds max_seq_len={max_seq_len}); raise max_seq_len or check the data")
@@ -200,7 +216,9 @@ class SupervisedDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         if isinstance(key, tuple):  # (index, target tokens in this batch's accumulation window), from the sampler
-            return {**self.examples[key[0]], "n_targets_window": key[1]}
+            return {**self[key[0]], "n_targets_window": key[1]}
+        if isinstance(key, Padding):
+            return {"input_ids": self.examples[key]["input_ids"][:1], "labels": [IGNORE_INDEX], "padding": True}
         return self.examples[key]
 
     @property
@@ -229,11 +247,11 @@ class DataCollatorForSupervisedDataset:
             n = len(e["input_ids"])
             input_ids[i, :n] = torch.tensor(e["input_ids"])
             labels[i, :n] = torch.tensor(e["labels"])
-        lengths = torch.tensor([len(e["input_ids"]) for e in examples])
+        lengths = torch.tensor([0 if e.get("padding") else len(e["input_ids"]) for e in examples])
         batch = {
             "input_ids": input_ids,  # (B, T)
             "labels": labels,  # (B, T); position t is predicted from positions < t
-            "n_tokens": lengths.sum(),  # non-pad tokens
+            "n_tokens": lengths.sum(),  # non-pad tokens of real examples
             "n_targets": (labels[:, 1:] != IGNORE_INDEX).sum(),  # tokens the loss sees after the shift
         }
         if "n_targets_window" in examples[0]:  # all ranks, all micro-batches of this optimizer step
@@ -248,8 +266,11 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
     Each step draws a *global* batch of ``batch_size * num_replicas`` examples from a permutation seeded by
     (seed, epoch); rank r takes the r-th slice. One process with batch_size B*W therefore sees the same examples
-    per step as W processes with batch_size B. ``group_by_length`` sorts examples by length within windows of
-    ``50`` global batches (then shuffles the batch order) to cut padding.
+    per step as W processes with batch_size B. A short last batch is split as evenly as possible; a rank that would
+    still be empty (fewer examples than ranks) gets a ``Padding`` example that weighs nothing, because a rank without
+    a batch would leave the others waiting in the gradient all-reduce. Every example is seen once per epoch (with
+    ``drop_last``, a short last batch is dropped and logged). ``group_by_length`` sorts examples by length within
+    windows of ``50`` global batches (then shuffles the batch order) to cut padding.
 
     With ``target_counts`` (target tokens per example), each index comes out as ``(index, n)``, where n counts the
     target tokens of every example in the same accumulation window (``accumulate`` consecutive global batches from
@@ -265,6 +286,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
         self.shuffle, self.group_by_length, self.drop_last = shuffle, group_by_length, drop_last
         self.num_replicas, self.rank = num_replicas, rank
+        self._logged_drop = False
         self.epoch = 0
         self.batch_index = 0  # batches of this epoch already consumed
         # Lightning calls set_epoch on `dataloader.sampler` and `batch_sampler.sampler`, never on a batch sampler
@@ -282,15 +304,21 @@ class ResumableBatchSampler(Sampler[list[int]]):
             order = [i for w in range(0, n, window)
                      for i in sorted(order[w : w + window], key=lambda j: -self.lengths[j])]
         batches = [order[i : i + size] for i in range(0, n, size)]
-        if batches and (len(batches[-1]) < size and self.drop_last or len(batches[-1]) < self.num_replicas):
-            batches.pop()  # every rank needs at least one example, or DDP would hang
+        if batches and len(batches[-1]) < size and self.drop_last:
+            dropped = batches.pop()
+            if not self._logged_drop:
+                log.info("Sampler: drop_last drops the short last batch of %d examples every epoch", len(dropped))
+                self._logged_drop = True
         if self.group_by_length and self.shuffle:
             rng.shuffle(batches)
         return batches
 
     def _rank_slice(self, batch: list[int]) -> list[int]:
-        per_rank = -(-len(batch) // self.num_replicas)
-        return batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+        """This rank's share: batch_size each for a full batch, sizes differing by at most one for a short one."""
+        base, extra = divmod(len(batch), self.num_replicas)
+        start = self.rank * base + min(self.rank, extra)
+        local = batch[start : start + base + (self.rank < extra)]
+        return local or [Padding(batch[0])]
 
     def __iter__(self) -> Iterator[list[int] | list[tuple[int, int]]]:
         batches = self.global_batches(self.epoch)
@@ -329,6 +357,23 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
 
 # ----- Lightning -----
+
+def split_records(n: int, num_samples: int | None, val_size: int, seed: int) -> tuple[list[int], list[int]]:
+    """(training candidates, validation) record indices from a permutation seeded by ``seed``.
+
+    Validation is the last ``val_size`` records of the permutation and training draws from the others, in order,
+    so the two never share a record. When the records cannot cover ``num_samples + val_size``, validation shrinks
+    (one log line says so), never the training set.
+    """
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    room = n - (num_samples if num_samples is not None else 1)
+    n_val = max(0, min(val_size, room))
+    if n_val < val_size:
+        wanted = f"num_samples + val_size = {num_samples} + {val_size}" if num_samples else f"val_size {val_size} + 1"
+        log.info("%d records are fewer than %s: validation shrunk to %d records", n, wanted, n_val)
+    return order[: n - n_val], order[n - n_val :]
+
 
 DEMO = "demo"  # data_path value for the offline synthetic set
 
@@ -409,17 +454,18 @@ class AlpacaDataModule(L.LightningDataModule):
             return
         tokenizer = self.load_tokenizer()
         records = self._records()
-        order = list(range(len(records)))
-        random.Random(self.seed).shuffle(order)
-        if self.num_samples is not None:
-            order = order[: self.num_samples]
-        n_val = min(self.val_size, len(order) - 1)
-        val, train = [records[i] for i in order[:n_val]], [records[i] for i in order[n_val:]]
+        train_ids, val_ids = split_records(len(records), self.num_samples, self.val_size, self.seed)
         source = str(self.data_path)
-        self.train_set = SupervisedDataset(train, tokenizer, self.max_seq_len, self.mask_prompt, source)
-        self.val_set = SupervisedDataset(val, tokenizer, self.max_seq_len, self.mask_prompt, source) if val else None
+        # The training set is the first num_samples records of the shuffled order that fit max_seq_len.
+        self.train_set = SupervisedDataset([records[i] for i in train_ids], tokenizer, self.max_seq_len,
+                                           self.mask_prompt, source, limit=self.num_samples, record_ids=train_ids)
+        self.val_set = SupervisedDataset([records[i] for i in val_ids], tokenizer, self.max_seq_len, self.mask_prompt,
+                                         source, record_ids=val_ids) if val_ids else None
+        if self.num_samples is not None and len(self.train_set) < self.num_samples:
+            log.warning("data.num_samples is %d, but %s has only %d usable records for training", self.num_samples,
+                        source, len(self.train_set))
         log.info("Alpaca data %s: %d train / %d val examples (max_seq_len %d; %d dropped, %d truncated)", source,
-                 len(self.train_set), len(val), self.max_seq_len, self.train_set.stats.dropped,
+                 len(self.train_set), len(self.val_set or []), self.max_seq_len, self.train_set.stats.dropped,
                  self.train_set.stats.truncated)
 
     def _world(self) -> tuple[int, int]:
@@ -466,7 +512,12 @@ class AlpacaDataModule(L.LightningDataModule):
         return {"sampler": state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._sampler_state = state.get("sampler")
+        sampler_state = state.get("sampler")
+        if self.train_sampler is not None and sampler_state is not None:
+            # The loader was built before the checkpoint was restored (the LR schedule asks for the run's length).
+            self.train_sampler.load_state_dict(sampler_state)
+        else:
+            self._sampler_state = sampler_state
 
 
 def make_supervised_data_module(**kwargs: Any) -> AlpacaDataModule:
