@@ -173,3 +173,22 @@ def test_hf_without_config(tmp_path, tiny_config, sd):
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 3}))
     with pytest.raises(ValueError, match="not a LLaMA config.json"):
         build_model(checkpoint=tmp_path)
+
+
+def test_full_hf_download_with_both_formats_sharded_loads(tmp_path, tiny_model, tiny_config, sd, tokens):
+    """meta-llama/Llama-2-7b-hf ships sharded safetensors and sharded .bin side by side, each with its own index.
+    The safetensors are taken, only their index is consulted, and the logits are those of the weights written."""
+    save_hf(sd, tiny_config, tmp_path, max_shard_bytes=100_000)
+    save_hf(sd, tiny_config, tmp_path, max_shard_bytes=100_000, safetensors=False)
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert (tmp_path / "pytorch_model.bin.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1 and len(list(tmp_path.glob("pytorch_model-*.bin"))) > 1
+    _, sources, _ = load_checkpoint(tmp_path)
+    assert all(s.endswith(".safetensors") for s in sources.values())
+    assert torch.equal(load_logits(tmp_path, tokens), tiny_model(tokens))
+    # A .bin shard missing beside complete safetensors does not matter; a missing safetensors shard does.
+    sorted(tmp_path.glob("pytorch_model-*.bin"))[-1].unlink()
+    assert torch.equal(load_logits(tmp_path, tokens), tiny_model(tokens))
+    sorted(tmp_path.glob("model-*.safetensors"))[-1].unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors.index.json names shard"):
+        load_checkpoint(tmp_path)

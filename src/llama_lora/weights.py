@@ -153,9 +153,17 @@ def _load_meta(path: Path) -> tuple[StateDict, dict[str, str], LlamaConfig | Non
 
 def _load_hf(path: Path) -> tuple[StateDict, dict[str, str], LlamaConfig | None]:
     config = LlamaConfig.from_hf_config(path / "config.json") if (path / "config.json").is_file() else None
-    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
-    for index in list(path.glob("*.safetensors.index.json")) + list(path.glob("pytorch_model.bin.index.json")):
-        wanted = set(json.loads(index.read_text())["weight_map"].values())
+    # The HF repos ship both formats side by side, each with its own index: take safetensors when present (no
+    # pickle, memory-mapped) and consult only that format's index.
+    files = sorted(path.glob("*.safetensors"))
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if not files:
+        files, indexes = sorted(path.glob("pytorch_model*.bin")), sorted(path.glob("pytorch_model*.bin.index.json"))
+    for index in indexes:
+        try:
+            wanted = set(json.loads(index.read_text())["weight_map"].values())
+        except (json.JSONDecodeError, KeyError, AttributeError):
+            raise ValueError(f"{index}: not a HuggingFace index (a JSON object with a weight_map)") from None
         missing = sorted(wanted - {f.name for f in files})
         if missing:
             raise FileNotFoundError(f"{index} names shard(s) that are missing: {', '.join(missing)}")
@@ -181,11 +189,19 @@ def _load_hf(path: Path) -> tuple[StateDict, dict[str, str], LlamaConfig | None]
         if name is None:
             continue
         if name.endswith("attention.wq.weight"):
-            t = permute_from_hf(t, config.n_heads)
+            _permute_in_place(t, config.n_heads)
         elif name.endswith("attention.wk.weight"):
-            t = permute_from_hf(t, config.n_kv_heads)
+            _permute_in_place(t, config.n_kv_heads)
         sd[name], meta_sources[name] = t, sources[k]
     return sd, meta_sources, config
+
+
+def _permute_in_place(w: torch.Tensor, n_heads: int) -> None:
+    """Undo HF's q/k permutation inside ``w`` itself. The checkpoint's mapping is private (copy-on-write), so the
+    rewritten pages replace the file's pages instead of joining them: loading HF costs the memory Meta's layout does,
+    not one more copy of q and k."""
+    permuted = permute_from_hf(w, n_heads)
+    w.copy_(permuted if permuted.data_ptr() != w.data_ptr() else permuted.clone())
 
 
 def _load_llama2c(path: Path) -> tuple[StateDict, dict[str, str], LlamaConfig]:
