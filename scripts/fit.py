@@ -15,7 +15,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from llama_lora.cli import configure_logging, main_guard
 from llama_lora.data import AlpacaDataModule
-from llama_lora.module import LlamaLoRAModule
+from llama_lora.module import LlamaLoRAModule, check_strategy
 from llama_lora.resilience import GracefulStop, OutOfMemory, oom_advice, resolve_resume_checkpoint
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -37,6 +37,7 @@ def main(argv: list[str]) -> None:
     cli = FitCLI(LlamaLoRAModule, AlpacaDataModule, run=False, auto_configure_optimizers=False, args=argv,
                  save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
     trainer, model = cli.trainer, cli.model
+    check_strategy(trainer.strategy)  # here, in one process, before any rank is started
     ckpt_path = resolve_resume_checkpoint(trainer, cli.config.ckpt_path)  # before anything large is allocated
     try:
         trainer.fit(model, cli.datamodule, ckpt_path=ckpt_path, weights_only=True)

@@ -187,6 +187,36 @@ def test_ddp_two_processes_equals_single_process(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
+def test_ddp_three_processes_across_a_short_last_batch_equals_single_process(tmp_path, cache_dir):
+    """3 ranks with micro-batch 2 against 1 process with micro-batch 6, through an epoch boundary: 112 examples make
+    18 full global batches of 6 and a last one of 4, which leaves no rank empty (2, 1, 1). 20 steps cross into
+    epoch 1. The LoRA weights equal those of the single process."""
+    steps = {"max_steps": 20}
+    ddp = trained_lora(tmp_path, cache_dir, "ddp3", trainer={"devices": 3, "strategy": "ddp", **steps},
+                       data={"micro_batch_size": 2})
+    single = trained_lora(tmp_path, cache_dir, "single", trainer=steps, data={"micro_batch_size": 6})
+    for k in ddp:
+        torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-5)
+
+
+def test_epoch_based_run_gets_the_whole_cosine_schedule(tmp_path, cache_dir):
+    """A run by max_epochs (max_steps -1), as the seed experiment was: the LR reaches 0.55 of its peak half-way
+    through the decay and the floor (0.1 of the peak) at the end."""
+    config = tiny_config(tmp_path, cache_dir, trainer={"max_epochs": 2, "max_steps": -1, "val_check_interval": 1000,
+                                                       "limit_val_batches": 0})
+    cfg = yaml.safe_load(config.read_text())
+    cfg["model"]["scheduler"]["init_args"] = {"warmup_steps": 2}  # max_steps: from the Trainer
+    config.write_text(yaml.safe_dump(cfg))
+    fit(config)
+    lr = scalars(tmp_path / "logs", "lr-AdamW")
+    peak, steps = 0.01, 2 * 28  # 112 examples / micro-batch 4 = 28 steps per epoch
+    assert max(lr) == steps - 1
+    half = 2 + (steps - 2) // 2
+    assert lr[half] == pytest.approx(0.55 * peak, rel=0.05)
+    assert lr[steps - 1] == pytest.approx(0.1 * peak, rel=0.02)
+
+
+@pytest.mark.slow
 def test_fsdp2_two_processes_runs_checkpoints_and_resumes(tmp_path, cache_dir):
     """FSDP2 (ModelParallelStrategy + fully_shard) on 2 CPU processes, stopped at step 4 and resumed to 6, ends with
     the weights of one uninterrupted process with the same global batch."""
@@ -210,6 +240,18 @@ def test_fsdp2_two_processes_runs_checkpoints_and_resumes(tmp_path, cache_dir):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_model_parallel_with_sharded_checkpoints_is_refused_at_start_up(tmp_path, cache_dir):
+    """ModelParallelStrategy's default (save_distributed_checkpoint: true) trains but cannot resume an adapter-only
+    checkpoint; it is refused before any rank starts, in one line that names the setting to use."""
+    strategy = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+                "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}}
+    proc = fit(tiny_config(tmp_path, cache_dir, trainer={"devices": 2, "strategy": strategy}), check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr
+    assert "save_distributed_checkpoint: false" in errors[0]
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_resume_with_other_lora_settings_is_refused(tmp_path, cache_dir):

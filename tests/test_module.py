@@ -69,3 +69,17 @@ def test_lora_settings_validation():
         LoRASettings(targets=["q_proj"])
     with pytest.raises(ValueError, match="r must be a positive integer"):
         LoRASettings(r=0)
+
+
+def test_strategies_that_cannot_finish_are_refused_with_the_supported_choice():
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
+
+    from llama_lora.module import check_strategy
+
+    with pytest.raises(ValueError, match="FSDP1 .* use ModelParallelStrategy \\(FSDP2\\) with "
+                                         "save_distributed_checkpoint: false, or ddp"):
+        check_strategy(FSDPStrategy())
+    with pytest.raises(ValueError, match="needs save_distributed_checkpoint: false"):
+        check_strategy(ModelParallelStrategy())
+    check_strategy(ModelParallelStrategy(save_distributed_checkpoint=False))
+    check_strategy(DDPStrategy())

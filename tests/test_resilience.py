@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -242,3 +243,36 @@ def test_oom_advice_lists_the_levers_not_yet_used():
     used = oom_advice(gradient_checkpointing=True, micro_batch_size=1, precision="16-mixed", base_dtype="fp16",
                       lora_targets=["wq", "wv"], max_seq_len=512)
     assert "gradient_checkpointing" not in used and "micro_batch_size" not in used and "16-mixed" not in used
+
+
+def test_the_frozen_base_is_released_before_lightnings_teardown_copies_it_to_the_cpu(tmp_path, data_cache,
+                                                                                    monkeypatch):
+    """Lightning's teardown moves the module to the CPU after fit: for a 7B GPU run, 13 GB into host RAM. The frozen
+    base is released first (the adapter is in the checkpoints), so that move copies only the LoRA weights. A later
+    trainer.validate rebuilds the base and keeps the trained adapter."""
+    module = tiny_module()
+    t = trainer(tmp_path, max_steps=2)
+    moved = []
+    original_cpu = torch.Tensor.cpu
+
+    def spy(self, *args, **kwargs):
+        moved.append(self.numel())
+        return original_cpu(self, *args, **kwargs)
+
+    class WatchTeardown(L.Callback):
+        def on_train_end(self, trainer, pl_module):
+            monkeypatch.setattr(torch.Tensor, "cpu", spy)
+
+    t.callbacks.insert(0, WatchTeardown())
+    base_numel = LlamaLoRAModule(model="tiny").config.n_params
+    t.fit(module, tiny_data(data_cache))
+    monkeypatch.undo()
+    frozen = [p for p in module.model.parameters() if not p.requires_grad]
+    trained = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
+    assert frozen and all(p.numel() == 0 for p in frozen)
+    # What teardown moved: the LoRA weights and AdamW's two moments (and metric scalars), none of the base.
+    assert sum(moved) <= 3 * sum(v.numel() for v in trained.values()) + 64 < base_numel
+    result = trainer(tmp_path / "val", limit_val_batches=2).validate(module, tiny_data(data_cache), verbose=False)
+    assert math.isfinite(result[0]["val/loss"])
+    assert all(p.numel() > 0 for p in module.model.parameters())
+    assert all(torch.equal(p, trained[n]) for n, p in module.model.named_parameters() if p.requires_grad)

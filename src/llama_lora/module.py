@@ -51,7 +51,8 @@ class LoRASettings:
 class WarmupCosineLR(LambdaLR):
     """Linear warmup from 0, then cosine decay to ``min_lr_ratio`` of the peak, per optimizer step.
 
-    ``max_steps=None`` takes the Trainer's ``max_steps`` (set by the module once the Trainer is known).
+    ``max_steps=None`` takes the run's optimizer steps from the Trainer (``estimated_stepping_batches``: max_steps, or
+    what max_epochs makes of the data), set by the module once the Trainer is known.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 100, max_steps: int | None = None,
@@ -146,6 +147,25 @@ def token_loss_sum(model: Llama, input_ids: torch.Tensor, labels: torch.Tensor, 
     return total, keep.sum()
 
 
+def check_strategy(strategy: Any) -> None:
+    """Refuse, before anything is built, the strategies that cannot train this module to the end.
+
+    - FSDP1 (``strategy: fsdp``): Lightning's FSDPPrecision refuses gradient clipping by norm, which every config uses.
+    - ModelParallelStrategy with ``save_distributed_checkpoint: true`` (its default): torch.distributed.checkpoint
+      reloads only the keys a checkpoint holds when told to, and Lightning does not tell it, so an adapter-only
+      checkpoint cannot be resumed. An adapter is a few MB: one gathered file is the right form anyway.
+    """
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    if isinstance(strategy, FSDPStrategy):
+        raise ValueError("trainer.strategy: FSDP1 (fsdp) is not supported, it cannot clip gradients by norm; use "
+                         "ModelParallelStrategy (FSDP2) with save_distributed_checkpoint: false, or ddp")
+    if isinstance(strategy, ModelParallelStrategy) and strategy._save_distributed_checkpoint:
+        raise ValueError("trainer.strategy: ModelParallelStrategy needs save_distributed_checkpoint: false (its "
+                         "sharded checkpoints of an adapter-only state cannot be resumed); the adapter is gathered "
+                         "into one small file")
+
+
 class LlamaLoRAModule(L.LightningModule):
     def __init__(
         self,
@@ -208,13 +228,23 @@ class LlamaLoRAModule(L.LightningModule):
         self.val_loss = MeanMetric()
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
         self._rng_to_restore: dict[str, Any] | None = None
+        self._base_released = False
 
     # ----- building -----
 
     def configure_model(self) -> None:
-        """Build on the meta device, fill from the checkpoint (mmap, assign) or init randomly, then add LoRA."""
-        if self.model is not None:
+        """Build on the meta device, fill from the checkpoint (mmap, assign) or init randomly, then add LoRA.
+
+        After ``release_base`` (the end of fit), the base is built again and the trained weights are kept."""
+        if self.model is not None and not self._base_released:
             return
+        trained = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad} if self.model else {}
+        self._build()
+        if trained:
+            self.model.load_state_dict(trained, strict=False)
+            self._base_released = False
+
+    def _build(self) -> None:
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         self.model = build_model(self.config, self.checkpoint_dir, self.base_dtype, device, seed=self.init_seed,
                                  gradient_checkpointing=self.gradient_checkpointing,
@@ -238,6 +268,7 @@ class LlamaLoRAModule(L.LightningModule):
             fully_shard(self.model, mesh=data_parallel)
 
     def setup(self, stage: str) -> None:
+        check_strategy(self.trainer.strategy)
         precision = str(self.trainer.precision)
         if self.lora is None and self.base_dtype != torch.float32 and precision == "16-mixed":
             raise ValueError("Full fine-tuning (lora: null) under 16-mixed needs base_dtype: fp32, since the "
@@ -255,6 +286,23 @@ class LlamaLoRAModule(L.LightningModule):
         note = " (Lightning turns 16-mixed into bf16-mixed on CPU: fp16 autocast is CPU-unsupported)" if (
             device == "cpu" and precision == "bf16-mixed") else ""
         log.info("Precision %s on %s, base weights %s, LoRA fp32%s", precision, device, self.base_dtype, note)
+
+    def on_train_end(self) -> None:
+        # Called after every callback's on_train_end (checkpoints written, summary printed) and before Lightning's
+        # teardown, which moves the module to the CPU: a 7B GPU run would copy its 13 GB base into host RAM.
+        self.release_base()
+
+    def release_base(self) -> None:
+        """Free the frozen base weights (the trained ones stay). The next ``configure_model`` builds the base again."""
+        from torch.distributed.tensor import DTensor
+
+        released = 0
+        for p in self.model.parameters():
+            if not p.requires_grad and not isinstance(p, DTensor):  # FSDP2 shards are 1/W of the base: kept
+                released += p.numel()
+                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        self._base_released = released > 0
+        log.debug("Released %d frozen base parameters before teardown", released)
 
     def configure_callbacks(self) -> list[L.Callback]:
         # Always on, whatever the config's callback list: save-and-stop on SIGTERM/SIGINT, and the numerics guard.
@@ -295,7 +343,9 @@ class LlamaLoRAModule(L.LightningModule):
         optimizer = self.optimizer_factory(params)
         scheduler = self.scheduler_factory(optimizer)
         if getattr(scheduler, "max_steps", 0) is None:
-            scheduler.max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else None
+            # The optimizer steps of the whole run, also when it is set by max_epochs (max_steps -1).
+            total = self.trainer.estimated_stepping_batches
+            scheduler.max_steps = int(total) if math.isfinite(total) else None
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----- adapter-only checkpoints -----
