@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -45,7 +46,9 @@ def tiny_config(tmp_path: Path, cache_dir: Path, **overrides) -> Path:
 
 
 def fit(config: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    # The tests folder on the path: configs may name callbacks defined in the tests (class_path: test_fit....).
+    env = {**os.environ, "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, str(FIT), "--config", str(config), *args], capture_output=True, text=True,
                           env=env, timeout=600)
     if check and proc.returncode != 0:
@@ -216,21 +219,77 @@ def test_epoch_based_run_gets_the_whole_cosine_schedule(tmp_path, cache_dir):
     assert lr[steps - 1] == pytest.approx(0.1 * peak, rel=0.02)
 
 
+class ShardReport(L.Callback):
+    """Writes, per rank at the start of training, the bytes of its local parameter shards and the logits of a fixed
+    batch (a sharded forward runs on every rank)."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+        self.full_reads: list[str] = []
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        # Before configure_model: count the checkpoint tensors this process reads whole (rather than by rows).
+        from llama_lora.weights import LazyStateDict
+
+        read = LazyStateDict.__getitem__
+
+        def counted(sd, key):
+            self.full_reads.append(key)
+            return read(sd, key)
+
+        LazyStateDict.__getitem__ = counted
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from torch.distributed.tensor import DTensor
+
+        params = list(pl_module.model.parameters())
+        local = sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in params)
+        full = sum(p.numel() * p.element_size() for p in params)
+        tokens = torch.arange(24).view(2, 12) * 7 % 512
+        with torch.no_grad():
+            logits = pl_module.model(tokens.to(pl_module.device))
+        torch.save({"local": local, "full": full, "logits": logits.cpu(), "full_reads": len(self.full_reads)},
+                   Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
+
+
 @pytest.mark.slow
-def test_fsdp2_two_processes_runs_checkpoints_and_resumes(tmp_path, cache_dir):
-    """FSDP2 (ModelParallelStrategy + fully_shard) on 2 CPU processes, stopped at step 4 and resumed to 6, ends with
-    the weights of one uninterrupted process with the same global batch."""
+def test_fsdp2_two_processes_loads_shards_checkpoints_and_resumes(tmp_path, cache_dir):
+    """FSDP2 (ModelParallelStrategy + fully_shard) on 2 CPU processes from a Meta checkpoint split in 2 shards: the
+    model is built on the meta device and each rank reads only its rows (about half the parameter bytes on each),
+    its logits equal the single process's, and a run stopped at step 4 and resumed to 6 ends with the weights of one
+    uninterrupted process with the same global batch."""
+    from llama_lora.config import LlamaConfig
+    from llama_lora.weights import build_model, save_meta
+
+    config_ = LlamaConfig.from_name("tiny")
+    save_meta(build_model(config_, base_dtype=torch.float32, seed=3).state_dict(), config_, tmp_path / "base", 2)
     strategy = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
                 "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1,
                               "save_distributed_checkpoint": False}}  # an adapter is small: one file on rank 0
     fsdp_dir, single_dir = tmp_path / "fsdp", tmp_path / "single"
     fsdp_dir.mkdir(), single_dir.mkdir()
     common = {"max_steps": 6, "val_check_interval": 1000, "limit_val_batches": 0}
-    config = tiny_config(fsdp_dir, cache_dir, trainer={**common, "devices": 2, "strategy": strategy})
+    report = {"class_path": "test_fit.ShardReport", "init_args": {"out_dir": str(fsdp_dir)}}
+    base = {"checkpoint_dir": str(tmp_path / "base")}
+    config = tiny_config(fsdp_dir, cache_dir, trainer={**common, "devices": 2, "strategy": strategy}, model=base)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["trainer"]["callbacks"].append(report)
+    config.write_text(yaml.safe_dump(cfg))
     fit(config, "--trainer.max_steps", "4")
     assert (fsdp_dir / "ckpt" / "last.ckpt").is_file()
+    ranks = [torch.load(fsdp_dir / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for r in ranks:
+        assert 0.45 * r["full"] <= r["local"] <= 0.55 * r["full"]
+        assert r["full_reads"] == 0, "a rank read whole tensors: it held the whole base in host memory"
     fit(config, "--ckpt_path", "last")
-    fit(tiny_config(single_dir, cache_dir, trainer=common, data={"micro_batch_size": 8}))
+    single_cfg = tiny_config(single_dir, cache_dir, trainer=common, data={"micro_batch_size": 8}, model=base)
+    cfg = yaml.safe_load(single_cfg.read_text())
+    cfg["trainer"]["callbacks"].append({**report, "init_args": {"out_dir": str(single_dir)}})
+    single_cfg.write_text(yaml.safe_dump(cfg))
+    fit(single_cfg)
+    single = torch.load(single_dir / "rank0.pt", weights_only=True)
+    for r in ranks:
+        torch.testing.assert_close(r["logits"], single["logits"], rtol=1e-5, atol=1e-5)
     fsdp, single = scalars(fsdp_dir / "logs", "train/loss_step"), scalars(single_dir / "logs", "train/loss_step")
     second = scalars(sorted((fsdp_dir / "logs" / "tiny").glob("version_*"))[-1], "train/loss_step")
     assert min(second) >= 3 and len(fsdp) == len(single) == 6

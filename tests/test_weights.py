@@ -192,3 +192,23 @@ def test_full_hf_download_with_both_formats_sharded_loads(tmp_path, tiny_model, 
     sorted(tmp_path.glob("model-*.safetensors"))[-1].unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors.index.json names shard"):
         load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("layout", ["meta-1", "meta-4", "hf", "hf-bin", "llama2c"])
+def test_rows_read_a_ranks_shard_without_the_rest(tmp_path, tiny_config, sd, layout):
+    """What a rank of an FSDP2 model reads (rows start..stop of each tensor, through Meta's shard concatenation and
+    HF's q/k permutation) equals the same rows of the fully loaded tensor, for 2, 3, 4 and 8 ranks."""
+    if layout.startswith("meta"):
+        save_meta(sd, tiny_config, tmp_path, n_shards=int(layout[-1]))
+    elif layout.startswith("hf"):
+        save_hf(sd, tiny_config, tmp_path, max_shard_bytes=100_000, safetensors=layout == "hf")
+    else:
+        save_llama2c(sd, tiny_config, tmp_path / "m.bin")
+    path = tmp_path / "m.bin" if layout == "llama2c" else tmp_path
+    for world in (2, 3, 4, 8):
+        lazy, _, _ = load_checkpoint(path)
+        for key, full in sd.items():
+            chunk = -(-full.shape[0] // world)
+            got = [lazy.rows(key, min(r * chunk, len(full)), min((r + 1) * chunk, len(full))) for r in range(world)]
+            assert torch.equal(torch.cat(got), full), (key, world)
+            assert lazy.shape(key) == full.shape

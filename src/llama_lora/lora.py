@@ -63,7 +63,7 @@ class LoRALinear(nn.Linear):
 
     def reset_lora_parameters(self) -> None:
         # Section 4.1: A random (Kaiming-uniform, as nn.Linear), B = 0, so training starts exactly at the base model.
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        init_lora_a(self.lora_a)
         nn.init.zeros_(self.lora_b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,6 +89,11 @@ class LoRALinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}, merged={self.merged}"
+
+
+def init_lora_a(t: torch.Tensor) -> torch.Tensor:
+    """LoRA's A at init: Kaiming-uniform as nn.Linear's weight, drawn from the global RNG of t's device."""
+    return nn.init.kaiming_uniform_(t, a=math.sqrt(5))
 
 
 def apply_lora(

@@ -175,10 +175,8 @@ class Llama(nn.Module):
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         """Random init for tests, the demo and benchmarks (real runs load a checkpoint)."""
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(p)
-            elif "lora_" not in name:
-                nn.init.normal_(p, mean=0.0, std=std, generator=generator)
+            if "lora_" not in name:
+                init_base_tensor(name, p, std, generator)
 
     def hidden_states(self, tokens: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, dim): the input of the output layer."""
@@ -271,6 +269,15 @@ class Llama(nn.Module):
 
     def generate(self, prompt: list[int], max_new_tokens: int, **kwargs) -> list[int]:
         return list(self.generate_stream(prompt, max_new_tokens, **kwargs))
+
+
+@torch.no_grad()
+def init_base_tensor(name: str, t: torch.Tensor, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+    """The random init of one base tensor: norms at one, everything else N(0, std)."""
+    if name.endswith("norm.weight"):
+        t.fill_(1.0)
+    else:
+        t.normal_(mean=0.0, std=std, generator=generator)
 
 
 def sample(

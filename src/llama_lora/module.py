@@ -24,7 +24,7 @@ from .data import IGNORE_INDEX
 from .lora import LORA_TARGETS, apply_lora, mark_only_lora_as_trainable, trainable_summary
 from .model import Llama
 from .resilience import GracefulStop, NumericsGuard
-from .weights import WEIGHTS_HELP, build_model, detect_format
+from .weights import WEIGHTS_HELP, build_model, check_state_dict, detect_format, fill_shards, open_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -246,16 +246,23 @@ class LlamaLoRAModule(L.LightningModule):
 
     def _build(self) -> None:
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
-        self.model = build_model(self.config, self.checkpoint_dir, self.base_dtype, device, seed=self.init_seed,
-                                 gradient_checkpointing=self.gradient_checkpointing,
-                                 checkpoint_layers=self.checkpoint_layers)
+        mesh = self.device_mesh  # set by ModelParallelStrategy only
+        if mesh is None:
+            self.model = build_model(self.config, self.checkpoint_dir, self.base_dtype, device, seed=self.init_seed,
+                                     gradient_checkpointing=self.gradient_checkpointing,
+                                     checkpoint_layers=self.checkpoint_layers)
+        else:  # built on the meta device, sharded, then each rank fills its own shards (below)
+            sd, sources, _ = open_checkpoint(self.checkpoint_dir, self.config) if self.checkpoint_dir else (None,) * 3
+            with torch.device("meta"):
+                self.model = Llama(self.config, self.gradient_checkpointing, self.checkpoint_layers).to(self.base_dtype)
+            if sd is not None:
+                check_state_dict(self.model, sd, sources, what=f"model preset {self.hparams.model!r}")
         if self.lora is not None:
             apply_lora(self.model, self.lora.targets, self.lora.r, self.lora.alpha, self.lora.dropout)
             mark_only_lora_as_trainable(self.model)
         log.info(trainable_summary(self.model))
         if self.compile_blocks:
             self.model.compile_blocks()
-        mesh = self.device_mesh  # set by ModelParallelStrategy only
         if mesh is not None:
             # FSDP2 over the data-parallel ranks: each block, the output layer (the chunked loss calls it on its own),
             # then the root (embeddings, final norm).
@@ -266,6 +273,8 @@ class LlamaLoRAModule(L.LightningModule):
                 fully_shard(layer, mesh=data_parallel)
             fully_shard(self.model.output, mesh=data_parallel)
             fully_shard(self.model, mesh=data_parallel)
+            self.model.to_empty(device=device)
+            fill_shards(self.model, sd, seed=self.init_seed)
 
     def setup(self, stage: str) -> None:
         check_strategy(self.trainer.strategy)

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import struct
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -126,7 +127,68 @@ def _torch_load(path: Path) -> StateDict:
         raise ValueError(f"{path}: not a readable weights-only PyTorch checkpoint ({str(e).splitlines()[0]})") from None
 
 
-def _load_meta(path: Path) -> tuple[StateDict, dict[str, str], LlamaConfig | None]:
+class LazyStateDict(Mapping[str, torch.Tensor]):
+    """A checkpoint's tensors by Meta name, each read only when asked for.
+
+    Tensors are memory-mapped. A tensor split over Meta's model-parallel shards is concatenated when it is read, and
+    HF's q/k permutation is undone on first read, in place (the mapping is private, copy-on-write). ``rows`` reads
+    only some rows of a tensor, through both, so that a rank of a sharded model never holds a whole tensor.
+    """
+
+    def __init__(self) -> None:
+        self._parts: dict[str, tuple[list[torch.Tensor], int]] = {}
+        self._hf_heads: dict[str, int] = {}  # q/k tensors still in HF's rotate-half row order, and their head count
+
+    def add(self, key: str, parts: list[torch.Tensor], dim: int = 0, hf_heads: int | None = None) -> None:
+        self._parts[key] = (parts, dim)
+        if hf_heads is not None:
+            self._hf_heads[key] = hf_heads
+
+    def shape(self, key: str) -> torch.Size:
+        parts, dim = self._parts[key]
+        shape = list(parts[0].shape)
+        if len(parts) > 1:
+            shape[dim] = sum(p.shape[dim] for p in parts)
+        return torch.Size(shape)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        parts, dim = self._parts[key]
+        if len(parts) > 1:
+            return torch.cat(parts, dim=dim)
+        heads = self._hf_heads.pop(key, None)
+        if heads is not None:
+            _permute_in_place(parts[0], heads)
+        return parts[0]
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop of the tensor (its first dimension) without reading the others."""
+        parts, dim = self._parts[key]
+        if key in self._hf_heads:
+            order = permute_from_hf(torch.arange(parts[0].shape[0])[:, None], self._hf_heads[key])[:, 0]
+            return parts[0][order[start:stop]]
+        if len(parts) == 1:
+            return parts[0][start:stop]
+        if dim != 0:
+            return torch.cat([p[start:stop] for p in parts], dim=dim)
+        pieces, offset = [], 0
+        for p in parts:  # the parts that overlap start..stop
+            lo, hi = max(start - offset, 0), min(stop - offset, p.shape[0])
+            if lo < hi:
+                pieces.append(p[lo:hi])
+            offset += p.shape[0]
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+    def __contains__(self, key: object) -> bool:  # Mapping's would read the tensor
+        return key in self._parts
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._parts)
+
+    def __len__(self) -> int:
+        return len(self._parts)
+
+
+def _load_meta(path: Path) -> tuple[LazyStateDict, dict[str, str], LlamaConfig | None]:
     shards = sorted(path.glob("consolidated.*.pth"))
     numbers = [int(s.name.split(".")[1]) for s in shards]
     if numbers != list(range(len(shards))):
@@ -137,21 +199,21 @@ def _load_meta(path: Path) -> tuple[StateDict, dict[str, str], LlamaConfig | Non
         if set(part) != set(parts[0]):
             raise ValueError(f"{shard}: holds different tensors than {shards[0].name}; the shards are from different"
                              " checkpoints")
-    sd, sources = {}, {}
+    sd, sources = LazyStateDict(), {}
     for key in parts[0]:
         if key == "rope.freqs":
             continue
         dim = _split_dim(key)
-        sd[key] = parts[0][key] if len(parts) == 1 or dim is None else torch.cat([p[key] for p in parts], dim=dim)
+        sd.add(key, [parts[0][key]] if dim is None else [p[key] for p in parts], dim=dim or 0)
         sources[key] = str(shards[0] if len(parts) == 1 else path / "consolidated.*.pth")
     config = None
     if (path / "params.json").is_file():
-        vocab = sd["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in sd else None
+        vocab = sd.shape("tok_embeddings.weight")[0] if "tok_embeddings.weight" in sd else None
         config = LlamaConfig.from_meta_params(path / "params.json", vocab_size=vocab)
     return sd, sources, config
 
 
-def _load_hf(path: Path) -> tuple[StateDict, dict[str, str], LlamaConfig | None]:
+def _load_hf(path: Path) -> tuple[LazyStateDict, dict[str, str], LlamaConfig | None]:
     config = LlamaConfig.from_hf_config(path / "config.json") if (path / "config.json").is_file() else None
     # The HF repos ship both formats side by side, each with its own index: take safetensors when present (no
     # pickle, memory-mapped) and consult only that format's index.
@@ -183,16 +245,15 @@ def _load_hf(path: Path) -> tuple[StateDict, dict[str, str], LlamaConfig | None]
             sources.update({k: str(f) for k in part})
     if config is None:
         raise FileNotFoundError(f"{path}: config.json is missing; HF checkpoints need it to undo the q/k permutation")
-    sd, meta_sources = {}, {}
+    sd, meta_sources = LazyStateDict(), {}
     for k, t in raw.items():
         name = hf_key_to_meta(k)
         if name is None:
             continue
-        if name.endswith("attention.wq.weight"):
-            _permute_in_place(t, config.n_heads)
-        elif name.endswith("attention.wk.weight"):
-            _permute_in_place(t, config.n_kv_heads)
-        sd[name], meta_sources[name] = t, sources[k]
+        heads = {"attention.wq.weight": config.n_heads, "attention.wk.weight": config.n_kv_heads}.get(
+            name.split(".", 2)[-1])
+        sd.add(name, [t], hf_heads=heads)
+        meta_sources[name] = sources[k]
     return sd, meta_sources, config
 
 
@@ -204,7 +265,7 @@ def _permute_in_place(w: torch.Tensor, n_heads: int) -> None:
     w.copy_(permuted if permuted.data_ptr() != w.data_ptr() else permuted.clone())
 
 
-def _load_llama2c(path: Path) -> tuple[StateDict, dict[str, str], LlamaConfig]:
+def _load_llama2c(path: Path) -> tuple[LazyStateDict, dict[str, str], LlamaConfig]:
     size = path.stat().st_size
     if size < 28 or size % 4:
         raise ValueError(f"{path}: not a llama2.c version-0 checkpoint (size {size} bytes)")
@@ -231,7 +292,7 @@ def _load_llama2c(path: Path) -> tuple[StateDict, dict[str, str], LlamaConfig]:
         raise ValueError(f"{path}: llama2.c checkpoint is {size} bytes, its header implies {needed * 4}; "
                          "the file is truncated or not version 0")
     flat = torch.from_file(str(path), shared=False, size=needed, dtype=torch.float32)
-    sd, offset = {}, 7
+    sd, offset = LazyStateDict(), 7
     for name, n_stack, shape in layout:
         count = (n_stack or 1) * torch.Size(shape).numel()
         t = flat[offset : offset + count]
@@ -239,17 +300,18 @@ def _load_llama2c(path: Path) -> tuple[StateDict, dict[str, str], LlamaConfig]:
         if name.startswith("freq_cis"):
             continue  # recomputed by the model
         if n_stack is None:
-            sd[name] = t.view(shape)
+            sd.add(name, [t.view(shape)])
         else:
             for i, layer_t in enumerate(t.view(n_stack, *shape)):
-                sd[f"layers.{i}.{name}"] = layer_t
+                sd.add(f"layers.{i}.{name}", [layer_t])
     if shared:
-        sd["output.weight"] = sd["tok_embeddings.weight"]
+        sd.add("output.weight", [sd["tok_embeddings.weight"]])
     return sd, dict.fromkeys(sd, str(path)), config
 
 
-def load_checkpoint(path: str | Path) -> tuple[StateDict, dict[str, str], LlamaConfig | None]:
-    """State dict in Meta names, the file each tensor came from, and the config the checkpoint describes."""
+def load_checkpoint(path: str | Path) -> tuple[LazyStateDict, dict[str, str], LlamaConfig | None]:
+    """State dict in Meta names (read lazily, see LazyStateDict), the file each tensor came from, and the config the
+    checkpoint describes."""
     path = Path(path)
     fmt = detect_format(path)
     sd, sources, config = {"meta": _load_meta, "hf": _load_hf, "llama2c": _load_llama2c}[fmt](path)
@@ -257,8 +319,10 @@ def load_checkpoint(path: str | Path) -> tuple[StateDict, dict[str, str], LlamaC
     return sd, sources, config
 
 
-def check_state_dict(model: torch.nn.Module, sd: StateDict, sources: dict[str, str], what: str = "the model") -> None:
-    """Raise ValueError naming the file, tensor and shapes for a missing, unknown or mis-shaped tensor."""
+def check_state_dict(model: torch.nn.Module, sd: LazyStateDict, sources: dict[str, str], what: str = "the model"
+                     ) -> None:
+    """Raise ValueError naming the file, tensor and shapes for a missing, unknown or mis-shaped tensor (shapes only:
+    nothing is read)."""
     expected = {k: v.shape for k, v in model.state_dict().items() if "lora_" not in k}
     missing = sorted(set(expected) - set(sd))
     if missing:
@@ -269,12 +333,30 @@ def check_state_dict(model: torch.nn.Module, sd: StateDict, sources: dict[str, s
         raise ValueError(f"{sources.get(unknown[0], 'checkpoint')}: unknown tensor {unknown[0]!r} "
                          f"({len(unknown)} in all) for {what}")
     for k, shape in expected.items():
-        if sd[k].shape != shape:
-            raise ValueError(f"{sources.get(k, 'checkpoint')}: tensor {k!r} has shape {tuple(sd[k].shape)}, "
+        if sd.shape(k) != shape:
+            raise ValueError(f"{sources.get(k, 'checkpoint')}: tensor {k!r} has shape {tuple(sd.shape(k))}, "
                              f"{what} expects {tuple(shape)}; the checkpoint is for a different model size")
 
 
 _STRUCTURE = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size")
+
+
+def open_checkpoint(checkpoint: str | Path, config: LlamaConfig | None = None
+                    ) -> tuple[LazyStateDict, dict[str, str], LlamaConfig]:
+    """The checkpoint's tensors (unread) and the config to build; with ``config`` (a preset), the checkpoint's own
+    config must agree with it."""
+    sd, sources, ckpt_config = load_checkpoint(checkpoint)
+    if config is not None and ckpt_config is not None:
+        # Head counts shape no tensor, so the shape check in check_state_dict cannot catch a wrong preset for them.
+        differ = [f"{k}={getattr(ckpt_config, k)} (preset: {getattr(config, k)})" for k in _STRUCTURE
+                  if getattr(ckpt_config, k) != getattr(config, k)]
+        if differ:
+            raise ValueError(f"{checkpoint}: the checkpoint's config has {', '.join(differ)}; choose the "
+                             "model preset that matches the checkpoint")
+    config = config or ckpt_config
+    if config is None:
+        raise ValueError(f"{checkpoint}: no params.json/config.json found; pass a model config or preset")
+    return sd, sources, config
 
 
 def build_model(
@@ -292,17 +374,7 @@ def build_model(
     """
     sd = sources = None
     if checkpoint is not None:
-        sd, sources, ckpt_config = load_checkpoint(checkpoint)
-        if config is not None and ckpt_config is not None:
-            # Head counts shape no tensor, so the shape check below cannot catch a wrong preset for them.
-            differ = [f"{k}={getattr(ckpt_config, k)} (preset: {getattr(config, k)})" for k in _STRUCTURE
-                      if getattr(ckpt_config, k) != getattr(config, k)]
-            if differ:
-                raise ValueError(f"{checkpoint}: the checkpoint's config has {', '.join(differ)}; choose the "
-                                 "model preset that matches the checkpoint")
-        config = config or ckpt_config
-        if config is None:
-            raise ValueError(f"{checkpoint}: no params.json/config.json found; pass a model config or preset")
+        sd, sources, config = open_checkpoint(checkpoint, config)
     if config is None:
         raise ValueError("build_model needs a config (preset) or a checkpoint")
     with torch.device("meta"):
@@ -313,10 +385,48 @@ def build_model(
         model.init_weights(generator=generator)
         return model
     check_state_dict(model, sd, sources, what=f"a {config.n_layers}-layer, dim-{config.dim} LLaMA")
-    for k in sd:  # one tensor at a time: an mmapped tensor already in base_dtype on CPU is placed as is
-        sd[k] = sd[k].to(device=device, dtype=base_dtype)
-    model.load_state_dict(sd, assign=True)
+    # One tensor at a time: an mmapped tensor already in base_dtype on CPU is placed as is.
+    model.load_state_dict({k: sd[k].to(device=device, dtype=base_dtype) for k in sd}, assign=True)
     return model
+
+
+@torch.no_grad()
+def fill_shards(model: torch.nn.Module, sd: LazyStateDict | None, seed: int | None = None) -> None:
+    """Fill the local shards of a model that ``fully_shard`` split on dim 0 after it was built on the meta device
+    (and ``to_empty``-ed): each rank reads only its own rows of the memory-mapped checkpoint, or, without one, draws
+    the single-process random init (every full tensor in turn, same generator) and keeps its rows. LoRA weights are
+    drawn as LoRALinear draws them. Device memory per rank is about 1/W of the base; no rank holds a whole tensor
+    read from the checkpoint."""
+    from torch.distributed.tensor import DTensor
+
+    from .lora import init_lora_a
+    from .model import init_base_tensor
+
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed) if sd is None and seed is not None else None
+    base = [(n, p) for n, p in model.named_parameters() if "lora_" not in n]
+    lora = [(n, p) for n, m in model.named_modules() if hasattr(m, "lora_a") for n, p in
+            ((f"{n}.lora_a", m.lora_a), (f"{n}.lora_b", m.lora_b))]  # in the order LoRALinear draws them
+    for name, p in base + lora:
+        local = p.to_local() if isinstance(p, DTensor) else p
+        start = _first_local_row(p) if isinstance(p, DTensor) else 0
+        stop = start + local.shape[0]
+        if name.endswith("lora_b"):
+            local.zero_()
+        elif sd is not None and "lora_" not in name:
+            local.copy_(sd.rows(name, start, stop))
+        else:
+            full = torch.empty(p.shape, dtype=p.dtype, device=device)
+            init_lora_a(full) if name.endswith("lora_a") else init_base_tensor(name, full, generator=generator)
+            local.copy_(full[start:stop])
+
+
+def _first_local_row(p) -> int:
+    """First row of this rank's shard of a DTensor sharded on dim 0 over a 1-D mesh (torch.chunk's split)."""
+    (placement,) = p.placements
+    assert placement.is_shard(0), f"expected a dim-0 shard, got {placement}"
+    world, rank = p.device_mesh.size(), p.device_mesh.get_local_rank()
+    return min(rank * -(-p.shape[0] // world), p.shape[0])
 
 
 # ----- writing -----
