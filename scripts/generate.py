@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from llama_lora.adapters import adapter_hparams, load_model
+from llama_lora.adapters import load_model, read_adapter
 from llama_lora.cli import configure_logging, main_guard
 from llama_lora.config import LlamaConfig
 from llama_lora.data import AlpacaDataModule, format_prompt
@@ -107,7 +107,8 @@ def main(argv: list[str]) -> None:
     args = p.parse_args(argv)
     records = read_prompts(args)
     # The tokenizer and the prompts' lengths are checked before the base model is loaded.
-    hparams, datamodule_hparams = adapter_hparams(args.adapter)
+    trained = read_adapter(args.adapter) if args.adapter and Path(args.adapter).is_file() else None
+    hparams, datamodule_hparams = (trained.hparams, trained.datamodule_hparams) if trained else ({}, {})
     tok = load_tokenizer(args, datamodule_hparams)
     texts = [format_prompt(r) if args.mode == "instruction" else r["instruction"] for r in records]
     prompts = [[tok.bos_id] + tok.encode(text) for text in texts]

@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llama_lora.adapters import export_peft, import_peft, load_model, merged_state_dict
-from llama_lora.lora import apply_lora
+from llama_lora.adapters import Adapter, export_peft, import_peft, load_model, merged_weights
+from llama_lora.lora import apply_lora, lora_state_dict
 from llama_lora.weights import build_model, save_hf, save_meta
 
 LORA = {"targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"], "r": 4, "alpha": 8.0, "dropout": 0.0}
@@ -25,7 +25,7 @@ def lora_model(tiny_config):
 
 
 def test_peft_export_names_shapes_and_config(tmp_path, lora_model, tiny_config):
-    export_peft(lora_model, LORA, tmp_path)
+    export_peft(lora_state_dict(lora_model), tiny_config, LORA, tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
     assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]) == (4, 8.0, 0.0)
@@ -50,7 +50,7 @@ def test_peft_export_names_shapes_and_config(tmp_path, lora_model, tiny_config):
 def test_peft_round_trip_gives_identical_logits(tmp_path, lora_model, tiny_config, tokens):
     expected = lora_model(tokens)
     save_meta(build_model(tiny_config, base_dtype=torch.float32, seed=0).state_dict(), tiny_config, tmp_path / "base")
-    export_peft(lora_model, LORA, tmp_path / "adapter")
+    export_peft(lora_state_dict(lora_model), tiny_config, LORA, tmp_path / "adapter")
     sd, lora = import_peft(tmp_path / "adapter", tiny_config)
     assert lora == LORA
     loaded = load_model(tmp_path / "base", tmp_path / "adapter", base_dtype=torch.float32)
@@ -61,7 +61,7 @@ def test_delta_weight_in_hf_layout_equals_permuted_meta_delta(tmp_path, lora_mod
     """What PeftModel computes on the HF base (B_hf A_hf) is exactly HF's permutation of our delta."""
     from llama_lora.weights import permute_to_hf
 
-    export_peft(lora_model, LORA, tmp_path)
+    export_peft(lora_state_dict(lora_model), tiny_config, LORA, tmp_path)
     t = load_file(tmp_path / "adapter_model.safetensors")
     for proj, meta, heads in (("q_proj", "wq", tiny_config.n_heads), ("k_proj", "wk", tiny_config.n_kv_heads)):
         pre = f"base_model.model.model.layers.1.self_attn.{proj}"
@@ -73,8 +73,9 @@ def test_delta_weight_in_hf_layout_equals_permuted_meta_delta(tmp_path, lora_mod
 @pytest.mark.parametrize("fmt", ["meta", "hf"])
 def test_merged_checkpoint_equals_unmerged(tmp_path, lora_model, tiny_config, tokens, fmt):
     expected = lora_model(tokens)
-    sd = merged_state_dict(lora_model, torch.float32)
-    assert not any("lora_" in k for k in sd)
+    base = {k: v.detach().clone() for k, v in lora_model.state_dict().items() if "lora_" not in k}
+    sd = dict(merged_weights(base, Adapter(lora_state_dict(lora_model), LORA, tmp_path)))
+    assert sd.keys() == base.keys()
     (save_meta if fmt == "meta" else save_hf)(sd, tiny_config, tmp_path)
     merged = build_model(checkpoint=tmp_path, base_dtype=torch.float32)
     torch.testing.assert_close(merged(tokens), expected, rtol=1e-4, atol=1e-4)
@@ -91,3 +92,45 @@ def test_bad_adapters(tmp_path, tiny_config):
     (tmp_path / "x.ckpt").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="not a readable fit.py checkpoint"):
         load_model(None, tmp_path / "x.ckpt", model="tiny")
+
+
+@pytest.mark.parametrize("fmt", ["meta", "hf"])
+def test_streamed_merge_of_a_half_precision_base_is_bit_identical_to_an_fp32_merge(tmp_path, lora_model,
+                                                                                    tiny_config, fmt):
+    """merge_adapter folds each layer in fp32 into the memory-mapped bf16 base (in place, copy-on-write); the result
+    equals loading the whole base in fp32, merging there and casting to bf16, bit for bit. The base file on disk is
+    not changed."""
+    import hashlib
+
+    from llama_lora.adapters import merge_adapter
+    from llama_lora.lora import merge_lora
+    from llama_lora.weights import load_checkpoint
+
+    save_meta({k: v.detach().bfloat16() for k, v in lora_model.state_dict().items() if "lora_" not in k},
+              tiny_config, tmp_path / "base")
+    export_peft(lora_state_dict(lora_model), tiny_config, LORA, tmp_path / "adapter")
+    digest = hashlib.sha256((tmp_path / "base" / "consolidated.00.pth").read_bytes()).hexdigest()
+    merge_adapter(tmp_path / "adapter", tmp_path / "merged", fmt, checkpoint_dir=tmp_path / "base", model="tiny")
+    reference = load_model(tmp_path / "base", tmp_path / "adapter", base_dtype=torch.float32).model
+    merge_lora(reference, unload=True)
+    merged, _, _ = load_checkpoint(tmp_path / "merged")
+    for key, expected in reference.state_dict().items():
+        assert merged[key].dtype == torch.bfloat16 and torch.equal(merged[key], expected.bfloat16()), key
+    assert hashlib.sha256((tmp_path / "base" / "consolidated.00.pth").read_bytes()).hexdigest() == digest
+
+
+def test_export_reads_no_base_weights(tmp_path, lora_model, tiny_config):
+    """A fit.py checkpoint whose base folder is gone still exports: export needs only the LoRA tensors and settings."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    ckpt = {"state_dict": {f"model.{k}": v for k, v in lora_state_dict(lora_model).items()},
+            "hyper_parameters": {"model": "tiny", "checkpoint_dir": str(tmp_path / "gone"), "lora": LORA}}
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "export_adapter.py"), "--adapter",
+                           str(tmp_path / "last.ckpt"), "--out", str(tmp_path / "peft")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sd, lora = import_peft(tmp_path / "peft", tiny_config)
+    assert lora == LORA and all(torch.equal(v, lora_state_dict(lora_model)[k]) for k, v in sd.items())

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from llama_lora.adapters import export_peft, import_peft
-from llama_lora.lora import apply_lora
+from llama_lora.lora import apply_lora, lora_state_dict
 from llama_lora.weights import build_model, save_hf
 
 transformers = pytest.importorskip("transformers")
@@ -24,7 +24,7 @@ def test_peft_model_from_pretrained_gives_our_logits(tmp_path, tiny_config, toke
             if n.endswith("lora_b"):
                 p.normal_(0, 0.1)
     model.eval()
-    export_peft(model, LORA, tmp_path / "adapter", base_model=str(tmp_path / "base"))
+    export_peft(lora_state_dict(model), tiny_config, LORA, tmp_path / "adapter", base_model=str(tmp_path / "base"))
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", torch_dtype=torch.float32)
     theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
     with torch.no_grad():

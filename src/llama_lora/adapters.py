@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import LlamaConfig
-from .lora import LORA_TARGETS, apply_lora, lora_layers, merge_lora
+from .lora import LORA_TARGETS, apply_lora
 from .model import Llama
-from .weights import build_model, hf_key_to_meta, meta_key_to_hf, permute_from_hf, permute_to_hf
+from .weights import (
+    build_model,
+    hf_key_to_meta,
+    meta_key_to_hf,
+    open_checkpoint,
+    permute_from_hf,
+    permute_to_hf,
+    save_hf,
+    save_meta,
+)
 
 # Meta module name -> HF module name (PEFT target_modules use the last part).
 _HF_MODULE = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w2": "down_proj",
@@ -45,12 +55,52 @@ def _read_ckpt(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not a readable fit.py checkpoint ({str(e).splitlines()[0]})") from None
 
 
-def adapter_hparams(adapter: str | Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The model and data-module hyperparameters a fit.py checkpoint was trained with ({} for none or PEFT)."""
-    if adapter is None or not Path(adapter).is_file():
-        return {}, {}
-    ckpt = _read_ckpt(Path(adapter))
-    return ckpt.get("hyper_parameters", {}), ckpt.get("datamodule_hyper_parameters", {})
+@dataclass
+class Adapter:
+    """What training changed, in Meta names: LoRA's ``lora_a``/``lora_b`` (or, for full fine-tuning, the weights),
+    the LoRA settings (None for full fine-tuning), and a fit.py checkpoint's hyperparameters ({} for PEFT)."""
+
+    tensors: dict[str, torch.Tensor]
+    lora: dict[str, Any] | None
+    source: Path
+    hparams: dict[str, Any] = field(default_factory=dict)
+    datamodule_hparams: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def preset(self) -> str | None:
+        return self.hparams.get("model")
+
+    @property
+    def checkpoint_dir(self) -> str | None:
+        return self.hparams.get("checkpoint_dir")
+
+
+def read_adapter(path: str | Path, config: LlamaConfig | None = None) -> Adapter:
+    """A fit.py checkpoint (``.ckpt``) or a PEFT folder, without reading any base weight. A PEFT adapter needs the
+    model's ``config`` (its q/k rows are in HF's permuted order)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Adapter not found: {path}; give a fit.py .ckpt or a PEFT adapter folder")
+    if path.is_dir():
+        if config is None:
+            raise ValueError(f"{path}: a PEFT adapter needs the model: pass a model preset or checkpoint_dir")
+        tensors, lora = import_peft(path, config)
+        return Adapter(tensors, lora, path)
+    ckpt = _read_ckpt(path)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(f"{path}: no state_dict; is it a fit.py checkpoint?")
+    hp = ckpt.get("hyper_parameters", {})
+    tensors = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    return Adapter(tensors, hp.get("lora"), path, hp, ckpt.get("datamodule_hyper_parameters", {}))
+
+
+def adapter_config(adapter: Adapter | None, checkpoint_dir: str | Path | None, model: str | None
+                   ) -> tuple[str | Path | None, LlamaConfig | None]:
+    """The base checkpoint and preset to use: the ones given, else those the adapter was trained with."""
+    hp = adapter.hparams if adapter is not None else {}
+    checkpoint_dir = checkpoint_dir if checkpoint_dir is not None else hp.get("checkpoint_dir")
+    preset = model or hp.get("model")
+    return checkpoint_dir, LlamaConfig.from_name(preset) if preset else None
 
 
 def load_model(
@@ -64,30 +114,20 @@ def load_model(
 
     With a fit.py checkpoint, the preset, LoRA settings and ``checkpoint_dir`` default to those it was trained with.
     """
-    adapter = Path(adapter) if adapter is not None else None
-    if adapter is not None and not adapter.exists():
-        raise FileNotFoundError(f"Adapter not found: {adapter}; give a fit.py .ckpt or a PEFT adapter folder")
-    ckpt = _read_ckpt(adapter) if adapter is not None and adapter.is_file() else None
-    hp = (ckpt or {}).get("hyper_parameters", {})
-    if ckpt is not None and "state_dict" not in ckpt:
-        raise ValueError(f"{adapter}: no state_dict; is it a fit.py checkpoint?")
-    checkpoint_dir = checkpoint_dir if checkpoint_dir is not None else hp.get("checkpoint_dir")
-    preset = model or hp.get("model")
-    config = LlamaConfig.from_name(preset) if preset else None
-    base = build_model(config, checkpoint_dir, base_dtype, device, seed=hp.get("init_seed", 0))
-    lora: dict[str, Any] | None = None
-    if ckpt is not None:
-        lora = hp.get("lora")
-        if lora:
-            apply_lora(base, lora["targets"], lora["r"], lora["alpha"], lora["dropout"])
-        sd = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
-        _load_partial(base, sd, adapter)
-    elif adapter is not None:
-        sd, lora = import_peft(adapter, base.config)
-        apply_lora(base, lora["targets"], lora["r"], lora["alpha"], lora["dropout"])
-        _load_partial(base, sd, adapter)
+    trained = read_adapter(adapter) if adapter is not None and Path(adapter).is_file() else None
+    checkpoint_dir, config = adapter_config(trained, checkpoint_dir, model)
+    base = build_model(config, checkpoint_dir, base_dtype, device, seed=(trained.hparams if trained else {}).get(
+        "init_seed", 0))
+    if trained is None and adapter is not None:
+        trained = read_adapter(adapter, base.config)  # PEFT: its q/k rows need the model's head counts
+    if trained is not None:
+        if trained.lora:
+            apply_lora(base, trained.lora["targets"], trained.lora["r"], trained.lora["alpha"],
+                       trained.lora["dropout"])
+        _load_partial(base, trained.tensors, trained.source)
     base.eval()
-    return LoadedModel(base, base.config, lora, (ckpt or {}).get("datamodule_hyper_parameters", {}))
+    return LoadedModel(base, base.config, trained.lora if trained else None,
+                       trained.datamodule_hparams if trained else {})
 
 
 def _load_partial(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: Path) -> None:
@@ -110,27 +150,29 @@ def _peft_name(meta_module: str) -> str:
     return "base_model.model." + meta_key_to_hf(meta_module + ".weight").removesuffix(".weight")
 
 
-def export_peft(model: Llama, lora: dict[str, Any], out_dir: str | Path, base_model: str = "meta-llama/Llama-2-7b-hf"
-                ) -> Path:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` as HF PEFT does for a LLaMA model.
+def export_peft(lora_tensors: dict[str, torch.Tensor], config: LlamaConfig, lora: dict[str, Any],
+                out_dir: str | Path, base_model: str = "meta-llama/Llama-2-7b-hf") -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` as HF PEFT does for a LLaMA model, from the
+    LoRA tensors in Meta names (``lora_state_dict(model)`` or ``read_adapter(...).tensors``): no base weight needed.
 
     HF's q_proj/k_proj rows are permuted relative to Meta's (rotate-half RoPE); since delta W = B A, the same row
     permutation applies to lora_B of q and k, and lora_A is unchanged.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config, tensors = model.config, {}
-    for name, layer in lora_layers(model):
-        a, b = layer.lora_a.detach().float().contiguous(), layer.lora_b.detach().float()
-        if name.endswith("attention.wq"):
-            b = permute_to_hf(b, config.n_heads)
-        elif name.endswith("attention.wk"):
-            b = permute_to_hf(b, config.n_kv_heads)
-        peft = _peft_name(name)
-        tensors[f"{peft}.lora_A.weight"] = a
-        tensors[f"{peft}.lora_B.weight"] = b.contiguous()
+    tensors = {}
+    for key, t in lora_tensors.items():
+        module, _, kind = key.rpartition(".")
+        if kind not in ("lora_a", "lora_b"):
+            continue
+        t = t.detach().float()
+        if kind == "lora_b" and module.endswith("attention.wq"):
+            t = permute_to_hf(t, config.n_heads)
+        elif kind == "lora_b" and module.endswith("attention.wk"):
+            t = permute_to_hf(t, config.n_kv_heads)
+        tensors[f"{_peft_name(module)}.lora_{kind[-1].upper()}.weight"] = t.contiguous()
     if not tensors:
-        raise ValueError("export_peft: the model has no LoRA layers")
+        raise ValueError("export_peft: no LoRA tensors (was the adapter trained with lora: null?)")
+    out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     adapter_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
@@ -186,8 +228,57 @@ def import_peft(path: str | Path, config: LlamaConfig) -> tuple[dict[str, torch.
     return sd, lora
 
 
-def merged_state_dict(model: Llama, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Fold every LoRA layer into its weight (in the weights' precision: load the base in fp32 to merge in fp32),
-    drop the LoRA tensors, and cast to ``dtype``."""
-    merge_lora(model, unload=True)
-    return {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
+def merged_weights(base: Mapping[str, torch.Tensor], adapter: Adapter, dtype: torch.dtype | None = None
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The base's tensors with the adapter folded in, one at a time, in ``dtype`` (None: each tensor's own).
+
+    Each LoRA update is computed in fp32, added to the fp32 upcast of its weight and cast once, as
+    ``LoRALinear.merge`` does. A tensor whose dtype stays is rewritten in place: a memory-mapped checkpoint's mapping
+    is private (copy-on-write), so merging 7B holds the base in its dtype plus one layer, never a second copy.
+    """
+    trained = adapter.tensors
+    scaling = adapter.lora["alpha"] / adapter.lora["r"] if adapter.lora else None
+    unknown = sorted({k.rsplit(".", 1)[0] + ".weight" for k in trained} - set(base)) if adapter.lora else sorted(
+        set(trained) - set(base))
+    if unknown:
+        raise ValueError(f"{adapter.source}: the adapter changes {unknown[0]!r} ({len(unknown)} in all), which the "
+                         "base does not have; was it trained on another model?")
+    for key in base:
+        t = base[key]
+        module = key.removesuffix(".weight")
+        if scaling is not None and f"{module}.lora_a" in trained:
+            a, b = trained[f"{module}.lora_a"].float(), trained[f"{module}.lora_b"].float()
+            if (b.shape[0], a.shape[1]) != tuple(t.shape):
+                raise ValueError(f"{adapter.source}: LoRA of {module!r} is for a ({b.shape[0]}, {a.shape[1]}) weight, "
+                                 f"the base's is {tuple(t.shape)}")
+            merged = (t.float() + (b @ a) * scaling).to(dtype or t.dtype)
+        elif scaling is None and key in trained:  # full fine-tuning: the trained weight replaces the base's
+            merged = trained[key].to(dtype or t.dtype)
+        else:
+            yield key, t.to(dtype or t.dtype)
+            continue
+        if merged.dtype == t.dtype:
+            merged = t.copy_(merged)
+        yield key, merged
+
+
+def merge_adapter(adapter: str | Path, out_dir: str | Path, format: str = "hf", checkpoint_dir: str | Path | None = None,
+                  model: str | None = None, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 10**9
+                  ) -> Path:
+    """Fold an adapter into its base and write a plain checkpoint (Meta or HF), tensor by tensor from the
+    memory-mapped base: the peak is the base in its dtype plus one layer. ``dtype`` None keeps the base's."""
+    trained = read_adapter(adapter) if Path(adapter).is_file() else None
+    checkpoint_dir, config = adapter_config(trained, checkpoint_dir, model)
+    if checkpoint_dir is None:  # the random init a fit.py run started from (demo and test presets)
+        if config is None:
+            raise ValueError("merge: the base is unknown; give checkpoint_dir (or a model preset)")
+        hp = trained.hparams if trained else {}
+        init_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(hp.get("base_dtype"), torch.float32)
+        base: Mapping[str, torch.Tensor] = build_model(config, None, init_dtype, seed=hp.get("init_seed", 0)).state_dict()
+    else:
+        base, _, config = open_checkpoint(checkpoint_dir, config)
+    trained = trained or read_adapter(adapter, config)
+    merged = dict(merged_weights(base, trained, dtype))
+    if format == "meta":
+        return save_meta(merged, config, out_dir)
+    return save_hf(merged, config, out_dir, max_shard_bytes=max_shard_bytes)

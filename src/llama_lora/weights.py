@@ -469,36 +469,35 @@ def save_hf(sd: StateDict, config: LlamaConfig, out_dir: str | Path, max_shard_b
     """Write HF LlamaForCausalLM weights (permuted q/k), sharded with an index when over max_shard_bytes."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    hf = {}
-    for k, v in _plain(sd).items():
-        if k.endswith("attention.wq.weight"):
-            v = permute_to_hf(v, config.n_heads)
-        elif k.endswith("attention.wk.weight"):
-            v = permute_to_hf(v, config.n_kv_heads)
-        hf[meta_key_to_hf(k)] = v.contiguous()
-    shards: list[StateDict] = [{}]
+    sd = _plain(sd)
+    shards: list[list[str]] = [[]]  # Meta names per shard, in order
     size = 0
-    for k, v in hf.items():
-        nbytes = v.numel() * v.element_size()
-        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+    for k, v in sd.items():
+        if max_shard_bytes and shards[-1] and size + v.nbytes > max_shard_bytes:
+            shards.append([])
             size = 0
-        shards[-1][k] = v
-        size += nbytes
+        shards[-1].append(k)
+        size += v.nbytes
     stem, ext = ("model", "safetensors") if safetensors else ("pytorch_model", "bin")
     names = [f"{stem}.{ext}"] if len(shards) == 1 else [
         f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}" for i in range(len(shards))]
-    for name, shard in zip(names, shards):
+    heads = {"attention.wq.weight": config.n_heads, "attention.wk.weight": config.n_kv_heads}
+    for name, keys in zip(names, shards):
+        # One shard at a time: the permuted q/k copies of this shard are all that is allocated.
+        shard = {}
+        for k in keys:
+            n = heads.get(k.split(".", 2)[-1])
+            shard[meta_key_to_hf(k)] = sd[k] if n is None else permute_to_hf(sd[k], n).contiguous()
         tmp = out_dir / (name + ".tmp")
         if safetensors:
             save_file(shard, str(tmp), metadata={"format": "pt"})
         else:
             torch.save(shard, tmp)
         os.replace(tmp, out_dir / name)
+        del shard
     if len(shards) > 1:
-        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
-        total = sum(v.numel() * v.element_size() for v in hf.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        weight_map = {meta_key_to_hf(k): name for name, keys in zip(names, shards) for k in keys}
+        index = {"metadata": {"total_size": sum(v.nbytes for v in sd.values())}, "weight_map": weight_map}
         (out_dir / f"{stem}.{ext}.index.json").write_text(json.dumps(index, indent=2))
     (out_dir / "config.json").write_text(json.dumps(config.to_hf_config(), indent=2))
     return out_dir
