@@ -130,7 +130,8 @@ def test_export_reads_no_base_weights(tmp_path, lora_model, tiny_config):
             "hyper_parameters": {"model": "tiny", "checkpoint_dir": str(tmp_path / "gone"), "lora": LORA}}
     torch.save(ckpt, tmp_path / "last.ckpt")
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "export_adapter.py"), "--adapter",
-                           str(tmp_path / "last.ckpt"), "--out", str(tmp_path / "peft")], capture_output=True, text=True)
+                           str(tmp_path / "last.ckpt"), "--out", str(tmp_path / "peft")], capture_output=True,
+                          text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     sd, lora = import_peft(tmp_path / "peft", tiny_config)
     assert lora == LORA and all(torch.equal(v, lora_state_dict(lora_model)[k]) for k, v in sd.items())

@@ -318,7 +318,6 @@ def test_num_samples_is_the_number_of_training_examples_on_real_alpaca(assets):
     """lora_amp.yaml's data settings with --data.num_samples 200, as the README tells users to reproduce the seed:
     exactly 200 training examples, and a non-empty validation set that shares no record with them."""
     import yaml
-
     from conftest import ROOT
 
     data = yaml.safe_load((ROOT / "configs" / "lora_amp.yaml").read_text())["data"]

@@ -262,9 +262,9 @@ def merged_weights(base: Mapping[str, torch.Tensor], adapter: Adapter, dtype: to
         yield key, merged
 
 
-def merge_adapter(adapter: str | Path, out_dir: str | Path, format: str = "hf", checkpoint_dir: str | Path | None = None,
-                  model: str | None = None, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 10**9
-                  ) -> Path:
+def merge_adapter(adapter: str | Path, out_dir: str | Path, format: str = "hf",
+                  checkpoint_dir: str | Path | None = None, model: str | None = None,
+                  dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 10**9) -> Path:
     """Fold an adapter into its base and write a plain checkpoint (Meta or HF), tensor by tensor from the
     memory-mapped base: the peak is the base in its dtype plus one layer. ``dtype`` None keeps the base's."""
     trained = read_adapter(adapter) if Path(adapter).is_file() else None
@@ -274,7 +274,8 @@ def merge_adapter(adapter: str | Path, out_dir: str | Path, format: str = "hf", 
             raise ValueError("merge: the base is unknown; give checkpoint_dir (or a model preset)")
         hp = trained.hparams if trained else {}
         init_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(hp.get("base_dtype"), torch.float32)
-        base: Mapping[str, torch.Tensor] = build_model(config, None, init_dtype, seed=hp.get("init_seed", 0)).state_dict()
+        seed = hp.get("init_seed", 0)
+        base: Mapping[str, torch.Tensor] = build_model(config, None, init_dtype, seed=seed).state_dict()
     else:
         base, _, config = open_checkpoint(checkpoint_dir, config)
     trained = trained or read_adapter(adapter, config)

@@ -168,7 +168,8 @@ def tokenize_record(record: dict[str, str], tokenizer: Tokenizer, max_seq_len: i
 
 
 def preprocess(records: Sequence[dict[str, str]], tokenizer: Tokenizer, max_seq_len: int = 512,
-               mask_prompt: bool = True, limit: int | None = None) -> tuple[list[dict[str, list[int]]], PreprocessStats]:
+               mask_prompt: bool = True, limit: int | None = None
+               ) -> tuple[list[dict[str, list[int]]], PreprocessStats]:
     """Tokenized examples of ``records`` in order; with ``limit``, stop once that many are kept. Each example keeps the
     position of its record in ``records`` as ``index``."""
     examples, stats = [], PreprocessStats()
