@@ -396,3 +396,13 @@ def test_sigterm_under_ddp_stops_every_rank_at_one_step_with_a_checkpoint(tmp_pa
     time.sleep(1)
     left = subprocess.run(["pgrep", "-f", str(config)], capture_output=True, text=True).stdout.split()
     assert not left, f"rank processes left running: {left}"
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_validation_and_checkpoints_at_the_same_optimizer_steps(config):
+    """val_check_interval counts micro-batches, every_n_train_steps optimizer steps: each config validates exactly
+    when it writes a checkpoint."""
+    trainer = yaml.safe_load(config.read_text())["trainer"]
+    every = next(c["init_args"]["every_n_train_steps"] for c in trainer["callbacks"]
+                 if c["class_path"].endswith("ModelCheckpoint"))
+    assert trainer["val_check_interval"] == every * trainer.get("accumulate_grad_batches", 1)

@@ -41,12 +41,12 @@ class Poisoned(LlamaLoRAModule):
         return loss * float("nan") if self.trainer.global_step + 1 in self.bad_steps else loss
 
 
-def tiny_module(bad_steps=(), **kwargs) -> Poisoned:
+def tiny_module(bad_steps=(), cls=None, **kwargs) -> Poisoned:
     settings = dict(model="tiny", base_dtype="fp32", max_seq_len=128,
                     lora=LoRASettings(targets=["wq", "wv"], r=4, alpha=8, dropout=0.0),
                     optimizer=lambda params: torch.optim.AdamW(params, lr=0.01),
                     scheduler=lambda opt: WarmupCosineLR(opt, warmup_steps=2))
-    return Poisoned(bad_steps, **{**settings, **kwargs})
+    return (cls or Poisoned)(bad_steps, **{**settings, **kwargs})
 
 
 @pytest.fixture(scope="module")
@@ -276,3 +276,33 @@ def test_the_frozen_base_is_released_before_lightnings_teardown_copies_it_to_the
     assert math.isfinite(result[0]["val/loss"])
     assert all(p.numel() > 0 for p in module.model.parameters())
     assert all(torch.equal(p, trained[n]) for n, p in module.model.named_parameters() if p.requires_grad)
+
+
+class Allocating(Poisoned):
+    """Touches 256 MB in optimizer step 3 and 512 MB in every validation step."""
+
+    def training_step(self, batch, batch_idx):
+        if self.trainer.global_step + 1 == 3:
+            torch.ones(64 * 2**20).sum()
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        torch.ones(128 * 2**20).sum()
+        return super().validation_step(batch, batch_idx)
+
+
+def test_peak_memory_is_each_steps_own(tmp_path, data_cache, capsys):
+    """memory/peak_rss_mb is reset at each optimizer step's first micro-batch: step 3's 256 MB shows in step 3 only,
+    validation's 512 MB in none, and the summary prints the maximum over steps."""
+    from llama_lora.callbacks import PeakMemoryMonitor
+
+    monitor = PeakMemoryMonitor()
+    t = trainer(tmp_path, callbacks=[monitor], max_steps=5, accumulate_grad_batches=2, limit_val_batches=2,
+                val_check_interval=4, check_val_every_n_epoch=None)
+    t.fit(tiny_module(cls=Allocating), tiny_data(data_cache))
+    peaks = scalars(tmp_path / "logs", "memory/peak_rss_mb")
+    assert sorted(peaks) == [0, 1, 2, 3, 4]  # one per optimizer step, not per micro-batch
+    quiet = [peaks[s] for s in (0, 1, 3, 4)]
+    assert peaks[2] - max(quiet) > 200 and max(quiet) - min(quiet) < 100  # validation (after step 2) never shows
+    assert monitor.run_max["memory/peak_rss_mb"] == pytest.approx(peaks[2], abs=1)
+    assert f"Peak RSS: {monitor.run_max['memory/peak_rss_mb']:.2f} MB" in capsys.readouterr().out

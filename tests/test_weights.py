@@ -212,3 +212,28 @@ def test_rows_read_a_ranks_shard_without_the_rest(tmp_path, tiny_config, sd, lay
             got = [lazy.rows(key, min(r * chunk, len(full)), min((r + 1) * chunk, len(full))) for r in range(world)]
             assert torch.equal(torch.cat(got), full), (key, world)
             assert lazy.shape(key) == full.shape
+
+
+def test_llama2c_shared_classifier_is_one_tied_parameter_written_once(tmp_path, tiny_config, sd, tokens):
+    """llama2.c's stories models share the classifier with the embedding (positive vocab in the header): one
+    parameter after loading, counted once, and written once by every export."""
+    from safetensors import safe_open
+
+    from llama_lora.lora import count_params
+
+    sd["output.weight"] = sd["tok_embeddings.weight"]
+    save_llama2c(sd, tiny_config, tmp_path / "tied.bin")
+    model = build_model(checkpoint=tmp_path / "tied.bin", base_dtype=torch.float32)
+    assert model.output.weight is model.tok_embeddings.weight and model.config.tie_embeddings
+    assert count_params(model)[1] == model.config.n_params == tiny_config.n_params - 512 * 64
+    expected = model(tokens)
+    save_hf(model.state_dict(), model.config, tmp_path / "hf")
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    save_meta(model.state_dict(), model.config, tmp_path / "meta")
+    save_llama2c(model.state_dict(), model.config, tmp_path / "again.bin")
+    assert (tmp_path / "again.bin").stat().st_size == (tmp_path / "tied.bin").stat().st_size
+    for path in (tmp_path / "hf", tmp_path / "meta", tmp_path / "again.bin"):
+        back = build_model(checkpoint=path, base_dtype=torch.float32)
+        assert back.output.weight is back.tok_embeddings.weight, path
+        assert torch.equal(back(tokens), expected), path

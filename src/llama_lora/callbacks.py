@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from typing import Any
 
@@ -13,16 +12,15 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from .data import format_prompt
 from .lora import trainable_summary
+from .memory import peak_rss_bytes, reset_peak_rss
 
 log = logging.getLogger(__name__)
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is KiB on Linux
-
-
 class PeakMemoryMonitor(L.Callback):
-    """Logs peak memory per step and per epoch: CUDA max allocated/reserved on GPU, peak RSS on CPU.
+    """Peak memory of each optimizer step, and the maximum over the run: CUDA max allocated/reserved on GPU, peak RSS
+    on CPU. The peak is reset at each step's first micro-batch, so validation and sample generation in between do
+    not count. Under several devices, the logged and printed figures are the maximum over ranks.
 
     At the end of fit it prints the seed experiment's summary: the trainable-params line, peak memory, computation
     time and the average training loss.
@@ -31,40 +29,66 @@ class PeakMemoryMonitor(L.Callback):
     def __init__(self) -> None:
         self.fit_start: float | None = None
         self.losses: list[float] = []
+        self.run_max: dict[str, float] = {}
+        self._step = 0
+        self._reset_pending = True
 
-    def _memory(self, pl_module: L.LightningModule) -> dict[str, float]:
-        device = pl_module.device
+    def _reset(self, device: torch.device) -> None:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            reset_peak_rss()
+
+    def _peaks(self, device: torch.device) -> dict[str, float]:
         if device.type == "cuda":
             return {"memory/max_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20,
                     "memory/max_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20}
-        return {"memory/peak_rss_mb": peak_rss_mb()}
+        return {"memory/peak_rss_mb": peak_rss_bytes() / 2**20}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(pl_module.device)
-        self.fit_start, self.losses = time.perf_counter(), []
+        self.fit_start, self.losses, self.run_max = time.perf_counter(), [], {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._step, self._reset_pending = trainer.global_step, True
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._reset_pending:  # the first micro-batch of an optimizer step
+            self._reset(pl_module.device)
+            self._reset_pending = False
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        pl_module.log_dict(self._memory(pl_module), on_step=True, on_epoch=False)
         loss = trainer.callback_metrics.get("train/loss_step")
         if loss is not None:
             self.losses.append(float(loss))
+        if trainer.global_step == self._step:
+            return  # mid-accumulation: the step goes on
+        self._step, self._reset_pending = trainer.global_step, True
+        peaks = self._peaks(pl_module.device)
+        if trainer.world_size > 1:
+            values = trainer.strategy.reduce(torch.tensor(list(peaks.values()), device=pl_module.device),
+                                             reduce_op="max")
+            peaks = dict(zip(peaks, values.tolist()))
+        self.run_max = {k: max(v, self.run_max.get(k, 0.0)) for k, v in peaks.items()}
+        pl_module.log_dict(peaks, on_step=True, on_epoch=False)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        pl_module.log_dict({f"{k}_epoch": v for k, v in self._memory(pl_module).items()}, on_epoch=True)
+        if self.run_max:
+            pl_module.log_dict({f"{k}_run_max": v for k, v in self.run_max.items()}, on_epoch=True)
 
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # on_train_end, not on_fit_end: Lightning's teardown moves the module to the CPU in between.
-        mem = self._memory(pl_module)
+        mem = self.run_max or self._peaks(pl_module.device)
         seconds = time.perf_counter() - (self.fit_start or time.perf_counter())
+        ranks = f", maximum over {trainer.world_size} ranks" if trainer.world_size > 1 else ""
         lines = [trainable_summary(pl_module)]
         if "memory/max_allocated_mb" in mem:
             lines.append(f"Peak GPU memory: {mem['memory/max_allocated_mb']:.2f} MB "
-                         f"(reserved {mem['memory/max_reserved_mb']:.2f} MB)")
+                         f"(reserved {mem['memory/max_reserved_mb']:.2f} MB; of a training step{ranks})")
         else:
-            lines.append(f"Peak RSS: {mem['memory/peak_rss_mb']:.2f} MB")
+            lines.append(f"Peak RSS: {mem['memory/peak_rss_mb']:.2f} MB (of a training step{ranks})")
         lines.append(f"Computation time: {seconds:.2f} s")
         if self.losses:
             lines.append(f"Average loss: {sum(self.losses) / len(self.losses):.4f}")

@@ -22,6 +22,7 @@ class LlamaConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
+    tie_embeddings: bool = False  # the output layer is the embedding matrix (llama2.c's shared classifier)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -67,7 +68,8 @@ class LlamaConfig:
         attention = self.dim * (2 * self.dim + 2 * kv_dim)
         ffn = 3 * self.dim * self.hidden_dim
         per_layer = attention + ffn + 2 * self.dim
-        return self.n_layers * per_layer + 2 * self.vocab_size * self.dim + self.dim
+        embeddings = (1 if self.tie_embeddings else 2) * self.vocab_size * self.dim
+        return self.n_layers * per_layer + embeddings + self.dim
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> LlamaConfig:
@@ -105,6 +107,7 @@ class LlamaConfig:
             norm_eps=cfg.get("rms_norm_eps", 1e-5),
             rope_theta=cfg.get("rope_theta", 10000.0),
             max_seq_len=cfg.get("max_position_embeddings", 4096),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         )
 
     def to_meta_params(self) -> dict[str, Any]:
@@ -120,6 +123,7 @@ class LlamaConfig:
             "norm_eps": self.norm_eps,
             "rope_theta": self.rope_theta,
             "max_seq_len": self.max_seq_len,
+            "tie_embeddings": self.tie_embeddings,  # not Meta's either: llama2.c models converted to this layout
         }
 
     def to_hf_config(self) -> dict[str, Any]:
@@ -136,7 +140,7 @@ class LlamaConfig:
             "rope_theta": self.rope_theta,
             "max_position_embeddings": self.max_seq_len,
             "hidden_act": "silu",
-            "tie_word_embeddings": False,
+            "tie_word_embeddings": self.tie_embeddings,
             "bos_token_id": 1,
             "eos_token_id": 2,
             "torch_dtype": "float16",

@@ -157,9 +157,15 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.tie_weights()
         # RoPE table, fp32. A plain attribute, not a buffer: model.to(bf16) must not round it, checkpoints
         # must not carry it, and meta-device construction must not leave it empty.
         self._rope: torch.Tensor | None = None
+
+    def tie_weights(self) -> None:
+        """With ``config.tie_embeddings``, make the output layer's weight the embedding's (one parameter)."""
+        if self.config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
 
     def rope(self, device: torch.device) -> torch.Tensor:
         if self._rope is None or self._rope.device != device:

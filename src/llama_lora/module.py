@@ -278,6 +278,10 @@ class LlamaLoRAModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         check_strategy(self.trainer.strategy)
+        interval, accumulate = self.trainer.val_check_interval, self.trainer.accumulate_grad_batches
+        if stage == "fit" and isinstance(interval, int) and interval % accumulate:
+            log.warning("trainer.val_check_interval counts micro-batches: %d with accumulate_grad_batches %d "
+                        "validates every %.1f optimizer steps", interval, accumulate, interval / accumulate)
         precision = str(self.trainer.precision)
         if self.lora is None and self.base_dtype != torch.float32 and precision == "16-mixed":
             raise ValueError("Full fine-tuning (lora: null) under 16-mixed needs base_dtype: fp32, since the "

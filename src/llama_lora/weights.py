@@ -245,6 +245,9 @@ def _load_hf(path: Path) -> tuple[LazyStateDict, dict[str, str], LlamaConfig | N
             sources.update({k: str(f) for k in part})
     if config is None:
         raise FileNotFoundError(f"{path}: config.json is missing; HF checkpoints need it to undo the q/k permutation")
+    if config.tie_embeddings and "lm_head.weight" not in raw and "model.embed_tokens.weight" in raw:
+        raw["lm_head.weight"], sources["lm_head.weight"] = raw["model.embed_tokens.weight"], sources[
+            "model.embed_tokens.weight"]
     sd, meta_sources = LazyStateDict(), {}
     for k, t in raw.items():
         name = hf_key_to_meta(k)
@@ -274,7 +277,7 @@ def _load_llama2c(path: Path) -> tuple[LazyStateDict, dict[str, str], LlamaConfi
     shared = vocab > 0
     try:
         config = LlamaConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=abs(vocab),
-                             hidden_dim=hidden, max_seq_len=max_seq_len)
+                             hidden_dim=hidden, max_seq_len=max_seq_len, tie_embeddings=shared)
     except ValueError as e:
         raise ValueError(f"{path}: header does not describe a valid model ({e})") from None
     kv_dim, L = n_kv_heads * config.head_dim, n_layers
@@ -387,6 +390,7 @@ def build_model(
     check_state_dict(model, sd, sources, what=f"a {config.n_layers}-layer, dim-{config.dim} LLaMA")
     # One tensor at a time: an mmapped tensor already in base_dtype on CPU is placed as is.
     model.load_state_dict({k: sd[k].to(device=device, dtype=base_dtype) for k in sd}, assign=True)
+    model.tie_weights()  # assign=True placed the shared tensor as two parameters
     return model
 
 
@@ -470,6 +474,8 @@ def save_hf(sd: StateDict, config: LlamaConfig, out_dir: str | Path, max_shard_b
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sd = _plain(sd)
+    if config.tie_embeddings:
+        sd.pop("output.weight", None)  # HF's tie_word_embeddings: written once, as the embedding
     shards: list[list[str]] = [[]]  # Meta names per shard, in order
     size = 0
     for k, v in sd.items():
