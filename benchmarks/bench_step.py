@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -21,9 +20,11 @@ from pathlib import Path
 
 import torch
 
-from llama_lora.config import LlamaConfig
+from llama_lora.config import DTYPES, LlamaConfig, native_dtype, resolve_dtype
 from llama_lora.lora import apply_lora, mark_only_lora_as_trainable, trainable_summary
-from llama_lora.module import token_loss_sum
+from llama_lora.loss import token_loss_sum
+from llama_lora.memory import GIB, peak_rss_bytes
+from llama_lora.memory import matmul_params as _matmul_params
 from llama_lora.weights import build_model, save_meta
 
 SHAPES = {"small": (4, 256), "llama2-7b": (1, 128)}  # (micro-batch, tokens)
@@ -33,19 +34,20 @@ def lora_step_flops(config: LlamaConfig, batch: int, seq: int) -> float:
     """Model FLOPs of one LoRA step (frozen base): forward 2N and input-gradient backward 2N per token for the matmul
     weights (no weight gradients), plus attention scores and values (12 * layers * dim * seq per token, PaLM's count).
     Recomputation from gradient checkpointing is not counted, so this gives MFU, not hardware utilisation."""
-    n_matmul = config.n_params - config.vocab_size * config.dim - config.dim * (2 * config.n_layers + 1)
-    return batch * seq * (4 * n_matmul + 12 * config.n_layers * config.dim * seq)
+    return batch * seq * (4 * _matmul_params(config) + 12 * config.n_layers * config.dim * seq)
 
 
 def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+    return peak_rss_bytes() / GIB
 
 
 def run_shape(args) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
     config = LlamaConfig.from_name(args.shape)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.base_dtype]
+    dtype = resolve_dtype(args.base_dtype, device)
+    amp = native_dtype(device)[0] if args.amp == "auto" else args.amp
+    amp = "off" if amp == "fp32" else amp
     batch, seq = (args.batch, args.seq) if args.batch else SHAPES[args.shape]
     t0 = time.perf_counter()
     model = build_model(config, checkpoint=args.checkpoint, base_dtype=dtype, device=device, seed=0,
@@ -60,8 +62,8 @@ def run_shape(args) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator().manual_seed(1)
     data = torch.randint(0, config.vocab_size, (args.steps + args.warmup, batch, seq), generator=g).to(device)
-    amp_dtype = torch.float16 if args.amp == "fp16" else torch.bfloat16
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    amp_dtype = DTYPES.get(amp, torch.bfloat16)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     times = []
     for i in range(args.warmup + args.steps):
         x = data[i]
@@ -70,7 +72,7 @@ def run_shape(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp != "off"):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp != "off"):
             # The training loss of the project: output layer and fp32 cross-entropy in chunks, recomputed in backward.
             loss_sum, n = token_loss_sum(model, x, labels)
             loss = loss_sum / n
@@ -88,7 +90,8 @@ def run_shape(args) -> dict:
     step_s = times[len(times) // 2]
     result = {
         "shape": args.shape, "micro_batch": batch, "seq_len": seq, "device": str(device),
-        "base_dtype": args.base_dtype, "autocast": args.amp,
+        "base_dtype": str(dtype).removeprefix("torch."), "autocast": amp,
+        "cpu_native_bf16": native_dtype("cpu")[0] == "bf16",
         "gradient_checkpointing": args.gc or args.gc_layers is not None, "checkpoint_layers": args.gc_layers,
         "compile": args.compile,
         "lora": trainable_summary(model), "steps": args.steps, "median_step_s": round(step_s, 4),
@@ -123,8 +126,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--batch", type=int, default=None, help="override the shape's micro-batch")
     p.add_argument("--seq", type=int, default=None, help="override the shape's sequence length")
-    p.add_argument("--base-dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    p.add_argument("--amp", choices=["bf16", "fp16", "off"], default="bf16", help="autocast dtype")
+    p.add_argument("--base-dtype", choices=["auto", *DTYPES], default="auto",
+                   help="auto: the dtype the device computes natively (bf16, or fp32 on an AVX2-only CPU)")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                   help="autocast dtype; auto: the native half precision, off where there is none")
     p.add_argument("--gc", action="store_true", help="gradient checkpointing")
     p.add_argument("--gc-layers", type=int, default=None, help="checkpoint only the first N blocks (implies --gc)")
     p.add_argument("--compile", action="store_true", help="torch.compile each block (warmup steps absorb compile time)")

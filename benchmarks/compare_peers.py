@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -44,7 +43,11 @@ TOOLS = ("llama-lora", "litgpt", "litgpt-full-logits", "torchtune", "torchtune-f
 
 
 def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    # The peers' interpreters have no llama_lora installed; its memory module needs nothing but torch.
+    sys.path.insert(0, str(ROOT / "src"))
+    from llama_lora.memory import GIB, peak_rss_bytes
+
+    return peak_rss_bytes() / GIB
 
 
 # ----- one tool's step, run in that tool's interpreter (no llama_lora import for the peers) -----
@@ -55,7 +58,7 @@ def build_llama_lora():
 
     from llama_lora.config import LlamaConfig
     from llama_lora.lora import apply_lora, mark_only_lora_as_trainable
-    from llama_lora.module import token_loss_sum
+    from llama_lora.loss import token_loss_sum
     from llama_lora.weights import build_model
 
     model = build_model(LlamaConfig.from_name("small"), base_dtype=torch.bfloat16, seed=0)

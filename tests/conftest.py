@@ -1,13 +1,19 @@
+"""Fixtures and helpers shared by the test modules: tiny models, the real assets, and runs of scripts/fit.py."""
+
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from llama_lora.config import LlamaConfig
 from llama_lora.weights import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
+FIT = ROOT / "scripts" / "fit.py"
 
 
 @pytest.fixture
@@ -46,3 +52,71 @@ def demo_tok(tmp_path_factory):
     from llama_lora.tokenizer import Tokenizer
 
     return Tokenizer(demo_tokenizer(generate_demo_records(2000), 1024, tmp_path_factory.mktemp("cache")))
+
+
+# ----- runs of scripts/fit.py -----
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("llama_lora_cache")
+
+
+def write_tiny_config(tmp_path: Path, cache_dir: Path, **overrides) -> Path:
+    """Write configs/demo.yaml shrunk to the tiny preset (fp32, no dropout, every step logged, checkpoints in
+    tmp_path) into tmp_path/config.yaml, with ``overrides`` per section."""
+    cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    t, m, d = cfg["trainer"], cfg["model"], cfg["data"]
+    t.update(precision="32-true", max_steps=6, val_check_interval=3, limit_val_batches=2, log_every_n_steps=1,
+             enable_progress_bar=False, enable_model_summary=False)
+    t["logger"]["init_args"].update(save_dir=str(tmp_path / "logs"), name="tiny")
+    t["callbacks"][0]["init_args"].update(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2)
+    t["callbacks"] = [c for c in t["callbacks"] if not c["class_path"].endswith("SampleGenerations")]
+    m.update(model="tiny", lora={"targets": ["wq", "wv", "w2"], "r": 4, "alpha": 8, "dropout": 0.0})
+    m["optimizer"]["init_args"]["lr"] = 0.01
+    m["scheduler"]["init_args"].update(warmup_steps=2, max_steps=6)
+    d.update(demo_records=120, demo_vocab_size=512, val_size=8, max_seq_len=128, micro_batch_size=4,
+             group_by_length=False, cache_dir=str(cache_dir))
+    for section, values in overrides.items():
+        cfg[section].update(values)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def fit(config: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    # The tests folder on the path: configs may name callbacks defined in the tests (class_path: test_fit....).
+    env = {**os.environ, "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, str(FIT), "--config", str(config), *args], capture_output=True, text=True,
+                          env=env, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"fit.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def scalars(log_dir: Path, tag: str) -> dict[int, float]:
+    """{step: value} of one TensorBoard tag over every run (version) under log_dir; later runs win."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[int, float] = {}
+    for events in sorted(log_dir.rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            out.update({e.step: e.value for e in acc.Scalars(tag)})
+    return out
+
+
+def tags(log_dir: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found = set()
+    for events in log_dir.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        found |= set(acc.Tags()["scalars"])
+    return found
+
+
+def lora_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, weights_only=True)["state_dict"]

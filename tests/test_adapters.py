@@ -25,7 +25,7 @@ def lora_model(tiny_config):
 
 
 def test_peft_export_names_shapes_and_config(tmp_path, lora_model, tiny_config):
-    export_peft(lora_state_dict(lora_model), tiny_config, LORA, tmp_path)
+    export_peft(lora_state_dict(lora_model), tiny_config, LORA, tmp_path, "base")
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
     assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]) == (4, 8.0, 0.0)
@@ -50,7 +50,7 @@ def test_peft_export_names_shapes_and_config(tmp_path, lora_model, tiny_config):
 def test_peft_round_trip_gives_identical_logits(tmp_path, lora_model, tiny_config, tokens):
     expected = lora_model(tokens)
     save_meta(build_model(tiny_config, base_dtype=torch.float32, seed=0).state_dict(), tiny_config, tmp_path / "base")
-    export_peft(lora_state_dict(lora_model), tiny_config, LORA, tmp_path / "adapter")
+    export_peft(lora_state_dict(lora_model), tiny_config, LORA, tmp_path / "adapter", "base")
     sd, lora = import_peft(tmp_path / "adapter", tiny_config)
     assert lora == LORA
     loaded = load_model(tmp_path / "base", tmp_path / "adapter", base_dtype=torch.float32)
@@ -61,7 +61,7 @@ def test_delta_weight_in_hf_layout_equals_permuted_meta_delta(tmp_path, lora_mod
     """What PeftModel computes on the HF base (B_hf A_hf) is exactly HF's permutation of our delta."""
     from llama_lora.weights import permute_to_hf
 
-    export_peft(lora_state_dict(lora_model), tiny_config, LORA, tmp_path)
+    export_peft(lora_state_dict(lora_model), tiny_config, LORA, tmp_path, "base")
     t = load_file(tmp_path / "adapter_model.safetensors")
     for proj, meta, heads in (("q_proj", "wq", tiny_config.n_heads), ("k_proj", "wk", tiny_config.n_kv_heads)):
         pre = f"base_model.model.model.layers.1.self_attn.{proj}"
@@ -108,7 +108,7 @@ def test_streamed_merge_of_a_half_precision_base_is_bit_identical_to_an_fp32_mer
 
     save_meta({k: v.detach().bfloat16() for k, v in lora_model.state_dict().items() if "lora_" not in k},
               tiny_config, tmp_path / "base")
-    export_peft(lora_state_dict(lora_model), tiny_config, LORA, tmp_path / "adapter")
+    export_peft(lora_state_dict(lora_model), tiny_config, LORA, tmp_path / "adapter", "base")
     digest = hashlib.sha256((tmp_path / "base" / "consolidated.00.pth").read_bytes()).hexdigest()
     merge_adapter(tmp_path / "adapter", tmp_path / "merged", fmt, checkpoint_dir=tmp_path / "base", model="tiny")
     reference = load_model(tmp_path / "base", tmp_path / "adapter", base_dtype=torch.float32).model

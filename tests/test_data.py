@@ -9,13 +9,12 @@ from llama_lora.data import (
     DataCollatorForSupervisedDataset,
     ResumableBatchSampler,
     SupervisedDataset,
-    format_prompt,
     load_records,
-    make_supervised_data_module,
     preprocess,
     tokenize_record,
 )
 from llama_lora.demo import generate_demo_records
+from llama_lora.prompts import format_prompt
 
 REC_INPUT = {"instruction": "Sort the words.", "input": "pear apple", "output": "apple pear"}
 REC_NO_INPUT = {"instruction": "Name a color.", "input": "", "output": "Green."}
@@ -143,8 +142,8 @@ def test_demo_generator_is_deterministic():
 
 
 def test_datamodule_demo_end_to_end(tmp_path, demo_tok):
-    dm = make_supervised_data_module(data_path="demo", tokenizer_path=str(demo_tok.path), val_size=50,
-                                     micro_batch_size=8, seed=7, cache_dir=str(tmp_path))
+    dm = AlpacaDataModule(data_path="demo", tokenizer_path=str(demo_tok.path), val_size=50, micro_batch_size=8, seed=7,
+                          cache_dir=str(tmp_path))
     dm.setup("fit")
     assert len(dm.train_set) + len(dm.val_set) == 2000 and len(dm.val_set) == 50
     batch = next(iter(dm.train_dataloader()))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,91 +16,53 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from conftest import FIT, ROOT, fit, lora_weights, scalars, tags, write_tiny_config
 
-ROOT = Path(__file__).resolve().parent.parent
-FIT = ROOT / "scripts" / "fit.py"
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("llama_lora_cache")
+def command_configs(config: Path) -> list[str]:
+    """The --config chain of the command in a config's header (an overlay names its base first)."""
+    command = next(line for line in config.read_text().splitlines()[:3] if "python scripts/fit.py" in line)
+    return [str(ROOT / c) for c in re.findall(r"--config (configs/[\w.-]+\.yaml)", command)]
 
 
-def tiny_config(tmp_path: Path, cache_dir: Path, **overrides) -> Path:
-    """configs/demo.yaml shrunk to the tiny preset: fp32, no dropout, every step logged, checkpoints in tmp_path."""
-    cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    t, m, d = cfg["trainer"], cfg["model"], cfg["data"]
-    t.update(precision="32-true", max_steps=6, val_check_interval=3, limit_val_batches=2, log_every_n_steps=1,
-             enable_progress_bar=False, enable_model_summary=False)
-    t["logger"]["init_args"].update(save_dir=str(tmp_path / "logs"), name="tiny")
-    t["callbacks"][0]["init_args"].update(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=2)
-    t["callbacks"] = [c for c in t["callbacks"] if not c["class_path"].endswith("SampleGenerations")]
-    m.update(model="tiny", lora={"targets": ["wq", "wv", "w2"], "r": 4, "alpha": 8, "dropout": 0.0})
-    m["optimizer"]["init_args"]["lr"] = 0.01
-    m["scheduler"]["init_args"].update(warmup_steps=2, max_steps=6)
-    d.update(demo_records=120, demo_vocab_size=512, val_size=8, max_seq_len=128, micro_batch_size=4,
-             group_by_length=False, cache_dir=str(cache_dir))
-    for section, values in overrides.items():
-        cfg[section].update(values)
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def fit(config: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    # The tests folder on the path: configs may name callbacks defined in the tests (class_path: test_fit....).
-    env = {**os.environ, "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, str(FIT), "--config", str(config), *args], capture_output=True, text=True,
-                          env=env, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"fit.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def scalars(log_dir: Path, tag: str) -> dict[int, float]:
-    """{step: value} of one TensorBoard tag over every run (version) under log_dir; later runs win."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out: dict[int, float] = {}
-    for events in sorted(log_dir.rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            out.update({e.step: e.value for e in acc.Scalars(tag)})
-    return out
-
-
-def tags(log_dir: Path) -> set[str]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    found = set()
-    for events in log_dir.rglob("events.out.tfevents.*"):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        found |= set(acc.Tags()["scalars"])
-    return found
-
-
-def lora_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    return torch.load(ckpt, weights_only=True)["state_dict"]
+@functools.cache
+def resolved(config: Path) -> dict:
+    """The complete config that the header's command runs (--print_config)."""
+    argv = [a for c in command_configs(config) for a in ("--config", c)]
+    proc = subprocess.run([sys.executable, str(FIT), *argv, "--print_config"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return yaml.safe_load(proc.stdout)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_every_config_parses(config):
-    """Each YAML parses through the CLI; --print_config yields the full config (7B configs: parsing only)."""
-    proc = subprocess.run([sys.executable, str(FIT), "--config", str(config), "--print_config"], capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    printed = yaml.safe_load(proc.stdout)
-    assert printed["model"]["model"] == yaml.safe_load(config.read_text())["model"]["model"]
-    first = config.read_text().splitlines()[:3]
-    assert any("python scripts/fit.py" in line for line in first), "each config starts with the command to run it"
+    """Each YAML parses through the CLI, with the command in its first lines (overlays on top of their base);
+    --print_config yields the full config (7B configs: parsing only)."""
+    assert str(config) in command_configs(config), "each config starts with the command to run it"
+    first = yaml.safe_load(Path(command_configs(config)[0]).read_text())
+    assert resolved(config)["model"]["model"] == first["model"]["model"]
+
+
+@pytest.mark.parametrize("overlay, changes", [
+    ("lora_bf16.yaml", {"precision": "bf16-mixed", "base_dtype": "bf16", "name": "lora_bf16"}),
+    ("lora_fp32.yaml", {"precision": "32-true", "base_dtype": "fp32", "name": "lora_fp32"}),
+])
+def test_overlays_change_only_what_they_say(overlay, changes):
+    base, variant = (copy.deepcopy(resolved(ROOT / "configs" / name)) for name in ("lora_amp.yaml", overlay))
+    assert variant["trainer"]["precision"] == changes["precision"]
+    assert variant["model"]["base_dtype"] == changes["base_dtype"]
+    assert variant["trainer"]["logger"]["init_args"]["name"] == changes["name"]
+    for config in (base, variant):
+        config["trainer"].pop("precision"), config["model"].pop("base_dtype")
+        config["trainer"]["logger"]["init_args"].pop("name")
+    assert variant == base
 
 
 def test_print_config_runs_as_is(tmp_path, cache_dir):
-    config = tiny_config(tmp_path, cache_dir)
+    config = write_tiny_config(tmp_path, cache_dir)
     printed = tmp_path / "printed.yaml"
     printed.write_text(fit(config, "--print_config").stdout)
     proc = fit(printed, "--trainer.fast_dev_run", "2")
@@ -105,12 +70,13 @@ def test_print_config_runs_as_is(tmp_path, cache_dir):
 
 
 def test_fast_dev_run_tiny(tmp_path, cache_dir):
-    proc = fit(tiny_config(tmp_path, cache_dir), "--trainer.fast_dev_run", "2")
+    proc = fit(write_tiny_config(tmp_path, cache_dir), "--trainer.fast_dev_run", "2")
     assert "trainable params: " in proc.stdout and "Peak RSS:" in proc.stdout and "Average loss:" in proc.stdout
 
 
 def test_missing_checkpoint_dir_message(tmp_path, cache_dir):
-    proc = fit(tiny_config(tmp_path, cache_dir), "--model.checkpoint_dir", str(tmp_path / "Llama-2-7b"), check=False)
+    proc = fit(write_tiny_config(tmp_path, cache_dir), "--model.checkpoint_dir", str(tmp_path / "Llama-2-7b"),
+               check=False)
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()[-1]
     assert err.startswith("error: model.checkpoint_dir") and "Accepted layouts" in err
@@ -118,7 +84,7 @@ def test_missing_checkpoint_dir_message(tmp_path, cache_dir):
 
 
 def test_checkpoints_are_adapter_only_and_tensorboard_has_the_tags(tmp_path, cache_dir):
-    fit(tiny_config(tmp_path, cache_dir))
+    fit(write_tiny_config(tmp_path, cache_dir))
     ckpts = sorted((tmp_path / "ckpt").glob("*.ckpt"))
     assert {p.name for p in ckpts} >= {"last.ckpt", "step00002.ckpt", "step00006.ckpt"}
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)  # no pickled code needed to load
@@ -140,7 +106,7 @@ def trained_lora(tmp_path: Path, cache_dir: Path, name: str, **overrides) -> dic
     d = tmp_path / name
     d.mkdir()
     trainer = {"max_steps": 3, "val_check_interval": 1000, "limit_val_batches": 0, **overrides.pop("trainer", {})}
-    fit(tiny_config(d, cache_dir, trainer=trainer, **overrides))
+    fit(write_tiny_config(d, cache_dir, trainer=trainer, **overrides))
     return lora_weights(d / "ckpt" / "last.ckpt")
 
 
@@ -165,8 +131,8 @@ def test_exact_resume_mid_epoch(tmp_path, cache_dir, stop):
                     model={"lora": {"targets": ["wq", "wv"], "r": 4, "alpha": 8, "dropout": 0.1}})
     full_dir, res_dir = tmp_path / "full", tmp_path / "resumed"
     full_dir.mkdir(), res_dir.mkdir()
-    fit(tiny_config(full_dir, cache_dir, **settings))
-    resumed_config = tiny_config(res_dir, cache_dir, **settings)
+    fit(write_tiny_config(full_dir, cache_dir, **settings))
+    resumed_config = write_tiny_config(res_dir, cache_dir, **settings)
     fit(resumed_config, "--trainer.max_steps", str(stop))
     fit(resumed_config, "--ckpt_path", "last")
     full = scalars(full_dir / "logs", "train/loss_step")
@@ -205,8 +171,8 @@ def test_ddp_three_processes_across_a_short_last_batch_equals_single_process(tmp
 def test_epoch_based_run_gets_the_whole_cosine_schedule(tmp_path, cache_dir):
     """A run by max_epochs (max_steps -1), as the seed experiment was: the LR reaches 0.55 of its peak half-way
     through the decay and the floor (0.1 of the peak) at the end."""
-    config = tiny_config(tmp_path, cache_dir, trainer={"max_epochs": 2, "max_steps": -1, "val_check_interval": 1000,
-                                                       "limit_val_batches": 0})
+    config = write_tiny_config(tmp_path, cache_dir, trainer={"max_epochs": 2, "max_steps": -1,
+                                                             "val_check_interval": 1000, "limit_val_batches": 0})
     cfg = yaml.safe_load(config.read_text())
     cfg["model"]["scheduler"]["init_args"] = {"warmup_steps": 2}  # max_steps: from the Trainer
     config.write_text(yaml.safe_dump(cfg))
@@ -271,7 +237,7 @@ def test_fsdp2_two_processes_loads_shards_checkpoints_and_resumes(tmp_path, cach
     common = {"max_steps": 6, "val_check_interval": 1000, "limit_val_batches": 0}
     report = {"class_path": "test_fit.ShardReport", "init_args": {"out_dir": str(fsdp_dir)}}
     base = {"checkpoint_dir": str(tmp_path / "base")}
-    config = tiny_config(fsdp_dir, cache_dir, trainer={**common, "devices": 2, "strategy": strategy}, model=base)
+    config = write_tiny_config(fsdp_dir, cache_dir, trainer={**common, "devices": 2, "strategy": strategy}, model=base)
     cfg = yaml.safe_load(config.read_text())
     cfg["trainer"]["callbacks"].append(report)
     config.write_text(yaml.safe_dump(cfg))
@@ -282,7 +248,7 @@ def test_fsdp2_two_processes_loads_shards_checkpoints_and_resumes(tmp_path, cach
         assert 0.45 * r["full"] <= r["local"] <= 0.55 * r["full"]
         assert r["full_reads"] == 0, "a rank read whole tensors: it held the whole base in host memory"
     fit(config, "--ckpt_path", "last")
-    single_cfg = tiny_config(single_dir, cache_dir, trainer=common, data={"micro_batch_size": 8}, model=base)
+    single_cfg = write_tiny_config(single_dir, cache_dir, trainer=common, data={"micro_batch_size": 8}, model=base)
     cfg = yaml.safe_load(single_cfg.read_text())
     cfg["trainer"]["callbacks"].append({**report, "init_args": {"out_dir": str(single_dir)}})
     single_cfg.write_text(yaml.safe_dump(cfg))
@@ -306,7 +272,7 @@ def test_model_parallel_with_sharded_checkpoints_is_refused_at_start_up(tmp_path
     checkpoint; it is refused before any rank starts, in one line that names the setting to use."""
     strategy = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
                 "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}}
-    proc = fit(tiny_config(tmp_path, cache_dir, trainer={"devices": 2, "strategy": strategy}), check=False)
+    proc = fit(write_tiny_config(tmp_path, cache_dir, trainer={"devices": 2, "strategy": strategy}), check=False)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr
     assert "save_distributed_checkpoint: false" in errors[0]
@@ -315,8 +281,9 @@ def test_model_parallel_with_sharded_checkpoints_is_refused_at_start_up(tmp_path
 
 def test_resume_with_other_lora_settings_is_refused(tmp_path, cache_dir):
     """Lightning's strict=False alone would accept the wrong adapter silently; the module checks the keys."""
-    fit(tiny_config(tmp_path, cache_dir, trainer={"max_steps": 2, "limit_val_batches": 0}))
-    proc = fit(tiny_config(tmp_path, cache_dir), "--ckpt_path", "last", "--model.lora.targets", "[wq, wk]", check=False)
+    fit(write_tiny_config(tmp_path, cache_dir, trainer={"max_steps": 2, "limit_val_batches": 0}))
+    proc = fit(write_tiny_config(tmp_path, cache_dir), "--ckpt_path", "last", "--model.lora.targets", "[wq, wk]",
+               check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "Checkpoint does not match this model's trainable weights" in proc.stderr
     assert "same model preset and LoRA settings" in proc.stderr
@@ -329,7 +296,7 @@ KILL_SETTINGS = dict(trainer={"max_steps": 100, "val_check_interval": 1000, "lim
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, cache_dir) -> Path:
     d = tmp_path_factory.mktemp("uninterrupted")
-    fit(tiny_config(d, cache_dir, **KILL_SETTINGS))
+    fit(write_tiny_config(d, cache_dir, **KILL_SETTINGS))
     return d
 
 
@@ -344,7 +311,7 @@ def test_stopped_run_resumes_with_the_uninterrupted_losses(uninterrupted, tmp_pa
       falls back to the newest intact step file.
     - SIGTERM / SIGINT: the run saves last.ckpt at the end of the current optimizer step and exits with 128 + signal.
     """
-    config = tiny_config(tmp_path, cache_dir, **KILL_SETTINGS)
+    config = write_tiny_config(tmp_path, cache_dir, **KILL_SETTINGS)
     proc = subprocess.Popen([sys.executable, str(FIT), "--config", str(config)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     deadline = time.time() + 120
@@ -382,7 +349,7 @@ def test_sigterm_under_ddp_stops_every_rank_at_one_step_with_a_checkpoint(tmp_pa
     checkpoint is written once, and the job exits with 143 instead of leaving rank 1 behind."""
     settings = dict(trainer={**KILL_SETTINGS["trainer"], "devices": 2, "strategy": "ddp"},
                     data={"micro_batch_size": 2}, model=KILL_SETTINGS["model"])
-    config = tiny_config(tmp_path, cache_dir, **settings)
+    config = write_tiny_config(tmp_path, cache_dir, **settings)
     proc = subprocess.Popen([sys.executable, str(FIT), "--config", str(config)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     deadline = time.time() + 180
@@ -402,7 +369,7 @@ def test_sigterm_under_ddp_stops_every_rank_at_one_step_with_a_checkpoint(tmp_pa
 def test_validation_and_checkpoints_at_the_same_optimizer_steps(config):
     """val_check_interval counts micro-batches, every_n_train_steps optimizer steps: each config validates exactly
     when it writes a checkpoint."""
-    trainer = yaml.safe_load(config.read_text())["trainer"]
+    trainer = resolved(config)["trainer"]
     every = next(c["init_args"]["every_n_train_steps"] for c in trainer["callbacks"]
                  if c["class_path"].endswith("ModelCheckpoint"))
     assert trainer["val_check_interval"] == every * trainer.get("accumulate_grad_batches", 1)

@@ -23,7 +23,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from test_fit import ROOT, fit, tiny_config  # noqa: I001
+from conftest import ROOT, fit, write_tiny_config
 
 from llama_lora.cli import main_guard
 from llama_lora.config import LlamaConfig
@@ -41,7 +41,7 @@ def load_script(name: str):
 def run(tmp_path_factory) -> Path:
     """A finished tiny run (4 steps, checkpoints at 2 and 4) whose checkpoints every case must leave untouched."""
     d = tmp_path_factory.mktemp("run")
-    fit(tiny_config(d, tmp_path_factory.mktemp("cache"), trainer={"max_steps": 4, "limit_val_batches": 0}))
+    fit(write_tiny_config(d, tmp_path_factory.mktemp("cache"), trainer={"max_steps": 4, "limit_val_batches": 0}))
     return d
 
 
@@ -153,11 +153,32 @@ def prompt_file(content: str, suffix: str) -> Callable[[Path, Path], list[str]]:
     return build
 
 
-def adapter(damage: Callable[[bytes, Path], bytes]) -> Callable[[Path, Path], list[str]]:
+def adapter(damage: Callable[[bytes, Path], bytes], *rest: str) -> Callable[[Path, Path], list[str]]:
     def build(run: Path, tmp: Path) -> list[str]:
         (tmp / "adapter.ckpt").write_bytes(damage((run / "ckpt" / "last.ckpt").read_bytes(), tmp))
-        return ["--adapter", str(tmp / "adapter.ckpt"), "hello"]
+        return ["--adapter", str(tmp / "adapter.ckpt"), *rest]
     return build
+
+
+def peft_folder(run: Path, tmp: Path) -> Path:
+    from llama_lora.adapters import export_adapter
+
+    return export_adapter(str(run / "ckpt" / "last.ckpt"), str(tmp / "peft"))
+
+
+def other_base(tmp: Path) -> Path:
+    """A Meta checkpoint of another shape (the small preset's head count on tiny's size)."""
+    sd, config = tiny_state()
+    save_meta(sd, config, tmp / "other")
+    edit_params(n_heads=8)(tmp / "other")
+    return tmp / "other"
+
+
+def full_fine_tune(run: Path, tmp: Path) -> Path:
+    ckpt = torch.load(run / "ckpt" / "last.ckpt", weights_only=True)
+    ckpt["hyper_parameters"]["lora"] = None
+    torch.save(ckpt, tmp / "full.ckpt")
+    return tmp / "full.ckpt"
 
 
 GOOD = '{"instruction": "Say hi.", "input": "", "output": "hi"}'
@@ -233,8 +254,44 @@ CASES = {
                            "expected a JSON list"),
     "prompt-file-non-string": ("generate", prompt_file('[{"instruction": 5}]', ".json"), ValueError,
                                "instruction and input must be strings"),
-    "adapter-truncated": ("generate", adapter(lambda b, t: b[:100]), ValueError, "not a readable fit.py checkpoint"),
-    "adapter-pickled-code": ("generate", adapter(evil_checkpoint), ValueError, "not a readable fit.py checkpoint"),
+    "adapter-truncated": ("generate", adapter(lambda b, t: b[:100], "hello"), ValueError,
+                          "not a readable fit.py checkpoint"),
+    "adapter-pickled-code": ("generate", adapter(evil_checkpoint, "hello"), ValueError,
+                             "not a readable fit.py checkpoint"),
+    "generate-bad-sampling-type": ("generate", prompt_args("--top_p", "most", "hi"), argparse.ArgumentError,
+                                   "top_p"),
+    # evaluate
+    "evaluate-truncated-adapter": ("evaluate", adapter(lambda b, t: b[:100]), ValueError,
+                                   "not a readable fit.py checkpoint"),
+    "evaluate-missing-adapter": ("evaluate", lambda run, tmp: ["--adapter", str(tmp / "nope.ckpt")],
+                                 FileNotFoundError, "Adapter not found"),
+    "evaluate-negative-val-size": ("evaluate", lambda run, tmp: ["--adapter", str(run / "ckpt" / "last.ckpt"),
+                                                                 "--val_size", "-3"], ValueError,
+                                   "data.val_size must be >= 0"),
+    "evaluate-peft-without-model": ("evaluate", lambda run, tmp: ["--adapter", str(peft_folder(run, tmp))],
+                                    ValueError, "a PEFT adapter needs the model"),
+    # merge
+    "merge-missing-adapter": ("merge", lambda run, tmp: ["--adapter", str(tmp / "nope"), "--out_dir", str(tmp / "o")],
+                              FileNotFoundError, "Adapter not found"),
+    "merge-bad-format": ("merge", lambda run, tmp: ["--adapter", str(run / "ckpt" / "last.ckpt"), "--out_dir",
+                                                    str(tmp / "o"), "--format", "gguf"], argparse.ArgumentError,
+                         "format"),
+    "merge-adapter-of-another-model": ("merge", lambda run, tmp: ["--adapter", str(run / "ckpt" / "last.ckpt"),
+                                                                  "--out_dir", str(tmp / "o"), "--checkpoint_dir",
+                                                                  str(other_base(tmp))], ValueError,
+                                       "the checkpoint's config has"),
+    "merge-pickled-adapter": ("merge", adapter(evil_checkpoint, "--out_dir", "unused"), ValueError,
+                              "not a readable fit.py checkpoint"),
+    # export
+    "export-missing-adapter": ("export_adapter", lambda run, tmp: ["--adapter", str(tmp / "nope.ckpt"), "--out_dir",
+                                                                   str(tmp / "o")], FileNotFoundError,
+                               "Adapter not found"),
+    "export-full-fine-tune": ("export_adapter", lambda run, tmp: ["--adapter", str(full_fine_tune(run, tmp)),
+                                                                  "--out_dir", str(tmp / "o")], ValueError,
+                              "trained without LoRA"),
+    "export-peft-folder": ("export_adapter", lambda run, tmp: ["--adapter", str(peft_folder(run, tmp)), "--out_dir",
+                                                               str(tmp / "o")], ValueError,
+                           "a PEFT adapter needs the model"),
 }
 
 
@@ -264,8 +321,10 @@ def test_malformed_input(name, run, tmp_path):
     assert not list(tmp_path.rglob("pwned")), "pickled or config code ran"
 
 
-def test_at_least_twenty_cases():
+def test_at_least_twenty_cases_and_every_script():
     assert len(CASES) >= 20
+    scripts = {p.stem for p in (ROOT / "scripts").glob("*.py")}
+    assert {script for script, *_ in CASES.values()} == scripts
 
 
 def test_no_eval_or_exec_in_the_code():

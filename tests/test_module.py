@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from llama_lora.lora import apply_lora, mark_only_lora_as_trainable
-from llama_lora.module import LoRASettings, WarmupCosineLR, token_loss_sum
+from llama_lora.loss import token_loss_sum
+from llama_lora.module import LoRASettings, WarmupCosineLR
 from llama_lora.weights import build_model
 
 
@@ -83,3 +84,15 @@ def test_strategies_that_cannot_finish_are_refused_with_the_supported_choice():
         check_strategy(ModelParallelStrategy())
     check_strategy(ModelParallelStrategy(save_distributed_checkpoint=False))
     check_strategy(DDPStrategy())
+
+
+def test_loss_without_gradients_equals_the_training_loss_and_keeps_nothing(tiny_config, tokens):
+    """Validation's no_grad path computes the same loss and no gradient work (nothing saved for a backward)."""
+    model = build_model(tiny_config, base_dtype=torch.float32, seed=0)
+    labels = tokens.clone()
+    labels[:, :5] = -100
+    with_grad = token_loss_sum(model, tokens, labels)[0]
+    with torch.no_grad():
+        without = token_loss_sum(model, tokens, labels)[0]
+    assert without.grad_fn is None and with_grad.grad_fn is not None
+    assert torch.equal(without, with_grad.detach())

@@ -11,17 +11,17 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import scalars
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
-from test_fit import scalars  # noqa: I001
 
-from llama_lora.cli import RunFailed
 from llama_lora.data import AlpacaDataModule
 from llama_lora.module import LlamaLoRAModule, LoRASettings, WarmupCosineLR
 from llama_lora.resilience import (
     GracefulStop,
     NumericsGuard,
+    RunFailed,
     TrainingDiverged,
     checkpoint_problem,
     oom_advice,

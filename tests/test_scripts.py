@@ -1,15 +1,14 @@
 """generate.py, merge.py and export_adapter.py on a real fit.py checkpoint of the tiny preset."""
 
-import inspect
 import subprocess
 import sys
 
 import pytest
 import torch
-from test_fit import ROOT, fit, tiny_config  # noqa: I001
+from conftest import ROOT, fit, write_tiny_config
 
-from llama_lora.adapters import load_model
-from llama_lora.data import AlpacaDataModule, format_prompt
+from llama_lora.adapters import load_model, read_adapter, resolve_tokenizer
+from llama_lora.prompts import format_prompt
 from llama_lora.weights import build_model
 
 
@@ -17,7 +16,7 @@ from llama_lora.weights import build_model
 def run_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("fit")
     cache = tmp_path_factory.mktemp("cache")
-    fit(tiny_config(d, cache, trainer={"max_steps": 4, "limit_val_batches": 0},
+    fit(write_tiny_config(d, cache, trainer={"max_steps": 4, "limit_val_batches": 0},
                     model={"lora": {"targets": ["wq", "wk", "wv", "output"], "r": 4, "alpha": 8, "dropout": 0.0}}))
     return d
 
@@ -34,9 +33,8 @@ def test_generate_instruction_mode_prints_only_the_response(run_dir):
     proc = script("generate.py", "--adapter", str(ckpt), *sampling, "Name a color.")
     assert proc.returncode == 0, proc.stderr[-2000:]
     loaded = load_model(adapter=ckpt)
-    known = inspect.signature(AlpacaDataModule).parameters
-    tok = AlpacaDataModule(**{k: v for k, v in loaded.datamodule_hparams.items() if k in known}).load_tokenizer()
-    ids = [tok.bos_id] + tok.encode(format_prompt({"instruction": "Name a color.", "input": ""}))
+    tok = resolve_tokenizer(adapter=read_adapter(ckpt))
+    ids = tok.encode(format_prompt({"instruction": "Name a color.", "input": ""}), bos=True)
     out = loaded.model.generate(ids, 12, temperature=1.0, top_p=1.0, eos_id=tok.eos_id,
                                 generator=torch.Generator().manual_seed(5))
     expected = tok.decode(out)
@@ -57,7 +55,8 @@ def test_generate_reads_stdin_and_rejects_empty_prompts(run_dir):
 @pytest.mark.parametrize("fmt", ["meta", "hf"])
 def test_merge_script_equals_unmerged(run_dir, tmp_path, tokens, fmt):
     ckpt = run_dir / "ckpt" / "last.ckpt"
-    proc = script("merge.py", "--adapter", str(ckpt), "--out", str(tmp_path), "--format", fmt, "--dtype", "fp32")
+    proc = script("merge.py", "--adapter", str(ckpt), "--out_dir", str(tmp_path), "--format", fmt, "--base_dtype",
+                  "fp32")
     assert proc.returncode == 0, proc.stderr[-2000:]
     merged = build_model(checkpoint=tmp_path, base_dtype=torch.float32)
     unmerged = load_model(adapter=ckpt, base_dtype=torch.float32).model
@@ -66,7 +65,7 @@ def test_merge_script_equals_unmerged(run_dir, tmp_path, tokens, fmt):
 
 def test_export_script_round_trip(run_dir, tmp_path, tokens):
     ckpt = run_dir / "ckpt" / "last.ckpt"
-    proc = script("export_adapter.py", "--adapter", str(ckpt), "--out", str(tmp_path))
+    proc = script("export_adapter.py", "--adapter", str(ckpt), "--out_dir", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     from_ckpt = load_model(adapter=ckpt, base_dtype=torch.float32).model(tokens)
     from_peft = load_model(adapter=tmp_path, model="tiny", base_dtype=torch.float32).model(tokens)
@@ -89,10 +88,59 @@ def test_evaluate_script_on_the_held_out_split(run_dir, tmp_path):
 
 
 def test_generate_seed_prompts_in_completion_format(run_dir):
-    proc = script("generate.py", "--adapter", str(run_dir / "ckpt" / "last.ckpt"), "--seed-prompts", "--greedy",
+    proc = script("generate.py", "--adapter", str(run_dir / "ckpt" / "last.ckpt"), "--seed_prompts", "--greedy",
                   "--max_new_tokens", "4")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
     assert out.startswith("I believe the meaning of life is") and proc.stderr.count("tokens/s") == 4
     for text in ("Simply put, the theory of relativity states that", "Hi everyone,\n\nI just", "cheese =>"):
         assert text in out  # the prompt is printed, then its continuation
+
+
+def _library_defaults(*sources) -> dict:
+    import inspect
+
+    defaults = {}
+    for source in sources:
+        function = getattr(*source) if isinstance(source, tuple) else source
+        for name, p in inspect.signature(function).parameters.items():
+            if p.default is not inspect.Parameter.empty:
+                defaults[name] = list(p.default) if isinstance(p.default, tuple) else p.default
+    return defaults
+
+
+@pytest.mark.parametrize("script, sources", [
+    ("scripts/generate.py", "generate"),
+    ("scripts/evaluate.py", "evaluate"),
+    ("scripts/merge.py", "merge"),
+    ("scripts/export_adapter.py", "export"),
+    ("benchmarks/ablation/ablate.py", "ablate"),
+])
+def test_no_default_is_stated_twice(script, sources):
+    """Each script's --print_config shows the defaults of the library signatures it feeds (an option left None
+    means: taken from the adapter or the hardware), and no script writes an option by hand."""
+    import ast
+
+    import yaml
+
+    from llama_lora import adapters
+    from llama_lora.model import Llama
+    from llama_lora.module import LlamaLoRAModule
+
+    sys.path.insert(0, str(ROOT / "benchmarks" / "ablation"))
+    from study import StudySettings
+
+    library = {"generate": [(Llama, "generate_stream"), adapters.load_model, LlamaLoRAModule],
+               "evaluate": [adapters.load_model, LlamaLoRAModule], "merge": [adapters.merge_adapter],
+               "export": [adapters.export_adapter], "ablate": [StudySettings]}[sources]
+    proc = subprocess.run([sys.executable, str(ROOT / script), "--print_config"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = yaml.safe_load(proc.stdout)
+    defaults = _library_defaults(*library)
+    shared = {k for k in printed if k in defaults and printed[k] is not None}
+    assert all(printed[k] == defaults[k] for k in shared), {k: (printed[k], defaults[k]) for k in shared}
+    if sources == "generate":
+        assert {"temperature", "top_p", "base_dtype"} <= shared
+    for node in ast.walk(ast.parse((ROOT / script).read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+            raise AssertionError(f"{script}:{node.lineno} writes an option by hand")

@@ -12,30 +12,31 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import LlamaConfig
+from .config import DTYPES, LlamaConfig
+from .demo import demo_tokenizer_file
 from .lora import LORA_TARGETS, apply_lora
 from .model import Llama
+from .tokenizer import Tokenizer
 from .weights import (
+    HF_MODULE_NAMES,
     build_model,
     hf_key_to_meta,
+    hf_permuted_heads,
     meta_key_to_hf,
     open_checkpoint,
     permute_from_hf,
-    permute_to_hf,
     save_hf,
     save_meta,
+    to_hf_layout,
 )
 
-# Meta module name -> HF module name (PEFT target_modules use the last part).
-_HF_MODULE = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w2": "down_proj",
-              "w3": "up_proj", "output": "lm_head"}
-_META_MODULE = {v: k for k, v in _HF_MODULE.items()}
+_META_MODULE = {hf: meta for meta, hf in HF_MODULE_NAMES.items()}  # PEFT's target_modules -> ours
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class Adapter:
     source: Path
     hparams: dict[str, Any] = field(default_factory=dict)
     datamodule_hparams: dict[str, Any] = field(default_factory=dict)
+    base_dtype: str | None = None  # the dtype the base was trained in (fit.py checkpoints)
 
     @property
     def preset(self) -> str | None:
@@ -91,7 +93,22 @@ def read_adapter(path: str | Path, config: LlamaConfig | None = None) -> Adapter
         raise ValueError(f"{path}: no state_dict; is it a fit.py checkpoint?")
     hp = ckpt.get("hyper_parameters", {})
     tensors = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
-    return Adapter(tensors, hp.get("lora"), path, hp, ckpt.get("datamodule_hyper_parameters", {}))
+    return Adapter(tensors, hp.get("lora"), path, hp, ckpt.get("datamodule_hyper_parameters", {}),
+                   ckpt.get("base_dtype"))
+
+
+def open_adapter(adapter: str | Path | None, checkpoint_dir: str | Path | None = None, model: str | None = None
+                 ) -> Adapter | None:
+    """``read_adapter`` for either kind; a PEFT folder takes its model config from ``model`` or ``checkpoint_dir``."""
+    if adapter is None:
+        return None
+    path = Path(adapter)
+    if not path.is_dir():
+        return read_adapter(path)
+    config = LlamaConfig.from_name(model) if model else None
+    if config is None and checkpoint_dir is not None:
+        _, _, config = open_checkpoint(checkpoint_dir)
+    return read_adapter(path, config)
 
 
 def adapter_config(adapter: Adapter | None, checkpoint_dir: str | Path | None, model: str | None
@@ -114,12 +131,10 @@ def load_model(
 
     With a fit.py checkpoint, the preset, LoRA settings and ``checkpoint_dir`` default to those it was trained with.
     """
-    trained = read_adapter(adapter) if adapter is not None and Path(adapter).is_file() else None
+    trained = open_adapter(adapter, checkpoint_dir, model)
     checkpoint_dir, config = adapter_config(trained, checkpoint_dir, model)
     base = build_model(config, checkpoint_dir, base_dtype, device, seed=(trained.hparams if trained else {}).get(
         "init_seed", 0))
-    if trained is None and adapter is not None:
-        trained = read_adapter(adapter, base.config)  # PEFT: its q/k rows need the model's head counts
     if trained is not None:
         if trained.lora:
             apply_lora(base, trained.lora["targets"], trained.lora["r"], trained.lora["alpha"],
@@ -151,7 +166,7 @@ def _peft_name(meta_module: str) -> str:
 
 
 def export_peft(lora_tensors: dict[str, torch.Tensor], config: LlamaConfig, lora: dict[str, Any],
-                out_dir: str | Path, base_model: str = "meta-llama/Llama-2-7b-hf") -> Path:
+                out_dir: str | Path, base_model: str) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` as HF PEFT does for a LLaMA model, from the
     LoRA tensors in Meta names (``lora_state_dict(model)`` or ``read_adapter(...).tensors``): no base weight needed.
 
@@ -162,14 +177,9 @@ def export_peft(lora_tensors: dict[str, torch.Tensor], config: LlamaConfig, lora
     tensors = {}
     for key, t in lora_tensors.items():
         module, _, kind = key.rpartition(".")
-        if kind not in ("lora_a", "lora_b"):
-            continue
-        t = t.detach().float()
-        if kind == "lora_b" and module.endswith("attention.wq"):
-            t = permute_to_hf(t, config.n_heads)
-        elif kind == "lora_b" and module.endswith("attention.wk"):
-            t = permute_to_hf(t, config.n_kv_heads)
-        tensors[f"{_peft_name(module)}.lora_{kind[-1].upper()}.weight"] = t.contiguous()
+        if kind in ("lora_a", "lora_b"):
+            t = to_hf_layout(key, t.detach().float(), config)
+            tensors[f"{_peft_name(module)}.lora_{kind[-1].upper()}.weight"] = t.contiguous()
     if not tensors:
         raise ValueError("export_peft: no LoRA tensors (was the adapter trained with lora: null?)")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -177,7 +187,7 @@ def export_peft(lora_tensors: dict[str, torch.Tensor], config: LlamaConfig, lora
     adapter_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": lora["r"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"],
-        "target_modules": sorted(_HF_MODULE[t] for t in lora["targets"]), "bias": "none",
+        "target_modules": sorted(HF_MODULE_NAMES[t] for t in lora["targets"]), "bias": "none",
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
         "use_rslora": False, "use_dora": False, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
@@ -215,13 +225,10 @@ def import_peft(path: str | Path, config: LlamaConfig) -> tuple[dict[str, torch.
             m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight", key)
             if not m:
                 raise ValueError(f"{weights}: unexpected tensor {key!r} in a LoRA adapter")
-            module = hf_key_to_meta(m.group(1) + ".weight").removesuffix(".weight")
+            name = hf_key_to_meta(m.group(1) + ".weight").removesuffix("weight") + f"lora_{m.group(2).lower()}"
             t = f.get_tensor(key)
-            if m.group(2) == "B" and module.endswith("attention.wq"):
-                t = permute_from_hf(t, config.n_heads)
-            elif m.group(2) == "B" and module.endswith("attention.wk"):
-                t = permute_from_hf(t, config.n_kv_heads)
-            sd[f"{module}.lora_{m.group(2).lower()}"] = t
+            heads = hf_permuted_heads(name, config)
+            sd[name] = t if heads is None else permute_from_hf(t, heads)
     ours = {_META_MODULE[t] for t in targets}
     lora = {"targets": [t for t in LORA_TARGETS if t in ours], "r": int(cfg["r"]), "alpha": float(cfg["lora_alpha"]),
             "dropout": float(cfg.get("lora_dropout", 0.0))}
@@ -262,24 +269,65 @@ def merged_weights(base: Mapping[str, torch.Tensor], adapter: Adapter, dtype: to
         yield key, merged
 
 
-def merge_adapter(adapter: str | Path, out_dir: str | Path, format: str = "hf",
-                  checkpoint_dir: str | Path | None = None, model: str | None = None,
-                  dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 10**9) -> Path:
-    """Fold an adapter into its base and write a plain checkpoint (Meta or HF), tensor by tensor from the
-    memory-mapped base: the peak is the base in its dtype plus one layer. ``dtype`` None keeps the base's."""
-    trained = read_adapter(adapter) if Path(adapter).is_file() else None
+def merge_adapter(adapter: str, out_dir: str, format: Literal["hf", "meta"] = "hf", checkpoint_dir: str | None = None,
+                  model: str | None = None, base_dtype: Literal["bf16", "fp16", "fp32"] | None = None,
+                  max_shard_bytes: int = 5 * 10**9) -> Path:
+    """Fold an adapter into its base and write a plain checkpoint, tensor by tensor from the memory-mapped base: the
+    peak is the base in its dtype plus one layer. Each update is computed in fp32 and folded in before one cast.
+
+    Args:
+        adapter: a fit.py .ckpt or a PEFT adapter folder.
+        out_dir: the folder to write.
+        format: hf (safetensors shards + config.json) or meta (consolidated.00.pth + params.json).
+        checkpoint_dir: the base (default: the one the adapter was trained on).
+        model: the preset (default: the adapter's).
+        base_dtype: the dtype of the written weights (default: the base's own).
+        max_shard_bytes: the largest HF shard.
+    """
+    trained = open_adapter(adapter, checkpoint_dir, model)
     checkpoint_dir, config = adapter_config(trained, checkpoint_dir, model)
     if checkpoint_dir is None:  # the random init a fit.py run started from (demo and test presets)
         if config is None:
             raise ValueError("merge: the base is unknown; give checkpoint_dir (or a model preset)")
         hp = trained.hparams if trained else {}
-        init_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(hp.get("base_dtype"), torch.float32)
+        init_dtype = DTYPES[trained.base_dtype if trained and trained.base_dtype else "fp32"]
         seed = hp.get("init_seed", 0)
         base: Mapping[str, torch.Tensor] = build_model(config, None, init_dtype, seed=seed).state_dict()
     else:
         base, _, config = open_checkpoint(checkpoint_dir, config)
-    trained = trained or read_adapter(adapter, config)
-    merged = dict(merged_weights(base, trained, dtype))
+    merged = dict(merged_weights(base, trained, DTYPES[base_dtype] if base_dtype else None))
     if format == "meta":
         return save_meta(merged, config, out_dir)
     return save_hf(merged, config, out_dir, max_shard_bytes=max_shard_bytes)
+
+
+def export_adapter(adapter: str, out_dir: str, base_model: str = "meta-llama/Llama-2-7b-hf") -> Path:
+    """Write a fit.py LoRA checkpoint in HF PEFT's format, reading the adapter only (no base weight).
+
+    Args:
+        adapter: a fit.py .ckpt trained with LoRA.
+        out_dir: the folder to write (adapter_config.json + adapter_model.safetensors).
+        base_model: base_model_name_or_path in adapter_config.json.
+    """
+    trained = read_adapter(adapter)
+    if not trained.lora:
+        raise ValueError(f"{adapter} was trained without LoRA (lora: null); merge it instead (scripts/merge.py)")
+    # The preset gives the head counts that HF's q/k permutation needs.
+    return export_peft(trained.tensors, LlamaConfig.from_name(trained.preset), trained.lora, out_dir, base_model)
+
+
+def resolve_tokenizer(tokenizer_path: str | Path | None = None, adapter: Adapter | None = None,
+                      checkpoint_dir: str | Path | None = None) -> Tokenizer:
+    """The tokenizer: the one given, else the one the adapter's run used (the demo's own is found again in the
+    cache), else ``tokenizer.model`` beside the base weights."""
+    data = adapter.datamodule_hparams if adapter is not None else {}
+    path = tokenizer_path or data.get("tokenizer_path")
+    if path is None and data.get("data_path") == "demo":
+        path = demo_tokenizer_file(data.get("demo_records"), data.get("demo_vocab_size"), data.get("cache_dir"))
+    checkpoint_dir = checkpoint_dir or (adapter.checkpoint_dir if adapter is not None else None)
+    if path is None and checkpoint_dir is not None:
+        folder = Path(checkpoint_dir)
+        path = (folder.parent if folder.is_file() else folder) / "tokenizer.model"
+    if path is None:
+        raise ValueError("Say which tokenizer to use: --tokenizer_path path/to/tokenizer.model")
+    return Tokenizer(path)

@@ -10,9 +10,9 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from .data import format_prompt
 from .lora import trainable_summary
 from .memory import peak_rss_bytes, reset_peak_rss
+from .prompts import format_prompt
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class SampleGenerations(L.Callback):
             log.info("step %d | val/loss %.4f", trainer.global_step, float(val_loss))
         texts = []
         for instruction in prompts:
-            ids = [tok.bos_id] + tok.encode(format_prompt({"instruction": instruction, "input": ""}))
+            ids = tok.encode(format_prompt({"instruction": instruction, "input": ""}), bos=True)
             out = pl_module.model.generate(ids, self.max_new_tokens, temperature=0.0, eos_id=tok.eos_id)
             response = tok.decode(out)
             texts.append(f"**{instruction}**  \n→ {response}")

@@ -1,22 +1,61 @@
-"""Shared plumbing for the scripts: logging set-up and one-line errors for mistakes a user can make."""
+"""Shared plumbing for the scripts: typed functions run through jsonargparse, logging, one-line errors."""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import docstring_parser
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 from rich.console import Console
 from rich.logging import RichHandler
 
 USER_ERRORS = (ValueError, FileNotFoundError)
 
 
-class RunFailed(RuntimeError):
-    """A run that started but cannot go on (diverged, out of memory); its message says what to change."""
+def script_arguments(function: Callable[..., Any], argv: Sequence[str], description: str | None = None, *,
+                     positional: str | None = None, skip: Sequence[str] = (),
+                     borrowed: Sequence[tuple[Any, Sequence[str]]] = ()) -> dict[str, Any]:
+    """The arguments of ``function`` from the command line, as fit.py takes them: typed options from its signature
+    (help from its docstring), ``--config`` YAML files and ``--print_config``.
+
+    ``positional`` names a list parameter taken as positional arguments; ``skip`` parameters are not options.
+    ``borrowed`` adds parameters of library
+    functions, classes or methods, e.g. ``((Llama, "generate_stream"), ["temperature", "top_p"])``: their defaults then
+    live in the library alone, and they come back in the result beside the function's own.
+    """
+    parser = ArgumentParser(description=description, exit_on_error=False,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options (see --print_config)")
+    if positional is not None:
+        default = inspect.signature(function).parameters[positional].default
+        parser.add_argument(positional, nargs="*", type=str, default=list(default))
+    # Booleans are flags (--greedy, --no_greedy): jsonargparse's own take an optional value, which would swallow
+    # the prompt in `--greedy "What is 3 plus 5?"`.
+    params = inspect.signature(function).parameters
+    flags = [name for name, p in params.items() if p.annotation in (bool, "bool") and name not in skip]
+    docs = {p.arg_name: p.description for p in docstring_parser.parse(function.__doc__ or "").params}
+    for name in flags:
+        parser.add_argument(f"--{name}", action=ActionYesNo, default=params[name].default, help=docs.get(name))
+    parser.add_function_arguments(function, nested_key=None, skip={*skip, *flags, positional} - {None})
+    for source, names in borrowed:
+        if isinstance(source, tuple):  # (class, method name)
+            others = set(inspect.signature(getattr(*source)).parameters) - set(names) - {"self"}
+            parser.add_method_arguments(*source, nested_key=None, skip=others)
+        elif inspect.isclass(source):
+            others = set(inspect.signature(source).parameters) - set(names)
+            parser.add_class_arguments(source, nested_key=None, skip=others)
+        else:
+            others = set(inspect.signature(source).parameters) - set(names)
+            parser.add_function_arguments(source, nested_key=None, skip=others)
+    args = parser.parse_args(list(argv)).as_dict()
+    args.pop("config", None)
+    return args
 
 
 def configure_logging(level: int = logging.INFO) -> None:
@@ -49,7 +88,7 @@ def argument_message(e: argparse.ArgumentError) -> str:
 
 def main_guard(main: Callable[..., Any], *args: Any) -> None:
     """Run main. A user error (bad path, config, data, checkpoint) prints one line and exits with code 2; a run that
-    failed on its own (RunFailed: diverged, out of memory) prints its message and exits with code 1."""
+    failed on its own (resilience.RunFailed: diverged, out of memory) prints its message and exits with code 1."""
     try:
         main(*args)
     except argparse.ArgumentError as e:
@@ -58,6 +97,10 @@ def main_guard(main: Callable[..., Any], *args: Any) -> None:
     except USER_ERRORS as e:
         print(f"error: {user_message(e)}", file=sys.stderr)
         sys.exit(2)
-    except RunFailed as e:
+    except RuntimeError as e:
+        # Only a training run raises RunFailed, so resilience (and Lightning) is imported when it exists.
+        resilience = sys.modules.get("llama_lora.resilience")
+        if resilience is None or not isinstance(e, resilience.RunFailed):
+            raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -1,7 +1,7 @@
-"""Alpaca data: Stanford's prompts, preprocessing with prompt masking, batching, a resumable sampler, a DataModule.
+"""Alpaca data: preprocessing with prompt masking, batching, a resumable sampler, a DataModule.
 
-The names ``preprocess``, ``SupervisedDataset``, ``DataCollatorForSupervisedDataset`` and
-``make_supervised_data_module`` follow Stanford Alpaca's train.py.
+The names ``preprocess``, ``SupervisedDataset`` and ``DataCollatorForSupervisedDataset`` follow Stanford Alpaca's
+train.py; the prompt templates are in prompts.py.
 """
 
 from __future__ import annotations
@@ -22,35 +22,16 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .demo import default_cache_dir, demo_tokenizer, generate_demo_records
+from .demo import default_cache_dir, demo_tokenizer_file, generate_demo_records
+from .loss import IGNORE_INDEX
+from .prompts import format_prompt
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
 DOWNLOAD_TIMEOUT_S = 60
 DOWNLOAD_MAX_BYTES = 512 * 2**20
-
-# Stanford Alpaca's templates, exact to the character.
-PROMPT_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
-)
-PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:"
-)
-
-
-def format_prompt(record: dict[str, str]) -> str:
-    """The Alpaca prompt for a record; an empty or missing ``input`` selects the no-input template."""
-    if record.get("input"):
-        return PROMPT_INPUT.format(instruction=record["instruction"], input=record["input"])
-    return PROMPT_NO_INPUT.format(instruction=record["instruction"])
-
 
 # ----- reading and validating records -----
 
@@ -156,7 +137,7 @@ def tokenize_record(record: dict[str, str], tokenizer: Tokenizer, max_seq_len: i
     ids = BOS + prompt + response + EOS. The prompt and response are tokenized separately and concatenated, so the
     prompt's tokens are exactly a prefix (SentencePiece would otherwise merge across the boundary).
     """
-    prompt = [tokenizer.bos_id] + tokenizer.encode(format_prompt(record))
+    prompt = tokenizer.encode(format_prompt(record), bos=True)
     target = tokenizer.encode(record["output"]) + [tokenizer.eos_id]  # an empty output still trains on EOS
     if len(prompt) >= max_seq_len:
         return None
@@ -441,8 +422,7 @@ class AlpacaDataModule(L.LightningDataModule):
 
     def _tokenizer_file(self) -> Path:
         if self.tokenizer_path is None:
-            return demo_tokenizer(generate_demo_records(self.demo_records, seed=0), self.demo_vocab_size,
-                                  self.cache_dir)
+            return demo_tokenizer_file(self.demo_records, self.demo_vocab_size, self.cache_dir)
         return Path(self.tokenizer_path)
 
     def load_tokenizer(self) -> Tokenizer:
@@ -519,8 +499,3 @@ class AlpacaDataModule(L.LightningDataModule):
             self.train_sampler.load_state_dict(sampler_state)
         else:
             self._sampler_state = sampler_state
-
-
-def make_supervised_data_module(**kwargs: Any) -> AlpacaDataModule:
-    """Stanford's entry point name; takes AlpacaDataModule's arguments."""
-    return AlpacaDataModule(**kwargs)

@@ -14,6 +14,7 @@ import os
 import random
 from pathlib import Path
 
+from .prompts import format_prompt
 from .tokenizer import train_tokenizer
 
 WORDS = (
@@ -74,14 +75,17 @@ def generate_demo_records(n: int = 2000, seed: int = 0) -> list[dict[str, str]]:
 
 def demo_tokenizer(records: list[dict[str, str]], vocab_size: int, cache_dir: str | Path) -> Path:
     """Train (once, cached by content) the demo's SentencePiece tokenizer on the prompts and responses."""
-    from .data import format_prompt
-
     texts = [format_prompt(r) + " " + r["output"] for r in records]
     key = hashlib.sha256(json.dumps([vocab_size, texts]).encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"demo-tokenizer-{vocab_size}-{key}.model"
     if not path.is_file():
         train_tokenizer(texts, vocab_size, path)
     return path
+
+
+def demo_tokenizer_file(n_records: int, vocab_size: int, cache_dir: str | Path | None) -> Path:
+    """The demo tokenizer of ``n_records`` demo records (trained once into the cache)."""
+    return demo_tokenizer(generate_demo_records(n_records), vocab_size, cache_dir or default_cache_dir())
 
 
 def default_cache_dir() -> Path:

@@ -32,10 +32,7 @@ class LoRALinear(nn.Linear):
         lora_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        if r <= 0:
-            raise ValueError(f"LoRA rank r must be a positive integer, got {r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        check_lora_settings(None, r, dropout)
         self.r, self.alpha = r, alpha
         # Section 4.1: scale the update by alpha / r so the learning rate need not be re-tuned when r changes.
         self.scaling = alpha / r
@@ -91,6 +88,20 @@ class LoRALinear(nn.Linear):
         return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}, merged={self.merged}"
 
 
+def check_lora_settings(targets: Sequence[str] | None, r: int, dropout: float, key: str | None = None) -> None:
+    """The one check of LoRA settings; ``key`` (e.g. "model.lora") names the config section in the messages."""
+    names = (f"{key}.targets: unknown", f"{key}.r", f"{key}.dropout") if key else (
+        "Unknown LoRA targets", "LoRA rank r", "LoRA dropout")
+    if targets is not None:
+        unknown = sorted(set(targets) - set(LORA_TARGETS))
+        if unknown or not targets:
+            raise ValueError(f"{names[0]} {unknown}; use a non-empty subset of {list(LORA_TARGETS)}")
+    if not isinstance(r, int) or r <= 0:
+        raise ValueError(f"{names[1]} must be a positive integer, got {r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{names[2]} must be in [0, 1), got {dropout}")
+
+
 def init_lora_a(t: torch.Tensor) -> torch.Tensor:
     """LoRA's A at init: Kaiming-uniform as nn.Linear's weight, drawn from the global RNG of t's device."""
     return nn.init.kaiming_uniform_(t, a=math.sqrt(5))
@@ -105,9 +116,7 @@ def apply_lora(
     lora_dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """Replace every ``nn.Linear`` whose attribute name is in ``targets`` by a ``LoRALinear`` sharing its weight."""
-    unknown = sorted(set(targets) - set(LORA_TARGETS))
-    if unknown or not targets:
-        raise ValueError(f"Unknown LoRA targets {unknown or '[]'}; choose a non-empty subset of {list(LORA_TARGETS)}")
+    check_lora_settings(targets, r, dropout)
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

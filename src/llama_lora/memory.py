@@ -1,9 +1,13 @@
-"""Memory: the measured peak of this process (RSS on CPU), resettable on Linux so that a step's own peak can be read."""
+"""Memory: the analytic model of a training step (the ablation tables, the OOM advice, the 13B/70B and QLoRA
+figures), and the measured peak of this process (RSS, resettable on Linux so that a step's own peak can be read)."""
 
 from __future__ import annotations
 
 import resource
+from collections.abc import Sequence
 from pathlib import Path
+
+from .config import LlamaConfig
 
 GIB = 2**30
 _STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
@@ -25,3 +29,72 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+# ----- the analytic model: where a training step's memory goes -----
+
+BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def lora_param_count(config: LlamaConfig, targets: Sequence[str], r: int) -> int:
+    kv = config.n_kv_heads * config.head_dim
+    shapes = {"wq": (config.dim, config.dim), "wk": (config.dim, kv), "wv": (config.dim, kv),
+              "wo": (config.dim, config.dim), "w1": (config.dim, config.hidden_dim),
+              "w2": (config.hidden_dim, config.dim), "w3": (config.dim, config.hidden_dim)}
+    per_layer = sum(r * (shapes[t][0] + shapes[t][1]) for t in targets if t != "output")
+    output = r * (config.dim + config.vocab_size) if "output" in targets else 0
+    return config.n_layers * per_layer + output
+
+
+def matmul_params(config: LlamaConfig) -> int:
+    """Parameters of the transformer blocks' linear layers and the output layer (not embeddings, not norms)."""
+    return config.n_params - config.vocab_size * config.dim - config.dim * (2 * config.n_layers + 1)
+
+
+def activation_bytes_per_token_per_layer(config: LlamaConfig, act_bytes: int, lora_targets: Sequence[str],
+                                         autocast: bool) -> int:
+    """Bytes autograd keeps per token and block in this implementation (no checkpointing).
+
+    RMSNorm keeps its input in fp32 (x2 norms); the block keeps the normalised inputs, q, k, v, the attention
+    output and its reshaped copy, and four SwiGLU tensors of the hidden width. Under autocast, each LoRA branch also
+    keeps an fp32 and a half copy of its input. RoPE keeps nothing (its backward is the inverse rotation).
+    """
+    d, kv, hidden = config.dim, config.n_kv_heads * config.head_dim, config.hidden_dim
+    norms = 2 * 4 * d
+    attention = act_bytes * (d + d + 2 * kv + d + d)  # normed input, q, k and v, SDPA output, wo input
+    ffn = act_bytes * (d + 4 * hidden)  # normed input, w1 out, w3 out, silu out, w2 input
+    widths = {"wq": d, "wk": d, "wv": d, "wo": d, "w1": d, "w3": d, "w2": hidden}
+    lora = sum((4 + 2) * widths[t] for t in lora_targets if t in widths) if autocast else 0
+    return norms + attention + ffn + lora
+
+
+def memory_breakdown(config: LlamaConfig, *, base_dtype: str, lora_targets: Sequence[str] | None, lora_r: int,
+                     micro_batch: int, seq_len: int, autocast: bool, gradient_checkpointing: bool,
+                     loss_chunk: int = 1024) -> dict[str, int]:
+    """Analytic peak memory of one training step, in bytes, by component, for full-length sequences.
+
+    ``lora_targets`` None means full fine-tuning (all weights trained, fp32). ``autocast`` is mixed precision: half
+    precision activations, and a half copy of every fp32 matmul weight that autocast casts and caches.
+    """
+    n = config.n_params
+    base_bytes = BYTES[base_dtype]
+    n_lora = lora_param_count(config, lora_targets, lora_r) if lora_targets is not None else 0
+    trainable = n_lora if lora_targets is not None else n
+    params = n * base_bytes + n_lora * 4
+    grads = trainable * 4  # trainable weights are fp32
+    optimizer = trainable * 8  # AdamW: exp_avg and exp_avg_sq, fp32
+    # Autocast casts each fp32 weight it multiplies to half precision and caches the copy for the whole forward
+    # (and backward): the seed experiment's "MP raises memory". A half-precision base has nothing to cast.
+    autocast_cache = matmul_params(config) * 2 if autocast and base_bytes == 4 else 0
+    act_bytes = 2 if autocast else 4
+    tokens = micro_batch * seq_len
+    per_layer = activation_bytes_per_token_per_layer(config, act_bytes, lora_targets or (), autocast)
+    if gradient_checkpointing:  # each block's input is kept, plus one block's activations while it is recomputed
+        activations = tokens * (config.n_layers * act_bytes * config.dim + per_layer)
+    else:
+        activations = tokens * config.n_layers * per_layer
+    # Fused loss: one chunk of fp32 logits and their gradient, plus grad of the hidden states.
+    loss = min(tokens, loss_chunk) * config.vocab_size * 8 + tokens * config.dim * act_bytes
+    total = params + grads + optimizer + autocast_cache + activations + loss
+    return {"params": params, "grads": grads, "optimizer": optimizer, "autocast_cache": autocast_cache,
+            "activations": activations, "loss": loss, "total": total}

@@ -29,9 +29,6 @@ class RMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return xf.type_as(x) * self.weight
 
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
-
 
 def rope_cache(head_dim: int, max_seq_len: int, theta: float = 10000.0, device=None) -> torch.Tensor:
     """cos and sin of the rotation angles, fp32: (max_seq_len, head_dim // 2, 2)."""
@@ -141,6 +138,11 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def check_checkpoint_layers(value: int | None, n_layers: int, key: str = "checkpoint_layers") -> None:
+    if value is not None and not 0 <= value <= n_layers:
+        raise ValueError(f"{key} must be between 0 and n_layers={n_layers}, got {value}")
+
+
 class Llama(nn.Module):
     def __init__(self, config: LlamaConfig, gradient_checkpointing: bool = False,
                  checkpoint_layers: int | None = None) -> None:
@@ -149,9 +151,7 @@ class Llama(nn.Module):
         super().__init__()
         self.config = config
         self.gradient_checkpointing = gradient_checkpointing
-        if checkpoint_layers is not None and not 0 <= checkpoint_layers <= config.n_layers:
-            raise ValueError(f"checkpoint_layers must be between 0 and n_layers={config.n_layers}, "
-                             f"got {checkpoint_layers}")
+        check_checkpoint_layers(checkpoint_layers, config.n_layers)
         self.checkpoint_layers = config.n_layers if checkpoint_layers is None else checkpoint_layers
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
@@ -184,8 +184,9 @@ class Llama(nn.Module):
             if "lora_" not in name:
                 init_base_tensor(name, p, std, generator)
 
-    def hidden_states(self, tokens: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
-        """Final-norm hidden states (B, T, dim): the input of the output layer."""
+    def forward(self, tokens: torch.Tensor, start_pos: int | None = None, return_hidden: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab); with ``return_hidden``, the final-norm hidden states (B, T, dim) instead, for a loss
+        that applies the output layer itself. With start_pos set, reads and extends the KV cache (generation)."""
         B, T = tokens.shape
         offset = 0 if start_pos is None else start_pos
         if offset + T > self.config.max_seq_len:
@@ -201,12 +202,7 @@ class Llama(nn.Module):
                 h = checkpoint(layer, h, rope, start_pos, use_reentrant=False)
             else:
                 h = layer(h, rope, start_pos)
-        return self.norm(h)
-
-    def forward(self, tokens: torch.Tensor, start_pos: int | None = None, return_hidden: bool = False) -> torch.Tensor:
-        """Logits (B, T, vocab); with ``return_hidden``, the final hidden states (B, T, dim) instead, for a loss that
-        applies the output layer itself. With start_pos set, reads and extends the KV cache (generation)."""
-        h = self.hidden_states(tokens, start_pos)
+        h = self.norm(h)
         return h if return_hidden else self.output(h)
 
     # ----- generation -----
@@ -279,11 +275,14 @@ class Llama(nn.Module):
 
 @torch.no_grad()
 def init_base_tensor(name: str, t: torch.Tensor, std: float = 0.02, generator: torch.Generator | None = None) -> None:
-    """The random init of one base tensor: norms at one, everything else N(0, std)."""
+    """The random init of one base tensor: norms at one, everything else N(0, std), drawn in fp32 and cast, so that
+    a seed gives the same weights in every dtype (half-precision normal_ kernels draw differently across versions)."""
     if name.endswith("norm.weight"):
         t.fill_(1.0)
-    else:
+    elif t.dtype == torch.float32:
         t.normal_(mean=0.0, std=std, generator=generator)
+    else:
+        t.copy_(torch.empty(t.shape, device=t.device).normal_(mean=0.0, std=std, generator=generator))
 
 
 def sample(

@@ -8,27 +8,31 @@ import math
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from torchmetrics import MeanMetric
-from torchmetrics.text import Perplexity
 
-from .config import LlamaConfig
-from .data import IGNORE_INDEX
-from .lora import LORA_TARGETS, apply_lora, mark_only_lora_as_trainable, trainable_summary
-from .model import Llama
+from .config import (
+    DTYPE_NAMES,
+    DTYPES,
+    DtypeName,
+    LlamaConfig,
+    compute_dtype,
+    native_dtype,
+    slow_precision_warning,
+)
+from .lora import apply_lora, check_lora_settings, mark_only_lora_as_trainable, trainable_summary
+from .loss import token_loss_sum
+from .model import Llama, check_checkpoint_layers
 from .resilience import GracefulStop, NumericsGuard
 from .weights import WEIGHTS_HELP, build_model, check_state_dict, detect_format, fill_shards, open_checkpoint
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
@@ -39,13 +43,7 @@ class LoRASettings:
     dropout: float = 0.05
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
-        if unknown or not self.targets:
-            raise ValueError(f"model.lora.targets: unknown {unknown or 'empty list'}; use any of {list(LORA_TARGETS)}")
-        if self.r <= 0:
-            raise ValueError(f"model.lora.r must be a positive integer, got {self.r}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+        check_lora_settings(self.targets, self.r, self.dropout, key="model.lora")
 
 
 class WarmupCosineLR(LambdaLR):
@@ -66,85 +64,6 @@ class WarmupCosineLR(LambdaLR):
         total = max(self.max_steps or step + 1, self.warmup_steps + 1)
         progress = min(1.0, (step - self.warmup_steps) / max(1, total - self.warmup_steps))
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-class _FusedLinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(h_i W^T, t_i), computed chunk by chunk with its gradients in the same pass.
-
-    Each chunk's logits (chunk, vocab) live in fp32 only while that chunk is processed; what is kept for backward
-    is grad_h (N, dim) and, when W is trained, grad_W. No recomputation, and the full fp32 logits never exist.
-    """
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
-                compute_dtype: torch.dtype) -> torch.Tensor:
-        w = weight.to(compute_dtype)
-        grad_h = torch.empty_like(h)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for i in range(0, h.shape[0], chunk_size):
-            h_c, t_c = h[i : i + chunk_size].to(compute_dtype), targets[i : i + chunk_size]
-            logits = (h_c @ w.T).float()  # (chunk, vocab)
-            # loss = logsumexp - target logit; d(loss)/d(logits) = softmax - one_hot. One exp pass, all in place
-            # over this chunk's buffer (no temporaries of the chunk's size).
-            row_max = logits.amax(dim=-1, keepdim=True)
-            target_logit = logits.gather(1, t_c[:, None])
-            exp_sum = logits.sub_(row_max).exp_().sum(dim=-1, keepdim=True)
-            total += (row_max + exp_sum.log() - target_logit).sum()
-            dlogits = logits.div_(exp_sum)
-            dlogits[torch.arange(t_c.shape[0], device=t_c.device), t_c] -= 1
-            dlogits = dlogits.to(compute_dtype)
-            grad_h[i : i + chunk_size] = (dlogits @ w).to(h.dtype)
-            if grad_w is not None:
-                grad_w += (dlogits.T @ h_c).float()
-        ctx.save_for_backward(grad_h, grad_w if grad_w is not None else torch.empty(0))
-        ctx.weight_dtype, ctx.has_grad_w = weight.dtype, grad_w is not None
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        grad_h, grad_w = ctx.saved_tensors
-        grad_weight = (grad_w * grad_out).to(ctx.weight_dtype) if ctx.has_grad_w else None
-        return grad_h * grad_out.to(grad_h.dtype), grad_weight, None, None, None
-
-
-def default_loss_chunk(device: torch.device) -> int:
-    """Target positions per output-layer chunk: 128 on CPU, where a (128, 32000) fp32 chunk stays in cache and is
-    reused by the allocator (larger ones are fresh page-faulted memory each time: 1024 made the CPU step 20% slower),
-    1024 on GPU, where larger matmuls pay."""
-    return 128 if device.type == "cpu" else 1024
-
-
-def token_loss_sum(model: Llama, input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy over target positions, and their count.
-
-    The output layer runs only where labels are not -100 (prompt and padding cost nothing there), in chunks, so the
-    fp32 logits of all positions never exist at once.
-    """
-    chunk_size = chunk_size or default_loss_chunk(input_ids.device)
-    h = model(input_ids, return_hidden=True)  # (B, T, dim); through forward, so FSDP2's hooks run
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    h, targets = h[:, :-1][keep], targets[keep]  # (N, dim), (N,)
-    output = model.output
-    if type(output) is torch.nn.Linear and type(output.weight) is torch.nn.Parameter and output.bias is None:
-        device = h.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else output.weight.dtype
-        return _FusedLinearCrossEntropy.apply(h, output.weight, targets, chunk_size, dtype), keep.sum()
-
-    # A LoRA or FSDP-sharded output layer: call the module per chunk, recomputed in backward.
-    def chunk_loss(h_chunk: torch.Tensor, t_chunk: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(output(h_chunk).float(), t_chunk, reduction="sum")
-
-    total = h.new_zeros((), dtype=torch.float32)
-    for i in range(0, h.shape[0], chunk_size):
-        h_c, t_c = h[i : i + chunk_size], targets[i : i + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
-            total = total + activation_checkpoint(chunk_loss, h_c, t_c, use_reentrant=False)
-        else:
-            total = total + chunk_loss(h_c, t_c)
-    return total, keep.sum()
 
 
 def check_strategy(strategy: Any) -> None:
@@ -171,7 +90,7 @@ class LlamaLoRAModule(L.LightningModule):
         self,
         model: str = "llama2-7b",
         checkpoint_dir: str | None = None,
-        base_dtype: Literal["bf16", "fp16", "fp32"] = "bf16",
+        base_dtype: DtypeName = "auto",
         lora: LoRASettings | None = LoRASettings(),
         gradient_checkpointing: bool = False,
         checkpoint_layers: int | None = None,
@@ -187,7 +106,9 @@ class LlamaLoRAModule(L.LightningModule):
         Args:
             model: preset name (llama2-7b, llama2-13b, llama2-70b, small, demo, tiny); the checkpoint must match it.
             checkpoint_dir: Meta or HF checkpoint dir (or llama2.c .bin); None for random init (demo, benchmarks).
-            base_dtype: dtype of the frozen base weights. LoRA weights and optimizer state are always fp32.
+            base_dtype: dtype of the frozen base weights; auto: the dtype the compute runs in (bf16 under bf16-mixed,
+                fp16 under 16-mixed, fp32 under 32-true), and fp32 for full fine-tuning, whose weights are trained.
+                LoRA weights and optimizer state are always fp32.
             lora: LoRA settings; null means full fine-tuning.
             gradient_checkpointing: recompute each block's activations in backward (use_reentrant=False).
             checkpoint_layers: with gradient_checkpointing, recompute only the first this many blocks (None: all):
@@ -209,12 +130,10 @@ class LlamaLoRAModule(L.LightningModule):
         self.lora = lora
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "lora"])
         self.hparams["lora"] = asdict(lora) if lora is not None else None  # plain types: weights_only loading
-        self.checkpoint_dir, self.base_dtype = checkpoint_dir, DTYPES[base_dtype]
+        self.checkpoint_dir, self.base_dtype_name = checkpoint_dir, base_dtype
         self.gradient_checkpointing, self.loss_chunk_size, self.init_seed = (
             gradient_checkpointing, loss_chunk_size, init_seed)
-        if checkpoint_layers is not None and not 0 <= checkpoint_layers <= self.config.n_layers:
-            raise ValueError(f"model.checkpoint_layers must be between 0 and {self.config.n_layers} (the preset's "
-                             f"layers), got {checkpoint_layers}")
+        check_checkpoint_layers(checkpoint_layers, self.config.n_layers, key="model.checkpoint_layers")
         self.checkpoint_layers = checkpoint_layers
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.compile_blocks = compile
@@ -226,7 +145,6 @@ class LlamaLoRAModule(L.LightningModule):
         # check would reject that, so on_load_checkpoint checks the keys itself (misspelled keys still fail).
         self.strict_loading = False
         self.val_loss = MeanMetric()
-        self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
         self._rng_to_restore: dict[str, Any] | None = None
         self._base_released = False
 
@@ -243,6 +161,16 @@ class LlamaLoRAModule(L.LightningModule):
         if trained:
             self.model.load_state_dict(trained, strict=False)
             self._base_released = False
+
+    @property
+    def base_dtype(self) -> torch.dtype:
+        """model.base_dtype, with auto resolved against the Trainer's precision (see __init__)."""
+        name = self.base_dtype_name
+        if name == "auto" and self.lora is None:
+            name = "fp32"  # full fine-tuning trains these weights: fp32 masters under any precision
+        elif name == "auto":
+            name = compute_dtype(str(self.trainer.precision)) if self._trainer is not None else native_dtype("cpu")[0]
+        return DTYPES[name]
 
     def _build(self) -> None:
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
@@ -283,6 +211,9 @@ class LlamaLoRAModule(L.LightningModule):
             log.warning("trainer.val_check_interval counts micro-batches: %d with accumulate_grad_batches %d "
                         "validates every %.1f optimizer steps", interval, accumulate, interval / accumulate)
         precision = str(self.trainer.precision)
+        warning = slow_precision_warning(precision, self.base_dtype_name, self.trainer.strategy.root_device)
+        if warning:
+            log.warning(warning)
         if self.lora is None and self.base_dtype != torch.float32 and precision == "16-mixed":
             raise ValueError("Full fine-tuning (lora: null) under 16-mixed needs base_dtype: fp32, since the "
                              "GradScaler cannot unscale half-precision gradients")
@@ -298,7 +229,9 @@ class LlamaLoRAModule(L.LightningModule):
         device = self.trainer.strategy.root_device.type
         note = " (Lightning turns 16-mixed into bf16-mixed on CPU: fp16 autocast is CPU-unsupported)" if (
             device == "cpu" and precision == "bf16-mixed") else ""
-        log.info("Precision %s on %s, base weights %s, LoRA fp32%s", precision, device, self.base_dtype, note)
+        auto = " (model.base_dtype auto)" if self.base_dtype_name == "auto" else ""
+        log.info("Precision %s on %s, base weights %s%s, LoRA fp32%s", precision, device,
+                 str(self.base_dtype).removeprefix("torch."), auto, note)
 
     def on_train_end(self) -> None:
         # Called after every callback's on_train_end (checkpoints written, summary printed) and before Lightning's
@@ -344,12 +277,14 @@ class LlamaLoRAModule(L.LightningModule):
             self._rng_to_restore = None
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        logits = self.model(batch["input_ids"]).float()  # (B, T, vocab); perplexity wants float logits
-        self.val_ppl.update(logits[:, :-1], batch["labels"][:, 1:])
         loss_sum, n = self._loss(batch)
-        self.val_loss.update(loss_sum / n.clamp(min=1), weight=n)
-        self.log("val/loss", self.val_loss, prog_bar=True, on_epoch=True, batch_size=int(n))
-        self.log("val/ppl", self.val_ppl, on_epoch=True, batch_size=int(n))
+        self.val_loss.update(loss_sum / n.clamp(min=1), weight=n)  # token-weighted over batches and ranks
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/ppl", loss.exp())  # perplexity of the same target tokens: exp of their mean loss
+        self.val_loss.reset()
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -372,6 +307,7 @@ class LlamaLoRAModule(L.LightningModule):
         checkpoint["trainable_keys"] = sorted(checkpoint["state_dict"])  # still there if a strategy pops state_dict
         checkpoint["rng"] = _get_rng_state()
         checkpoint["model_config"] = asdict(self.config)
+        checkpoint["base_dtype"] = DTYPE_NAMES[self.base_dtype]  # auto, resolved
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.model is None:  # loading outside a Trainer (e.g. for generation): build first

@@ -22,9 +22,12 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from .cli import RunFailed
-
 log = logging.getLogger(__name__)
+
+
+class RunFailed(RuntimeError):
+    """A run that started but cannot go on (diverged, out of memory); its message says what to change. The scripts
+    print it in one line and exit with code 1."""
 
 
 class TrainingDiverged(RunFailed):
@@ -124,9 +127,8 @@ class NumericsGuard(L.Callback):
       the last good one.
     """
 
-    def __init__(self, patience: int = 3) -> None:
-        if patience < 1:
-            raise ValueError(f"NumericsGuard patience must be >= 1, got {patience}")
+    def __init__(self, patience: int) -> None:
+        assert patience >= 1, "validated by the module (model.max_nonfinite_steps)"
         self.patience = patience
         self.streak = 0
         self.first_bad_step: int | None = None

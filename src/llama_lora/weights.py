@@ -45,6 +45,9 @@ _HF_LAYER_NAMES = {
 }
 _HF_TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
                  "lm_head.weight": "output.weight"}
+# Meta module name -> HF module name of each linear layer (PEFT's target_modules use these).
+HF_MODULE_NAMES = {meta.split(".")[-1]: hf.split(".")[-1] for hf, meta in _HF_LAYER_NAMES.items() if "." in hf}
+HF_MODULE_NAMES["output"] = "lm_head"
 
 WEIGHTS_HELP = (
     "LLaMA-2 weights come from Meta (https://llama.meta.com, after accepting the license) or the meta-llama "
@@ -73,6 +76,20 @@ def permute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """The inverse of ``permute_to_hf``."""
     out, inp = w.shape
     return w.view(n_heads, 2, out // n_heads // 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def hf_permuted_heads(meta_key: str, config: LlamaConfig) -> int | None:
+    """The head count over which HF permutes this tensor's rows: q and k weights, and the LoRA B of q and k (delta W =
+    B A, so B's rows are W's rows). None for every other tensor."""
+    module, _, kind = meta_key.rpartition(".")
+    if kind not in ("weight", "lora_b"):
+        return None
+    return {"attention.wq": config.n_heads, "attention.wk": config.n_kv_heads}.get(module.split(".", 2)[-1])
+
+
+def to_hf_layout(meta_key: str, t: torch.Tensor, config: LlamaConfig) -> torch.Tensor:
+    heads = hf_permuted_heads(meta_key, config)
+    return t if heads is None else permute_to_hf(t, heads).contiguous()
 
 
 def hf_key_to_meta(key: str) -> str | None:
@@ -253,9 +270,7 @@ def _load_hf(path: Path) -> tuple[LazyStateDict, dict[str, str], LlamaConfig | N
         name = hf_key_to_meta(k)
         if name is None:
             continue
-        heads = {"attention.wq.weight": config.n_heads, "attention.wk.weight": config.n_kv_heads}.get(
-            name.split(".", 2)[-1])
-        sd.add(name, [t], hf_heads=heads)
+        sd.add(name, [t], hf_heads=hf_permuted_heads(name, config))
         meta_sources[name] = sources[k]
     return sd, meta_sources, config
 
@@ -487,13 +502,9 @@ def save_hf(sd: StateDict, config: LlamaConfig, out_dir: str | Path, max_shard_b
     stem, ext = ("model", "safetensors") if safetensors else ("pytorch_model", "bin")
     names = [f"{stem}.{ext}"] if len(shards) == 1 else [
         f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}" for i in range(len(shards))]
-    heads = {"attention.wq.weight": config.n_heads, "attention.wk.weight": config.n_kv_heads}
     for name, keys in zip(names, shards):
         # One shard at a time: the permuted q/k copies of this shard are all that is allocated.
-        shard = {}
-        for k in keys:
-            n = heads.get(k.split(".", 2)[-1])
-            shard[meta_key_to_hf(k)] = sd[k] if n is None else permute_to_hf(sd[k], n).contiguous()
+        shard = {meta_key_to_hf(k): to_hf_layout(k, sd[k], config) for k in keys}
         tmp = out_dir / (name + ".tmp")
         if safetensors:
             save_file(shard, str(tmp), metadata={"format": "pt"})
