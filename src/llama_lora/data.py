@@ -138,7 +138,7 @@ def tokenize_record(record: dict[str, str], tokenizer: Tokenizer, max_seq_len: i
     prompt's tokens are exactly a prefix (SentencePiece would otherwise merge across the boundary).
     """
     prompt = tokenizer.encode(format_prompt(record), bos=True)
-    target = tokenizer.encode(record["output"]) + [tokenizer.eos_id]  # an empty output still trains on EOS
+    target = tokenizer.encode(record["output"], eos=True)  # an empty output still trains on EOS
     if len(prompt) >= max_seq_len:
         return None
     truncated = len(prompt) + len(target) > max_seq_len
