@@ -7,6 +7,10 @@ folder every run of that name, so that `--ckpt_path last` finds it. SIGTERM or C
 the current optimizer step and exits with 128 + the signal number (docs/robustness.md).
 """
 
+import hashlib
+import logging
+import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -15,13 +19,19 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+import llama_lora
 from llama_lora.cli import configure_logging, main_guard
+from llama_lora.config import native_dtype
 from llama_lora.data import AlpacaDataModule
+from llama_lora.demo import default_cache_dir
 from llama_lora.module import LlamaLoRAModule, check_strategy
 from llama_lora.resilience import GracefulStop, OutOfMemory, oom_advice, resolve_resume_checkpoint
 from llama_lora.trainer import Trainer
+from llama_lora.weights import save_meta
 
-DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DEMO, DEMO_BASE = CONFIGS / "demo.yaml", CONFIGS / "demo_base.yaml"
+log = logging.getLogger("fit")
 
 
 class FitCLI(LightningCLI):
@@ -29,6 +39,34 @@ class FitCLI(LightningCLI):
         parser.link_arguments("data.max_seq_len", "model.max_seq_len")
         parser.add_argument("--ckpt_path", type=str | None, default=None,
                             help="checkpoint to resume: a path, or 'last' for the newest intact one")
+
+    def before_instantiate_classes(self) -> None:
+        if self.config.model.checkpoint_dir == "demo":  # the demo's base, from the cache or pretrained now
+            self.config.model.checkpoint_dir = str(demo_base(self.config.data.cache_dir))
+            self._set_seed()  # as if the base had come from the cache: the same LoRA init on every run
+
+
+def demo_base(cache_dir: str | None) -> Path:
+    """The demo's base model as a Meta checkpoint (consolidated.00.pth, params.json, tokenizer.model): pretrained
+    with configs/demo_base.yaml on first use, then taken from the cache folder, keyed by the content that makes it
+    (that config, the package's code, torch's version, and the precision this CPU trains it in)."""
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    key = hashlib.sha256(DEMO_BASE.read_bytes() + torch.__version__.encode() + native_dtype("cpu")[0].encode())
+    for source in sorted((Path(llama_lora.__file__).parent).glob("*.py")):
+        key.update(source.read_bytes())
+    folder = cache / f"demo-base-{key.hexdigest()[:12]}"
+    if (folder / "consolidated.00.pth").is_file():
+        log.info("Demo base model: %s (cached)", folder)
+        return folder
+    log.info("Pretraining the demo base model on the synthetic world's prose (once; cached in %s)", folder)
+    cli = run(["--config", str(DEMO_BASE), *(["--data.cache_dir", str(cache)] if cache_dir else [])])
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_meta(cli.model.model.state_dict(), cli.model.config, tmp)
+    shutil.copyfile(cli.datamodule.load_tokenizer().path, tmp / "tokenizer.model")
+    os.replace(tmp, folder)  # complete or absent: an interrupted pretraining leaves no half-written base
+    log.info("Demo base model: %s", folder)
+    return folder
 
 
 def checkpoint_folders(trainer: Trainer) -> None:
@@ -43,6 +81,14 @@ def checkpoint_folders(trainer: Trainer) -> None:
 def main(argv: list[str]) -> None:
     if not any(a == "--config" or a.startswith("--config=") for a in argv):
         argv = ["--config", str(DEMO), *argv]
+    cli = run(argv)
+    stop = next((cb for cb in cli.trainer.callbacks if isinstance(cb, GracefulStop)), None)
+    if stop is not None and stop.stopped_by is not None:
+        sys.exit(128 + stop.stopped_by)
+
+
+def run(argv: list[str]) -> FitCLI:
+    """Parse, build and fit; the CLI holds the trained module and the data module."""
     # The data module restores the sampler's exact mid-epoch position itself (see AlpacaDataModule.state_dict).
     warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended to run from within Python.*")
@@ -64,9 +110,7 @@ def main(argv: list[str]) -> None:
                             max_seq_len=data.max_seq_len)
         first = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
         raise OutOfMemory(f"out of memory at step {trainer.global_step + 1} ({first[:200]})\n{advice}") from None
-    stop = next((cb for cb in trainer.callbacks if isinstance(cb, GracefulStop)), None)
-    if stop is not None and stop.stopped_by is not None:
-        sys.exit(128 + stop.stopped_by)
+    return cli
 
 
 if __name__ == "__main__":

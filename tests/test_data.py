@@ -1,5 +1,6 @@
 import io
 import json
+import re
 
 import pytest
 
@@ -13,7 +14,7 @@ from llama_lora.data import (
     preprocess,
     tokenize_record,
 )
-from llama_lora.demo import generate_demo_records
+from llama_lora.demo import instruction_records
 from llama_lora.prompts import format_prompt
 
 REC_INPUT = {"instruction": "Sort the words.", "input": "pear apple", "output": "apple pear"}
@@ -132,20 +133,11 @@ def test_length_grouping_cuts_padding():
     assert padded(grouped) < 0.75 * padded(plain)
 
 
-def test_demo_generator_is_deterministic():
-    a, b = generate_demo_records(300, seed=5), generate_demo_records(300, seed=5)
-    assert a == b and a != generate_demo_records(300, seed=6)
-    assert {bool(r["input"]) for r in a} == {True, False}
-    assert all(set(r) == {"instruction", "input", "output"} and r["output"] for r in a)
-    adds = [r for r in a if r["instruction"] == "Add the two numbers."]
-    assert adds and all(int(r["output"]) == sum(map(int, r["input"].split(" and "))) for r in adds)
-
-
 def test_datamodule_demo_end_to_end(tmp_path, demo_tok):
     dm = AlpacaDataModule(data_path="demo", tokenizer_path=str(demo_tok.path), val_size=50, micro_batch_size=8, seed=7,
                           cache_dir=str(tmp_path))
     dm.setup("fit")
-    assert len(dm.train_set) + len(dm.val_set) == 2000 and len(dm.val_set) == 50
+    assert len(dm.train_set) + len(dm.val_set) == len(instruction_records()) and len(dm.val_set) == 50
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape[0] == 8 and batch["input_ids"].shape[1] % 8 == 0
     # Seeded split: the same seed gives the same validation set, another seed another.
@@ -396,8 +388,53 @@ def test_short_last_batch_splits_evenly(world, n, expected):
 def test_padding_example_weighs_nothing(demo_tok):
     from llama_lora.data import Padding
 
-    ds = SupervisedDataset(generate_demo_records(10), demo_tok, 128)
+    ds = SupervisedDataset(instruction_records(10), demo_tok, 128)
     collate = DataCollatorForSupervisedDataset(pad_id=0)
     batch = collate([ds[(Padding(3), 17)]])
     assert batch["n_targets"].item() == 0 and batch["n_tokens"].item() == 0
     assert batch["labels"].eq(IGNORE_INDEX).all() and batch["n_targets_window"].item() == 17
+
+
+# ----- raw text for continued pretraining (format: text) -----
+
+def test_text_documents_become_blocks_of_every_token(tmp_path, demo_tok):
+    """A .txt file's blank-line-separated documents, each as BOS + text + EOS, concatenated and cut into blocks of
+    max_seq_len: every token is a target (but the first of a block), nothing is lost, and JSON/JSONL with a text field
+    read the same documents."""
+    docs = ["apple is red. " * 9, "A lemon is yellow.", "7 plus 5 is 12. " * 30]
+    (tmp_path / "d.txt").write_text("\n\n".join(docs) + "\n\n\n")
+    (tmp_path / "d.json").write_text(json.dumps([docs[0], {"text": docs[1]}, docs[2]]))
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": d, "id": i}) for i, d in enumerate(docs)))
+    records = [{"text": d.strip()} for d in docs]
+    for name in ("d.txt", "d.json", "d.jsonl"):
+        assert [{"text": r["text"].strip()} for r in load_records(tmp_path / name, format="text")] == records
+    ds = SupervisedDataset(records, demo_tok, max_seq_len=32, format="text")
+    stream = [t for r in records for t in demo_tok.encode(r["text"], bos=True, eos=True)]
+    assert [t for e in ds.examples for t in e["input_ids"]] == stream
+    assert all(len(e["input_ids"]) == 32 for e in ds.examples[:-1]) and len(ds.examples[-1]["input_ids"]) <= 32
+    assert all(e["labels"] == [IGNORE_INDEX] + e["input_ids"][1:] for e in ds.examples)
+    dm = AlpacaDataModule(data_path=str(tmp_path / "d.txt"), format="text", tokenizer_path=str(demo_tok.path),
+                          val_size=1, max_seq_len=32)
+    dm.setup()
+    assert len(dm.train_set) + len(dm.val_set) >= len(ds.examples) - 1
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("d.json", '[{"body": "x"}]', "record 0 has no 'text' field"),
+    ("d.json", '[{"text": 3}]', "record 0 field 'text' is a int, expected a string"),
+    ("d.jsonl", '{"text": "a"}\n[1, 2]\n', "record 1 is a list, expected a string or an object with 'text'"),
+    ("d.txt", b"\xff\xfe text", "not UTF-8 text (byte 0); text data is UTF-8"),
+])
+def test_bad_text_data_says_what_is_wrong(tmp_path, name, content, message):
+    path = write(tmp_path, content, name) if isinstance(content, str) else tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_records(path, format="text")
+
+
+def test_empty_text_has_nothing_to_train_on(tmp_path, demo_tok):
+    (tmp_path / "e.txt").write_text("\n\n  \n")
+    with pytest.raises(ValueError, match="no text to train on"):
+        SupervisedDataset(load_records(tmp_path / "e.txt", format="text"), demo_tok, 32, source="e.txt",
+                          format="text")

@@ -66,11 +66,12 @@ class Exploit:
 
 # ----- the malformed inputs: name -> (script, builder(run_dir, tmp) -> argv, error class, message fragment) -----
 
-def data_case(content: bytes | str, suffix: str = ".json") -> Callable[[Path, Path], list[str]]:
+def data_case(content: bytes | str, suffix: str = ".json", format: str = "alpaca") -> Callable[[Path, Path], list[str]]:
     def build(run: Path, tmp: Path) -> list[str]:
         path = tmp / f"data{suffix}"
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
-        return ["--data.data_path", str(path), "--data.tokenizer_path", str(demo_tokenizer(run))]
+        return ["--data.data_path", str(path), "--data.tokenizer_path", str(demo_tokenizer(run)), "--data.format",
+                format]
     return build
 
 
@@ -198,6 +199,10 @@ CASES = {
     "data-http-url": ("fit", lambda run, tmp: ["--data.data_path", "http://example.com/alpaca.json",
                                                "--data.tokenizer_path", str(demo_tokenizer(run))],
                       ValueError, "Only https URLs"),
+    "text-record-without-text": ("fit", data_case('[{"body": "x"}]', ".json", "text"), ValueError,
+                                 "record 0 has no 'text' field"),
+    "text-binary": ("fit", data_case(bytes(range(256)) * 4, ".txt", "text"), ValueError, "text data is UTF-8"),
+    "text-empty": ("fit", data_case("\n\n\n", ".txt", "text"), ValueError, "no text to train on"),
     # configs
     "config-unknown-key": ("fit", lambda run, tmp: ["--model.lora_rank", "8"], argparse.ArgumentError,
                            "unrecognized arguments: --model.lora_rank"),

@@ -323,7 +323,7 @@ def resolve_tokenizer(tokenizer_path: str | Path | None = None, adapter: Adapter
     data = adapter.datamodule_hparams if adapter is not None else {}
     path = tokenizer_path or data.get("tokenizer_path")
     if path is None and data.get("data_path") == "demo":
-        path = demo_tokenizer_file(data.get("demo_records"), data.get("demo_vocab_size"), data.get("cache_dir"))
+        path = demo_tokenizer_file(data["demo_vocab_size"], data.get("cache_dir"))
     checkpoint_dir = checkpoint_dir or (adapter.checkpoint_dir if adapter is not None else None)
     if path is None and checkpoint_dir is not None:
         folder = Path(checkpoint_dir)

@@ -166,3 +166,78 @@ class SampleGenerations(L.Callback):
         experiment = getattr(trainer.logger, "experiment", None)
         if experiment is not None and hasattr(experiment, "add_text"):
             experiment.add_text("samples", "\n\n".join(texts), global_step=trainer.global_step)
+
+
+class InstructionAccuracy(L.Callback):
+    """Exact-match accuracy on held-out instructions, before training and after: the base model's answers, then the
+    tuned model's, to the same instructions. Greedy decoding; a response counts when it equals the expected output
+    (stripped). Logged as ``heldout/exact_match`` and ``heldout/loss`` (token-weighted over the expected outputs).
+
+    ``records``: a JSON file of Alpaca records, or ``demo`` for the demo's held-out facts. ``show`` answers of each
+    model are printed.
+    """
+
+    def __init__(self, records: str = "demo", max_new_tokens: int = 8, show: int = 6) -> None:
+        self.records, self.max_new_tokens, self.show = records, max_new_tokens, show
+        self.before: dict[str, Any] | None = None
+        self.after: dict[str, Any] | None = None
+
+    def _records(self) -> list[dict[str, str]]:
+        if self.records == "demo":
+            from .demo import heldout_records
+
+            return heldout_records()
+        from .data import load_records
+
+        return load_records(self.records)
+
+    @torch.no_grad()
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        from .loss import IGNORE_INDEX, token_loss_sum
+
+        tok = trainer.datamodule.load_tokenizer()
+        records, answers, loss_sum, n = self._records(), [], 0.0, 0
+        was_training = pl_module.model.training
+        pl_module.model.eval()
+        with trainer.precision_plugin.forward_context():  # the numerics training uses
+            for r in records:
+                prompt = tok.encode(format_prompt(r), bos=True)
+                out = pl_module.model.generate(prompt, self.max_new_tokens, temperature=0.0, eos_id=tok.eos_id)
+                answers.append(tok.decode(out).strip())
+                target = tok.encode(r["output"], eos=True)
+                ids = torch.tensor([prompt + target], device=pl_module.device)
+                labels = torch.tensor([[IGNORE_INDEX] * len(prompt) + target], device=pl_module.device)
+                s, k = token_loss_sum(pl_module.model, ids, labels)
+                loss_sum, n = loss_sum + float(s), n + int(k)
+        pl_module.model.train(was_training)
+        right = sum(a == r["output"].strip() for a, r in zip(answers, records))
+        result = {"exact_match": right / len(records), "loss": loss_sum / max(n, 1), "answers": answers,
+                  "records": records}
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({"heldout/exact_match": result["exact_match"], "heldout/loss": result["loss"]},
+                                       step=trainer.global_step)
+        return result
+
+    def _print(self, title: str, result: dict[str, Any]) -> None:
+        lines = [f"{title}: exact match {result['exact_match']:.0%} on {len(result['records'])} held-out instructions, "
+                 f"loss {result['loss']:.3f}"]
+        for r, answer in list(zip(result["records"], result["answers"]))[: self.show]:
+            prompt = f"{r['instruction']} {r['input']}".strip()
+            lines.append(f"  {prompt!r:58} -> {answer!r} (expected {r['output']!r})")
+        print("\n".join(lines), flush=True)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == 0:  # not after a resume: "before" is the base model
+            self.before = self._evaluate(trainer, pl_module)
+            if trainer.is_global_zero:
+                self._print("Base model (before)", self.before)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.after = self._evaluate(trainer, pl_module)
+        if trainer.is_global_zero:
+            self._print("Tuned model (after)", self.after)
+            if self.before is not None:
+                drop = 1 - self.after["loss"] / self.before["loss"]
+                print(f"Held-out exact match {self.before['exact_match']:.0%} -> {self.after['exact_match']:.0%}, "
+                      f"loss {self.before['loss']:.3f} -> {self.after['loss']:.3f} ({drop:.0%} lower)", flush=True)
+

@@ -6,23 +6,25 @@ train.py; the prompt templates are in prompts.py.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
 import os
 import random
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .demo import default_cache_dir, demo_tokenizer_file, generate_demo_records
+from .demo import default_cache_dir, demo_tokenizer_file, instruction_records, prose
 from .loss import IGNORE_INDEX
 from .prompts import format_prompt
 from .tokenizer import Tokenizer
@@ -77,18 +79,28 @@ def download(url: str, cache_dir: str | Path | None = None) -> Path:
     return target
 
 
-def load_records(path: str | Path, cache_dir: str | Path | None = None) -> list[dict[str, str]]:
-    """Read and validate Alpaca records from a .json list, a .jsonl file or an https URL."""
+def load_records(path: str | Path, cache_dir: str | Path | None = None, format: str = "alpaca"
+                 ) -> list[dict[str, str]]:
+    """Read and validate records from a local file or an https URL.
+
+    - ``alpaca``: a .json list or a .jsonl file of {instruction, input, output} records.
+    - ``text``: a .txt file (documents separated by blank lines), or a .json list / .jsonl file of {"text": ...}
+      records or of strings; each document comes back as {"text": ...}.
+    """
     if str(path).startswith(("http://", "https://")):
         path = download(str(path), cache_dir)
     path = Path(path)
+    kinds = ".txt, .json or .jsonl" if format == "text" else ".json/.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"Data file not found: {path}; give a local .json/.jsonl file or an https URL")
+        raise FileNotFoundError(f"Data file not found: {path}; give a local {kinds} file or an https URL")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); Alpaca data is a JSON list or JSON lines") from None
-    if path.suffix == ".jsonl":
+        what = "text data is UTF-8" if format == "text" else "Alpaca data is a JSON list or JSON lines"
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); {what}") from None
+    if format == "text" and path.suffix not in (".json", ".jsonl"):
+        records: list = [{"text": doc.strip()} for doc in re.split(r"\n\s*\n", text) if doc.strip()]
+    elif path.suffix == ".jsonl":
         records = []
         for lineno, line in enumerate(text.splitlines(), 1):
             if line.strip():
@@ -103,9 +115,21 @@ def load_records(path: str | Path, cache_dir: str | Path | None = None) -> list[
             raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
         if not isinstance(records, list):
             raise ValueError(f"{path}: the top level is a JSON {type(records).__name__}, expected a list of records")
+    if format == "text":
+        records = [{"text": r} if isinstance(r, str) else r for r in records]
     for i, rec in enumerate(records):
-        validate_record(rec, i, path)
+        (validate_text if format == "text" else validate_record)(rec, i, path)
     return records
+
+
+def validate_text(rec: Any, index: int, source: str | Path = "data") -> None:
+    if not isinstance(rec, dict):
+        raise ValueError(f"{source}: record {index} is a {type(rec).__name__}, expected a string or an object with "
+                         "'text'")
+    if "text" not in rec:
+        raise ValueError(f"{source}: record {index} has no 'text' field")
+    if not isinstance(rec["text"], str):
+        raise ValueError(f"{source}: record {index} field 'text' is a {type(rec['text']).__name__}, expected a string")
 
 
 def validate_record(rec: Any, index: int, source: str | Path = "data") -> None:
@@ -171,24 +195,50 @@ def preprocess(records: Sequence[dict[str, str]], tokenizer: Tokenizer, max_seq_
     return examples, stats
 
 
+def text_blocks(records: Sequence[dict[str, str]], tokenizer: Tokenizer, max_seq_len: int, limit: int | None = None
+                ) -> tuple[list[dict[str, list[int]]], PreprocessStats]:
+    """Continued pretraining on raw text: each document as BOS + text + EOS, concatenated and cut into blocks of
+    ``max_seq_len`` tokens (the last one shorter), every token a target. A block may span documents, as in GPT-style
+    pretraining; EOS marks where one ends. ``limit`` takes the first that many documents. Each block keeps the index
+    of the document it starts in."""
+    stream: list[int] = []
+    starts: list[int] = []  # first stream position of each document
+    for doc in records[:limit]:
+        starts.append(len(stream))
+        stream += tokenizer.encode(doc["text"], bos=True, eos=True)
+    examples = []
+    for begin in range(0, len(stream) - 1, max_seq_len):  # a block needs two tokens to hold a target
+        ids = stream[begin : begin + max_seq_len]
+        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] + ids[1:],
+                         "index": bisect.bisect_right(starts, begin) - 1})
+    return examples, PreprocessStats(kept=len(examples))
+
+
 class Padding(int):
     """An example index handed to a rank only so that it is not empty (a short last batch over many ranks). The
     dataset returns it as a single BOS token with no target: it weighs nothing in the token-weighted loss."""
 
 
 class SupervisedDataset(Dataset):
-    """Tokenized Alpaca examples: dicts of ``input_ids`` and ``labels`` (lists of ints, same length).
+    """Tokenized examples: dicts of ``input_ids`` and ``labels`` (lists of ints, same length): Alpaca records with
+    the prompt masked, or, with ``format="text"``, blocks of raw text (see ``text_blocks``).
 
     ``indices[i]`` is the position in ``records`` of the record example i came from (``record_ids`` maps them to the
     caller's own numbering, e.g. positions in the data file). ``limit`` keeps the first that many examples."""
 
     def __init__(self, records: Sequence[dict[str, str]], tokenizer: Tokenizer, max_seq_len: int = 512,
                  mask_prompt: bool = True, source: str = "data", limit: int | None = None,
-                 record_ids: Sequence[int] | None = None) -> None:
-        examples, self.stats = preprocess(records, tokenizer, max_seq_len, mask_prompt, limit)
+                 record_ids: Sequence[int] | None = None, format: str = "alpaca") -> None:
+        if format == "text":
+            examples, self.stats = text_blocks(records, tokenizer, max_seq_len, limit)
+        else:
+            examples, self.stats = preprocess(records, tokenizer, max_seq_len, mask_prompt, limit)
         ids = record_ids if record_ids is not None else range(len(records))
         self.indices = [ids[e.pop("index")] for e in examples]
         self.examples = examples
+        if not self.examples and format == "text":
+            raise ValueError(f"{source}: no text to train on; give documents separated by blank lines, or JSON "
+                             "records with a 'text' field")
         if not self.examples:
             raise ValueError(f"{source}: no records left after preprocessing ({self.stats.dropped} dropped because "
                              f"the prompt exceeds max_seq_len={max_seq_len}); raise max_seq_len or check the data")
@@ -361,17 +411,23 @@ DEMO = "demo"  # data_path value for the offline synthetic set
 
 
 class AlpacaDataModule(L.LightningDataModule):
-    """Alpaca instruction data for Lightning: seeded splits, resumable seeded batches, optional length grouping.
+    """Alpaca instruction data (or raw text, ``format: text``) for Lightning: seeded splits, resumable seeded batches,
+    optional length grouping.
 
-    ``data_path``: a local .json/.jsonl file, an https URL (downloaded once into ``cache_dir``), or ``"demo"`` for
-    the offline synthetic set. ``tokenizer_path``: a SentencePiece model; None with the demo data trains the demo's
-    own tokenizer (``demo_vocab_size`` pieces, cached). ``num_samples``: take this many records after the seeded
-    shuffle (200 reproduces the seed experiment; None takes all). ``val_size``: records held out for validation.
+    ``data_path``: a local file, an https URL (downloaded once into ``cache_dir``), or ``"demo"`` for the offline
+    synthetic world (its instructions, or with ``format: text`` its prose). ``format``: ``alpaca`` records
+    ({instruction, input, output}, prompt masked) or ``text`` for continued pretraining (.txt, or JSON/JSONL with a
+    ``text`` field; see ``text_blocks``). ``tokenizer_path``: a SentencePiece model; None with the demo data trains
+    the demo's own tokenizer (``demo_vocab_size`` pieces, cached). ``num_samples``: the number of training records
+    (documents for text), taken after a seeded shuffle (200 reproduces the seed experiment; None takes all).
+    ``val_size``: records held out for validation, never from the training sample. ``demo_records``: how many of the
+    demo's records to use (None: all of them).
     """
 
     def __init__(
         self,
         data_path: str = ALPACA_URL,
+        format: Literal["alpaca", "text"] = "alpaca",
         tokenizer_path: str | None = "checkpoints/Llama-2-7b/tokenizer.model",
         num_samples: int | None = None,
         val_size: int = 100,
@@ -383,7 +439,7 @@ class AlpacaDataModule(L.LightningDataModule):
         group_by_length: bool = False,
         pad_to_multiple_of: int | None = 8,
         cache_dir: str | None = None,
-        demo_records: int = 2000,
+        demo_records: int | None = None,
         demo_vocab_size: int = 1024,
     ) -> None:
         super().__init__()
@@ -398,7 +454,8 @@ class AlpacaDataModule(L.LightningDataModule):
             raise ValueError("data.tokenizer_path is required unless data_path is 'demo'; point it at the "
                              "tokenizer.model that comes with the LLaMA-2 weights")
         self.save_hyperparameters()
-        self.data_path, self.tokenizer_path, self.num_samples = data_path, tokenizer_path, num_samples
+        self.data_path, self.format = data_path, format
+        self.tokenizer_path, self.num_samples = tokenizer_path, num_samples
         self.val_size, self.seed, self.max_seq_len = val_size, seed, max_seq_len
         self.micro_batch_size, self.num_workers, self.mask_prompt = micro_batch_size, num_workers, mask_prompt
         self.group_by_length, self.pad_to_multiple_of = group_by_length, pad_to_multiple_of
@@ -416,13 +473,15 @@ class AlpacaDataModule(L.LightningDataModule):
         self._tokenizer_file()
 
     def _records(self) -> list[dict[str, str]]:
+        if self.data_path == DEMO and self.format == "text":
+            return [{"text": doc} for doc in prose(*(() if self.demo_records is None else (self.demo_records,)))]
         if self.data_path == DEMO:
-            return generate_demo_records(self.demo_records, seed=0)
-        return load_records(self.data_path, self.cache_dir)
+            return instruction_records(self.demo_records)
+        return load_records(self.data_path, self.cache_dir, self.format)
 
     def _tokenizer_file(self) -> Path:
         if self.tokenizer_path is None:
-            return demo_tokenizer_file(self.demo_records, self.demo_vocab_size, self.cache_dir)
+            return demo_tokenizer_file(self.demo_vocab_size, self.cache_dir)
         return Path(self.tokenizer_path)
 
     def load_tokenizer(self) -> Tokenizer:
@@ -439,15 +498,20 @@ class AlpacaDataModule(L.LightningDataModule):
         source = str(self.data_path)
         # The training set is the first num_samples records of the shuffled order that fit max_seq_len.
         self.train_set = SupervisedDataset([records[i] for i in train_ids], tokenizer, self.max_seq_len,
-                                           self.mask_prompt, source, limit=self.num_samples, record_ids=train_ids)
+                                           self.mask_prompt, source, limit=self.num_samples, record_ids=train_ids,
+                                           format=self.format)
         self.val_set = SupervisedDataset([records[i] for i in val_ids], tokenizer, self.max_seq_len, self.mask_prompt,
-                                         source, record_ids=val_ids) if val_ids else None
+                                         source, record_ids=val_ids, format=self.format) if val_ids else None
         if self.num_samples is not None and len(self.train_set) < self.num_samples:
             log.warning("data.num_samples is %d, but %s has only %d usable records for training", self.num_samples,
                         source, len(self.train_set))
-        log.info("Alpaca data %s: %d train / %d val examples (max_seq_len %d; %d dropped, %d truncated)", source,
-                 len(self.train_set), len(self.val_set or []), self.max_seq_len, self.train_set.stats.dropped,
-                 self.train_set.stats.truncated)
+        if self.format == "text":
+            log.info("Text data %s: %d train / %d val blocks of up to %d tokens", source, len(self.train_set),
+                     len(self.val_set or []), self.max_seq_len)
+        else:
+            log.info("Alpaca data %s: %d train / %d val examples (max_seq_len %d; %d dropped, %d truncated)", source,
+                     len(self.train_set), len(self.val_set or []), self.max_seq_len, self.train_set.stats.dropped,
+                     self.train_set.stats.truncated)
 
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer

@@ -1,9 +1,14 @@
-"""Offline demo data: a synthetic instruction set in Alpaca's schema that a tiny model learns on a CPU in minutes.
+"""The offline demo's synthetic world: facts about numbers and 32 words, told two ways.
 
-Tasks a few-million-parameter model can visibly pick up within minutes: copying with a twist (reverse or sort two or
-three words, repeat a word), per-word facts (upper case, first letter, letter count) over a 32-word vocabulary, and
-single-digit addition and subtraction. Records come with and without ``input``; generation is
-deterministic by seed. The demo trains its own SentencePiece tokenizer on this text, cached, so nothing downloads.
+- As plain prose (``prose``), the text a small base model is pretrained on: "7 plus 5 is 12.", "A lemon is a kind of
+  fruit.", "The word garden has 6 letters." The base learns the facts, never the Alpaca template.
+- As Alpaca instructions (``instruction_records``): "What is 7 plus 5?", "Name the colour of the thing. lemon". LoRA on
+  the frozen base learns to answer them. The facts are split by (task, item): the instructions held out for the
+  exact-match test (``heldout_records``) ask about facts that no training instruction asks about, so a right answer
+  there is knowledge of the base, put to use by the adapter.
+
+Everything is deterministic by seed; the demo trains its own SentencePiece tokenizer on this text, cached, so nothing
+downloads.
 """
 
 from __future__ import annotations
@@ -17,75 +22,111 @@ from pathlib import Path
 from .prompts import format_prompt
 from .tokenizer import train_tokenizer
 
-WORDS = (
-    "apple river stone cloud tiger music green house light paper window garden bread water ocean forest table "
-    "candle silver orange rabbit monkey planet rocket winter summer castle dragon pencil lemon zebra violin"
-).split()
+# word: (kind, colour)
+WORDS = {
+    "apple": ("fruit", "red"), "lemon": ("fruit", "yellow"), "orange": ("fruit", "orange"),
+    "banana": ("fruit", "yellow"), "cherry": ("fruit", "red"), "grape": ("fruit", "purple"),
+    "tiger": ("animal", "orange"), "zebra": ("animal", "white"), "rabbit": ("animal", "brown"),
+    "monkey": ("animal", "brown"), "dragon": ("animal", "green"), "frog": ("animal", "green"),
+    "river": ("place", "blue"), "ocean": ("place", "blue"), "forest": ("place", "green"),
+    "garden": ("place", "green"), "castle": ("place", "grey"), "desert": ("place", "yellow"),
+    "stone": ("thing", "grey"), "cloud": ("thing", "white"), "paper": ("thing", "white"),
+    "window": ("thing", "clear"), "table": ("thing", "brown"), "candle": ("thing", "white"),
+    "pencil": ("tool", "yellow"), "hammer": ("tool", "grey"), "ladder": ("tool", "brown"),
+    "violin": ("instrument", "brown"), "drum": ("instrument", "red"), "flute": ("instrument", "silver"),
+    "rocket": ("vehicle", "silver"), "boat": ("vehicle", "blue"),
+}
+HELDOUT = 100  # facts whose instructions are kept for the exact-match test
+WORD_FACT_WEIGHT = 3  # word facts are arbitrary associations: the prose repeats them 3x as often as arithmetic
+
+Fact = tuple[str, object, str]  # (task, item, answer)
 
 
-def _words(rng: random.Random, lo: int = 2, hi: int = 3) -> list[str]:
-    return rng.sample(WORDS, rng.randint(lo, hi))
+def facts() -> list[Fact]:
+    """Every fact of the world: single-digit sums and differences, and four facts per word."""
+    out: list[Fact] = []
+    for a in range(10):
+        for b in range(10):
+            out.append(("add", (a, b), str(a + b)))
+            if a >= b:
+                out.append(("sub", (a, b), str(a - b)))
+    for word, (kind, colour) in WORDS.items():
+        out += [("count", word, str(len(word))), ("first", word, word[0]), ("kind", word, kind),
+                ("colour", word, colour)]
+    return out
 
 
-def _record(rng: random.Random) -> dict[str, str]:
-    task = rng.randrange(8)
-    with_input = rng.random() < 0.5
-    if task == 0:
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
-        if with_input:
-            return {"instruction": "Add the two numbers.", "input": f"{a} and {b}", "output": str(a + b)}
-        return {"instruction": f"What is {a} plus {b}?", "input": "", "output": str(a + b)}
-    if task == 1:
-        a, b = sorted((rng.randint(0, 9), rng.randint(0, 9)), reverse=True)
-        if with_input:
-            return {"instruction": "Subtract the second number from the first.", "input": f"{a} and {b}",
-                    "output": str(a - b)}
-        return {"instruction": f"What is {a} minus {b}?", "input": "", "output": str(a - b)}
-    words = _words(rng)
-    text = " ".join(words)
-    if task == 2:
-        instruction, output = "Reverse the order of the words.", " ".join(reversed(words))
-    elif task == 3:
-        instruction, output = "Sort the words in alphabetical order.", " ".join(sorted(words))
-    elif task == 4:
-        text = words[0]
-        instruction, output = "Convert the word to upper case.", text.upper()
-    elif task == 5:
-        word = words[0]
-        instruction, text, output = "Count the letters in the word.", word, str(len(word))
-        if not with_input:
-            return {"instruction": f"How many letters are in the word \"{word}\"?", "input": "", "output": output}
-    elif task == 6:
-        word = words[0]
-        instruction, text, output = "Repeat the word three times.", word, " ".join([word] * 3)
-        if not with_input:
-            return {"instruction": f"Repeat the word \"{word}\" three times.", "input": "", "output": output}
-    else:
-        text = words[0]
-        instruction, output = "Write the first letter of the word.", text[0]
-    if with_input:
-        return {"instruction": instruction, "input": text, "output": output}
-    return {"instruction": f"{instruction} {text}", "input": "", "output": output}
+# Prose: each fact in three phrasings, item first and answer last.
+_PROSE = {
+    "add": ("{a} plus {b} is {x}.", "Adding {a} and {b} gives {x}.", "The sum of {a} and {b} is {x}."),
+    "sub": ("{a} minus {b} is {x}.", "{a} take away {b} leaves {x}.", "The difference of {a} and {b} is {x}."),
+    "count": ("The word {w} has {x} letters.", "{w} is spelled with {x} letters.", "Spelling {w} takes {x} letters."),
+    "first": ("The word {w} starts with {x}.", "{w} begins with the letter {x}.", "The first letter of {w} is {x}."),
+    "kind": ("A {w} is a kind of {x}.", "The {w} is a {x}.", "Every {w} is a {x}."),
+    "colour": ("A {w} is {x}.", "The colour of a {w} is {x}.", "Each {w} looks {x}."),
+}
+# Instructions: each task in two Alpaca forms, without and with an input.
+_INSTRUCTIONS = {
+    "add": (("What is {a} plus {b}?", ""), ("Add the two numbers.", "{a} and {b}")),
+    "sub": (("What is {a} minus {b}?", ""), ("Subtract the second number from the first.", "{a} and {b}")),
+    "count": (('How many letters are in the word "{w}"?', ""), ("Count the letters in the word.", "{w}")),
+    "first": (("What is the first letter of {w}?", ""), ("Write the first letter of the word.", "{w}")),
+    "kind": (("What kind of thing is a {w}?", ""), ("Name the category of the word.", "{w}")),
+    "colour": (("What colour is a {w}?", ""), ("Name the colour of the thing.", "{w}")),
+}
 
 
-def generate_demo_records(n: int = 2000, seed: int = 0) -> list[dict[str, str]]:
+def _fields(item: object, answer: str) -> dict[str, object]:
+    if isinstance(item, tuple):
+        return {"a": item[0], "b": item[1], "x": answer}
+    return {"w": item, "x": answer}
+
+
+def prose(n_documents: int = 2000, seed: int = 0) -> list[str]:
+    """Plain-text documents of 8 fact sentences each, drawn with the word facts weighted up."""
     rng = random.Random(seed)
-    return [_record(rng) for _ in range(n)]
+    pool = []
+    for task, item, answer in facts():
+        sentences = [s.format(**_fields(item, answer)) for s in _PROSE[task]]
+        pool += sentences * (WORD_FACT_WEIGHT if task in ("count", "first", "kind", "colour") else 1)
+    return [" ".join(rng.sample(pool, 8)) for _ in range(n_documents)]
 
 
-def demo_tokenizer(records: list[dict[str, str]], vocab_size: int, cache_dir: str | Path) -> Path:
-    """Train (once, cached by content) the demo's SentencePiece tokenizer on the prompts and responses."""
-    texts = [format_prompt(r) + " " + r["output"] for r in records]
+def _split(seed: int = 0) -> tuple[list[Fact], list[Fact]]:
+    order = facts()
+    random.Random(seed).shuffle(order)
+    return order[HELDOUT:], order[:HELDOUT]
+
+
+def _record(task: str, item: object, answer: str, form: int) -> dict[str, str]:
+    instruction, input = _INSTRUCTIONS[task][form]
+    fields = _fields(item, answer)
+    return {"instruction": instruction.format(**fields), "input": input.format(**fields), "output": answer}
+
+
+def instruction_records(n: int | None = None, seed: int = 0) -> list[dict[str, str]]:
+    """Alpaca records for the training facts, both forms of each (the first ``n`` of a seeded shuffle)."""
+    train, _ = _split()
+    records = [_record(task, item, answer, form) for task, item, answer in train for form in (0, 1)]
+    random.Random(seed).shuffle(records)
+    return records[:n] if n is not None else records
+
+
+def heldout_records() -> list[dict[str, str]]:
+    """One instruction for each held-out fact (the form alternates): none of these facts is asked in training."""
+    _, held = _split()
+    return [_record(task, item, answer, i % 2) for i, (task, item, answer) in enumerate(held)]
+
+
+def demo_tokenizer_file(vocab_size: int, cache_dir: str | Path | None = None) -> Path:
+    """The demo's SentencePiece tokenizer, trained (once, cached by content) on its prose and instructions."""
+    records = instruction_records() + heldout_records()
+    texts = prose(300) + [format_prompt(r) + " " + r["output"] for r in records]
     key = hashlib.sha256(json.dumps([vocab_size, texts]).encode()).hexdigest()[:12]
-    path = Path(cache_dir) / f"demo-tokenizer-{vocab_size}-{key}.model"
+    path = Path(cache_dir or default_cache_dir()) / f"demo-tokenizer-{vocab_size}-{key}.model"
     if not path.is_file():
         train_tokenizer(texts, vocab_size, path)
     return path
-
-
-def demo_tokenizer_file(n_records: int, vocab_size: int, cache_dir: str | Path | None) -> Path:
-    """The demo tokenizer of ``n_records`` demo records (trained once into the cache)."""
-    return demo_tokenizer(generate_demo_records(n_records), vocab_size, cache_dir or default_cache_dir())
 
 
 def default_cache_dir() -> Path:
