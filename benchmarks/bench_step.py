@@ -4,6 +4,7 @@
     python benchmarks/bench_step.py --shape small --steps 10
     python benchmarks/bench_step.py --write-meta /tmp/llama7b   # write a random bf16 7B Meta checkpoint (13 GB)
     python benchmarks/bench_step.py --shape llama2-7b --checkpoint /tmp/llama7b   # time load-to-ready too
+    python benchmarks/bench_step.py --checkpoint /tmp/llama7b --load-only --base-dtype bf16   # peak RSS of loading
 
 Prints one JSON object per shape: tokens/s, step time and peak RSS (and CUDA peak memory on GPU).
 """
@@ -110,6 +111,22 @@ def run_shape(args) -> dict:
     return result
 
 
+def load_only(args) -> dict:
+    """Load a checkpoint and read every weight once (as the first step does): the peak RSS of loading, split into
+    anonymous memory (copies) and file pages (the memory-mapped checkpoint)."""
+    t0 = time.perf_counter()
+    model = build_model(checkpoint=args.checkpoint, base_dtype=resolve_dtype(args.base_dtype, "cpu"))
+    ready_s = time.perf_counter() - t0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.float().sum()
+    status = {line.split(":")[0]: int(line.split()[1]) / 2**20 for line in open("/proc/self/status")
+              if line.startswith(("RssAnon", "RssFile"))}
+    return {"checkpoint": str(args.checkpoint), "ready_s": round(ready_s, 2), "peak_rss_gib": round(peak_rss_gib(), 2),
+            "rss_anon_gib": round(status["RssAnon"], 2), "rss_file_gib": round(status["RssFile"], 2),
+            "base_dtype": str(next(model.parameters()).dtype), "torch": torch.__version__}
+
+
 def write_meta(out_dir: Path) -> None:
     t0 = time.perf_counter()
     config = LlamaConfig.from_name("llama2-7b")
@@ -136,6 +153,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--checkpoint", type=Path, default=None, help="load this checkpoint instead of random weights")
     p.add_argument("--write-meta", type=Path, default=None, help="write a random bf16 llama2-7b Meta checkpoint here")
+    p.add_argument("--load-only", action="store_true", help="with --checkpoint: the peak memory of loading it")
     p.add_argument("--json", type=Path, default=None, help="also append results to this JSON-lines file")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense fp16/bf16 peak for MFU (H100/H200 SXM)")
     args = p.parse_args()
@@ -143,6 +161,8 @@ def main() -> None:
         p.error("--batch and --seq go together")
     if args.write_meta:
         return write_meta(args.write_meta)
+    if args.load_only:
+        return print(json.dumps(load_only(args)))
     if args.shape is None:  # each shape in a fresh process, so that peak RSS is its own
         for shape in SHAPES:
             cmd = [sys.executable, __file__, "--shape", shape, *sys.argv[1:]]

@@ -57,3 +57,17 @@ def test_corrected_table1_claims():
     s = StudySettings(model="llama2-7b", seq_len=512, global_batch=4, half="bf16")
     seed_mp_on = memory_breakdown(c, Cell(ga=False, mp=True, lora=False, gc=False), s)
     assert seed_mp_on["autocast_cache"] > 12 * 2**30  # ~12.5 GiB of fp16 copies of the 7B matmul weights
+
+
+def test_sharded_breakdown_splits_the_states_and_adds_two_gathered_blocks():
+    from llama_lora.memory import memory_breakdown, sharded_breakdown
+
+    c = LlamaConfig.from_name("llama2-70b")
+    settings = dict(base_dtype="fp16", lora_targets=("wq", "wk", "wv"), lora_r=16, micro_batch=1, seq_len=512,
+                    autocast=True, gradient_checkpointing=True)
+    one, eight = memory_breakdown(c, **settings), sharded_breakdown(c, 8, **settings)
+    assert eight["params"] == one["params"] // 8 and eight["optimizer"] == one["optimizer"] // 8
+    assert eight["activations"] == one["activations"] and sharded_breakdown(c, 1, **settings)["gathered"] == 0
+    block = 2 * (8192 * 8192 + 2 * 8192 * 1024 + 8192 * 8192 + 3 * 8192 * 28672) + 2 * 8192 * 2  # fp16 q k v o ffn
+    assert eight["gathered"] == 2 * block
+    assert eight["total"] == sum(v for k, v in eight.items() if k != "total")

@@ -98,3 +98,16 @@ def memory_breakdown(config: LlamaConfig, *, base_dtype: str, lora_targets: Sequ
     total = params + grads + optimizer + autocast_cache + activations + loss
     return {"params": params, "grads": grads, "optimizer": optimizer, "autocast_cache": autocast_cache,
             "activations": activations, "loss": loss, "total": total}
+
+
+def sharded_breakdown(config: LlamaConfig, world: int, **settings) -> dict[str, int]:
+    """``memory_breakdown`` per rank under FSDP2 over ``world`` ranks: parameters, gradients and optimizer state are
+    split W ways, and each rank also holds the all-gathered weights of two blocks (the one computing and the one
+    prefetched). Activations and the loss are each rank's own micro-batch."""
+    b = memory_breakdown(config, **settings)
+    block = (matmul_params(config) - config.vocab_size * config.dim) // config.n_layers + 2 * config.dim
+    gathered = 2 * block * BYTES[settings["base_dtype"]] if world > 1 else 0
+    shared = {k: b[k] // world for k in ("params", "grads", "optimizer")}
+    out = {**b, **shared, "gathered": gathered}
+    out["total"] = sum(v for k, v in out.items() if k != "total")
+    return out

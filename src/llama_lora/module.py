@@ -225,13 +225,9 @@ class LlamaLoRAModule(L.LightningModule):
                                  f"{self.config.vocab_size}; use the tokenizer that matches the model")
 
     def on_fit_start(self) -> None:
-        precision = str(self.trainer.precision)
-        device = self.trainer.strategy.root_device.type
-        note = " (Lightning turns 16-mixed into bf16-mixed on CPU: fp16 autocast is CPU-unsupported)" if (
-            device == "cpu" and precision == "bf16-mixed") else ""
         auto = " (model.base_dtype auto)" if self.base_dtype_name == "auto" else ""
-        log.info("Precision %s on %s, base weights %s%s, LoRA fp32%s", precision, device,
-                 str(self.base_dtype).removeprefix("torch."), auto, note)
+        log.info("Precision %s on %s, base weights %s%s, LoRA fp32", self.trainer.precision,
+                 self.trainer.strategy.root_device.type, str(self.base_dtype).removeprefix("torch."), auto)
 
     def on_train_end(self) -> None:
         # Called after every callback's on_train_end (checkpoints written, summary printed) and before Lightning's
