@@ -1,4 +1,5 @@
-"""Time the LoRA training step: r=8 on wq and wv, random weights, half-precision frozen base, fp32 LoRA, autocast.
+"""Time the LoRA training step: r=8 on wq and wv (--lora-r, --lora-targets), random weights, half-precision frozen base
+(or NF4: --base-dtype nf4), fp32 LoRA, autocast.
 
     python benchmarks/bench_step.py                       # shapes small and llama2-7b, each in its own process
     python benchmarks/bench_step.py --shape small --steps 10
@@ -28,7 +29,8 @@ from llama_lora.memory import GIB, peak_rss_bytes
 from llama_lora.memory import matmul_params as _matmul_params
 from llama_lora.weights import build_model, save_meta
 
-SHAPES = {"small": (4, 256), "llama2-7b": (1, 128)}  # (micro-batch, tokens)
+SHAPES = {"small": (4, 256), "llama2-7b": (1, 128), "llama2-70b": (1, 512)}  # (micro-batch, tokens)
+DEFAULT_SHAPES = ("small", "llama2-7b")  # without --shape; 70B only when asked for (QLoRA on a GPU)
 
 
 def lora_step_flops(config: LlamaConfig, batch: int, seq: int) -> float:
@@ -46,15 +48,17 @@ def run_shape(args) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
     config = LlamaConfig.from_name(args.shape)
-    dtype = resolve_dtype(args.base_dtype, device)
+    nf4 = args.base_dtype == "nf4"
     amp = native_dtype(device)[0] if args.amp == "auto" else args.amp
     amp = "off" if amp == "fp32" else amp
+    # nf4: the blocks' weights in 4 bits, the rest in the dtype the compute runs in
+    dtype = DTYPES[amp if amp != "off" else "fp32"] if nf4 else resolve_dtype(args.base_dtype, device)
     batch, seq = (args.batch, args.seq) if args.batch else SHAPES[args.shape]
     t0 = time.perf_counter()
     model = build_model(config, checkpoint=args.checkpoint, base_dtype=dtype, device=device, seed=0,
                         gradient_checkpointing=args.gc or args.gc_layers is not None,
-                        checkpoint_layers=args.gc_layers)
-    apply_lora(model, ["wq", "wv"], r=8, alpha=16)
+                        checkpoint_layers=args.gc_layers, nf4=nf4)
+    apply_lora(model, args.lora_targets.split(","), r=args.lora_r, alpha=2 * args.lora_r)
     mark_only_lora_as_trainable(model)
     if args.compile:
         model.compile_blocks()
@@ -91,7 +95,7 @@ def run_shape(args) -> dict:
     step_s = times[len(times) // 2]
     result = {
         "shape": args.shape, "micro_batch": batch, "seq_len": seq, "device": str(device),
-        "base_dtype": str(dtype).removeprefix("torch."), "autocast": amp,
+        "base_dtype": "nf4" if nf4 else str(dtype).removeprefix("torch."), "autocast": amp,
         "cpu_native_bf16": native_dtype("cpu")[0] == "bf16",
         "gradient_checkpointing": args.gc or args.gc_layers is not None, "checkpoint_layers": args.gc_layers,
         "compile": args.compile,
@@ -115,16 +119,19 @@ def load_only(args) -> dict:
     """Load a checkpoint and read every weight once (as the first step does): the peak RSS of loading, split into
     anonymous memory (copies) and file pages (the memory-mapped checkpoint)."""
     t0 = time.perf_counter()
-    model = build_model(checkpoint=args.checkpoint, base_dtype=resolve_dtype(args.base_dtype, "cpu"))
-    ready_s = time.perf_counter() - t0
-    with torch.no_grad():
+    nf4 = args.base_dtype == "nf4"
+    model = build_model(checkpoint=args.checkpoint, nf4=nf4,
+                        base_dtype=resolve_dtype("auto" if nf4 else args.base_dtype, "cpu"))
+    ready_s, ready_peak = time.perf_counter() - t0, peak_rss_gib()
+    with torch.no_grad():  # then read every weight (dequantizing an NF4 one whole: a transient the step never has)
         for p in model.parameters():
-            p.float().sum()
+            (p.dequantize() if hasattr(p, "dequantize") else p).float().sum()
     status = {line.split(":")[0]: int(line.split()[1]) / 2**20 for line in open("/proc/self/status")
               if line.startswith(("RssAnon", "RssFile"))}
-    return {"checkpoint": str(args.checkpoint), "ready_s": round(ready_s, 2), "peak_rss_gib": round(peak_rss_gib(), 2),
+    return {"checkpoint": str(args.checkpoint), "ready_s": round(ready_s, 2), "ready_peak_rss_gib": round(ready_peak, 2),
+            "peak_rss_gib": round(peak_rss_gib(), 2),
             "rss_anon_gib": round(status["RssAnon"], 2), "rss_file_gib": round(status["RssFile"], 2),
-            "base_dtype": str(next(model.parameters()).dtype), "torch": torch.__version__}
+            "base_dtype": "nf4" if nf4 else str(next(model.parameters()).dtype), "torch": torch.__version__}
 
 
 def write_meta(out_dir: Path) -> None:
@@ -143,11 +150,14 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--batch", type=int, default=None, help="override the shape's micro-batch")
     p.add_argument("--seq", type=int, default=None, help="override the shape's sequence length")
-    p.add_argument("--base-dtype", choices=["auto", *DTYPES], default="auto",
-                   help="auto: the dtype the device computes natively (bf16, or fp32 on an AVX2-only CPU)")
+    p.add_argument("--base-dtype", choices=["auto", *DTYPES, "nf4"], default="auto",
+                   help="auto: the dtype the device computes natively (bf16, or fp32 on an AVX2-only CPU); "
+                        "nf4: QLoRA's 4-bit base, the rest in the autocast dtype (fp32 with --amp off)")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
                    help="autocast dtype; auto: the native half precision, off where there is none")
     p.add_argument("--gc", action="store_true", help="gradient checkpointing")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-targets", default="wq,wv", help="comma-separated LoRA targets")
     p.add_argument("--gc-layers", type=int, default=None, help="checkpoint only the first N blocks (implies --gc)")
     p.add_argument("--compile", action="store_true", help="torch.compile each block (warmup steps absorb compile time)")
     p.add_argument("--device", default="cpu")
@@ -164,11 +174,11 @@ def main() -> None:
     if args.load_only:
         return print(json.dumps(load_only(args)))
     if args.shape is None:  # each shape in a fresh process, so that peak RSS is its own
-        for shape in SHAPES:
+        for shape in DEFAULT_SHAPES:
             cmd = [sys.executable, __file__, "--shape", shape, *sys.argv[1:]]
             subprocess.run(cmd, check=True)
         return
-    args.steps = args.steps or (3 if args.shape == "llama2-7b" else 10)
+    args.steps = args.steps or (10 if args.shape == "small" else 3)
     result = run_shape(args)
     line = json.dumps(result)
     print(line, flush=True)

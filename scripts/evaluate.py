@@ -15,7 +15,7 @@ from rich.table import Table
 
 from llama_lora.adapters import load_model, open_adapter, resolve_tokenizer
 from llama_lora.cli import configure_logging, main_guard, script_arguments
-from llama_lora.config import DTYPES, DtypeName, compute_dtype
+from llama_lora.config import DTYPES, BaseDtypeName, compute_dtype
 from llama_lora.data import AlpacaDataModule
 from llama_lora.module import LlamaLoRAModule
 from llama_lora.trainer import Trainer
@@ -23,7 +23,7 @@ from llama_lora.trainer import Trainer
 
 def evaluate(adapter: str | None = None, checkpoint_dir: str | None = None, model: str | None = None,
              data_path: str | None = None, tokenizer_path: str | None = None, val_size: int | None = None,
-             precision: str = "auto", base_dtype: DtypeName = "auto", out: str = "evaluation.json") -> dict:
+             precision: str = "auto", base_dtype: BaseDtypeName = "auto", out: str = "evaluation.json") -> dict:
     """Validate the model on held-out records and write the figures.
 
     Args:
@@ -34,7 +34,8 @@ def evaluate(adapter: str | None = None, checkpoint_dir: str | None = None, mode
         tokenizer_path: tokenizer.model (default: the adapter's, or the one beside the base weights).
         val_size: held-out records (default: the adapter's).
         precision: Lightning precision; auto: mixed precision where the hardware computes it natively.
-        base_dtype: dtype of the base weights; auto: the dtype the compute runs in.
+        base_dtype: dtype of the base weights; auto: the dtype the compute runs in (on an NF4 base if the adapter
+            was trained on one); nf4: 4-bit blocks, the rest in the compute dtype.
         out: the JSON results file.
     """
     trained = open_adapter(adapter, checkpoint_dir, model)
@@ -44,8 +45,9 @@ def evaluate(adapter: str | None = None, checkpoint_dir: str | None = None, mode
     data["tokenizer_path"] = str(resolve_tokenizer(tokenizer_path, trained, checkpoint_dir).path)
     trainer = Trainer(precision=precision, logger=False, enable_checkpointing=False, devices=1,
                       enable_progress_bar=False, enable_model_summary=False)
-    dtype = DTYPES[compute_dtype(str(trainer.precision)) if base_dtype == "auto" else base_dtype]
-    loaded = load_model(checkpoint_dir, adapter, model, dtype, trainer.strategy.root_device)
+    dtype = DTYPES[compute_dtype(str(trainer.precision)) if base_dtype in ("auto", "nf4") else base_dtype]
+    nf4 = {"nf4": True, "auto": None}.get(base_dtype, False)  # None: NF4 if the adapter's base was
+    loaded = load_model(checkpoint_dir, adapter, model, dtype, trainer.strategy.root_device, nf4=nf4)
     module = LlamaLoRAModule(model=model or (trained.preset if trained else "llama2-7b"), max_seq_len=data.get(
         "max_seq_len", 512), lora=None)
     module.config, module.model = loaded.config, loaded.model  # built: configure_model keeps it

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
@@ -39,6 +40,8 @@ class FitCLI(LightningCLI):
         parser.link_arguments("data.max_seq_len", "model.max_seq_len")
         parser.add_argument("--ckpt_path", type=str | None, default=None,
                             help="checkpoint to resume: a path, or 'last' for the newest intact one")
+        parser.add_argument("--extends", type=str | None, default=None,
+                            help="in a config file: the config it overlays (a path relative to it), read before it")
 
     def before_instantiate_classes(self) -> None:
         if self.config.model.checkpoint_dir == "demo":  # the demo's base, from the cache or pretrained now
@@ -78,10 +81,35 @@ def checkpoint_folders(trainer: Trainer) -> None:
             cb.dirpath = str(Path(logger.save_dir) / logger.name / "checkpoints")
 
 
+def with_bases(argv: list[str]) -> list[str]:
+    """Put the config each overlay ``extends`` (recursively) before it, so that an overlay runs alone:
+    ``--config configs/qlora.yaml`` reads lora_amp.yaml, then qlora.yaml. ``--extends null`` after it keeps the
+    printed and saved configs complete and free of the reference."""
+    out: list[str] = []
+    args = iter(argv)
+    for a in args:
+        if a != "--config" and not a.startswith("--config="):
+            out.append(a)
+            continue
+        path = Path(a.split("=", 1)[1] if "=" in a else next(args, ""))
+        chain = [path]
+        while chain[0].is_file() and len(chain) < 8:
+            content = yaml.safe_load(chain[0].read_text())
+            parent = content.get("extends") if isinstance(content, dict) else None
+            if not parent:
+                break
+            base = chain[0].parent / parent
+            if not base.is_file():
+                raise FileNotFoundError(f"{chain[0]}: extends {parent}, which is not at {base}; fix the path")
+            chain.insert(0, base)
+        out += [x for c in chain for x in ("--config", str(c))] + (["--extends", "null"] if len(chain) > 1 else [])
+    return out
+
+
 def main(argv: list[str]) -> None:
     if not any(a == "--config" or a.startswith("--config=") for a in argv):
         argv = ["--config", str(DEMO), *argv]
-    cli = run(argv)
+    cli = run(with_bases(argv))
     stop = next((cb for cb in cli.trainer.callbacks if isinstance(cb, GracefulStop)), None)
     if stop is not None and stop.stopped_by is not None:
         sys.exit(128 + stop.stopped_by)
@@ -95,7 +123,7 @@ def run(argv: list[str]) -> FitCLI:
     cli = FitCLI(LlamaLoRAModule, AlpacaDataModule, trainer_class=Trainer, run=False, auto_configure_optimizers=False,
                  args=argv, save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
     trainer, model = cli.trainer, cli.model
-    check_strategy(trainer.strategy)  # here, in one process, before any rank is started
+    check_strategy(trainer.strategy, model.nf4)  # here, in one process, before any rank is started
     checkpoint_folders(trainer)
     ckpt_path = resolve_resume_checkpoint(trainer, cli.config.ckpt_path)  # before anything large is allocated
     try:

@@ -16,7 +16,7 @@ import torch
 
 from llama_lora.adapters import load_model, open_adapter, resolve_tokenizer
 from llama_lora.cli import configure_logging, main_guard, script_arguments
-from llama_lora.config import DtypeName, LlamaConfig, resolve_dtype
+from llama_lora.config import BaseDtypeName, LlamaConfig, resolve_dtype
 from llama_lora.model import Llama
 from llama_lora.prompts import SEED_PROMPTS, format_prompt
 
@@ -70,7 +70,7 @@ def generate(prompts: list[str] = [], adapter: str | None = None, checkpoint_dir
              model: str | None = None, tokenizer_path: str | None = None,
              mode: Literal["instruction", "completion"] = "instruction", input: str = "", file: str | None = None,
              seed_prompts: bool = False, max_new_tokens: int = 128, greedy: bool = False, seed: int = 1234,
-             base_dtype: DtypeName = "auto", device: str | None = None, sampling: dict[str, Any] | None = None
+             base_dtype: BaseDtypeName = "auto", device: str | None = None, sampling: dict[str, Any] | None = None
              ) -> None:
     """Generate responses and print them as they come.
 
@@ -87,7 +87,8 @@ def generate(prompts: list[str] = [], adapter: str | None = None, checkpoint_dir
         max_new_tokens: the longest response.
         greedy: argmax decoding (ignores the sampling settings).
         seed: the sampling seed.
-        base_dtype: dtype of the weights; auto: the fastest this device computes (bf16 or fp32 on a CPU).
+        base_dtype: dtype of the weights; auto: the fastest this device computes (bf16 or fp32 on a CPU), on an NF4
+            base if the adapter was trained on one; nf4: 4-bit blocks, the rest in the auto dtype.
         device: cuda or cpu (default: cuda when available).
     """
     records = read_prompts(prompts, file, seed_prompts, input)
@@ -101,7 +102,9 @@ def generate(prompts: list[str] = [], adapter: str | None = None, checkpoint_dir
     preset = model or (trained.preset if trained else None)
     if preset:
         check_prompt_lengths(ids, LlamaConfig.from_name(preset).max_seq_len)
-    loaded = load_model(checkpoint_dir, adapter, model, resolve_dtype(base_dtype, device), device)
+    nf4 = {"nf4": True, "auto": None}.get(base_dtype, False)  # None: NF4 if the adapter's base was
+    dtype = resolve_dtype("auto" if base_dtype == "nf4" else base_dtype, device)
+    loaded = load_model(checkpoint_dir, adapter, model, dtype, device, nf4=nf4)
     if tok.vocab_size != loaded.config.vocab_size:
         raise ValueError(f"The tokenizer has {tok.vocab_size} pieces, the model {loaded.config.vocab_size}; "
                          "use the tokenizer that matches the model")

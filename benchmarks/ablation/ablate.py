@@ -1,10 +1,11 @@
-"""The GA x MP x LoRA x GC grid (16 cells), each cell in its own process so that its peak memory is its own.
+"""The GA x MP x LoRA x GC grid (16 cells, and the 8 LoRA cells again on an NF4 base), each cell in its own process so
+that its peak memory is its own.
 
     python benchmarks/ablation/ablate.py --model small --data_path ../shared/assets/alpaca_5000.json \
         --tokenizer_path ../shared/assets/tokenizer.model
     python benchmarks/ablation/ablate.py --model llama2-7b --device cuda ...     # on a GPU (random weights)
     python benchmarks/ablation/ablate.py --model llama2-7b --predict --seq_len 512 --global_batch 4   # analytic only
-    python benchmarks/ablation/ablate.py --dry_run --out_dir /tmp/ablate   # two cells of the tiny preset, demo data
+    python benchmarks/ablation/ablate.py --dry_run --out_dir /tmp/ablate   # three cells of the tiny preset, demo data
 
 Writes results.json, table2.md (measured), table1.md (analytic breakdown beside the measured peak, and the
 corrected TABLE1) and, with matplotlib installed (the [plot] extra), chart.png, into --out_dir (default:
@@ -57,7 +58,7 @@ def ablate(out_dir: str | None = None, data_path: str = "demo", tokenizer_path: 
         data_path: Alpaca data for every cell ("demo": the offline synthetic set).
         tokenizer_path: the tokenizer of that data (none with the demo data).
         predict: analytic tables only, no training.
-        dry_run: two cells of the tiny preset on the demo data.
+        dry_run: three cells of the tiny preset on the demo data (one of them NF4).
         worker: one cell, in this process (used by the grid).
     """
     settings = settings or StudySettings()
@@ -77,7 +78,8 @@ def ablate(out_dir: str | None = None, data_path: str = "demo", tokenizer_path: 
         (out / "table1.md").write_text(table1(config, settings) + "\n")
         print(table1(config, settings))
         return
-    cells = [Cell(False, False, True, False), Cell(True, True, True, True)] if dry_run else grid()
+    cells = [Cell(False, False, True, False), Cell(True, True, True, True), Cell(True, True, True, True, nf4=True)
+             ] if dry_run else grid()
     meta = {"settings": asdict(settings), "data_path": data_path}
     results = []
     for i, cell in enumerate(cells, 1):

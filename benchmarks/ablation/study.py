@@ -24,14 +24,20 @@ class Cell:
     mp: bool
     lora: bool
     gc: bool
+    nf4: bool = False  # QLoRA: the frozen base in 4-bit NormalFloat (with LoRA only)
 
     @property
     def name(self) -> str:
-        return " ".join(f"{k.upper()}{'+' if v else '-'}" for k, v in asdict(self).items())
+        flags = asdict(self)
+        if not self.nf4:
+            del flags["nf4"]  # the 16 cells of the original grid keep their names
+        return " ".join(f"{k.upper()}{'+' if v else '-'}" for k, v in flags.items())
 
 
 def grid() -> list[Cell]:
-    return [Cell(*bits) for bits in itertools.product((False, True), repeat=4)]
+    """The 16 GA x MP x LoRA x GC cells, then the 8 LoRA cells again on an NF4 base."""
+    cells = [Cell(*bits) for bits in itertools.product((False, True), repeat=4)]
+    return cells + [Cell(c.ga, c.mp, True, c.gc, nf4=True) for c in cells if c.lora]
 
 
 @dataclass
@@ -70,6 +76,8 @@ class StudySettings:
     def base_dtype(self, cell: Cell) -> str:
         # MP with LoRA: the frozen base in the half precision. Full fine-tuning keeps fp32 master weights: the
         # GradScaler cannot unscale half-precision gradients.
+        if cell.nf4:
+            return "nf4"
         return self.half_dtype() if cell.mp and cell.lora else "fp32"
 
 
@@ -158,10 +166,11 @@ def table2(results: list[dict[str, Any]], device: str) -> str:
     """The seed's TABLE2 (peak memory / time per cell), with the LoRA and GC dimensions."""
     what = "CUDA max allocated" if device == "cuda" else "peak RSS"
     mp = "16-mixed" if device == "cuda" else "bf16-mixed"  # the half precision of the MP cells
-    lines = [f"| GA | MP ({mp}) | LoRA | GC | peak ({what}) | time | tokens/s | train loss | val loss |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| GA | MP ({mp}) | LoRA | GC | NF4 | peak ({what}) | time | tokens/s | train loss | val loss |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         flags = " | ".join("on" if r[k] else "off" for k in ("ga", "mp", "lora", "gc"))
+        flags += " | " + ("on" if r.get("nf4") else "off")
         if r.get("oom") or "wall_s" not in r:
             lines.append(f"| {flags} | {'OOM' if r.get('oom') else r.get('skipped', 'failed')} | | | | |")
             continue
@@ -176,7 +185,7 @@ def table1(config: LlamaConfig, settings: StudySettings, results: list[dict[str,
     # On CPU the RSS includes the runtime (torch, Lightning) that the model does not count: compare the increase.
     measured = {r["cell"]: _peak(r) - r.get("baseline_rss_gib", 0.0) * ("max_allocated_gib" not in r)
                 for r in results or [] if not r.get("oom") and "wall_s" in r}
-    parts = ("params", "grads", "optimizer", "autocast_cache", "activations", "loss", "total")
+    parts = ("params", "grads", "optimizer", "autocast_cache", "dequantized", "activations", "loss", "total")
     lines = ["| cell | " + " | ".join(parts) + " | measured | fits 40 GB | fits 80 GB |",
              "|---" * (len(parts) + 4) + "|"]  # GiB
     for cell in grid():
@@ -187,23 +196,24 @@ def table1(config: LlamaConfig, settings: StudySettings, results: list[dict[str,
         lines.append(f"| {cell.name} | " + " | ".join(f"{b[p] / GIB:.2f}" for p in parts) +
                      f" | {'' if m is None else f'{m:.2f}'} | " + " | ".join(fits) + " |")
     lines += ["", "| technique | params | grads | optimizer | activations | compute |", "|---|---|---|---|---|---|"]
-    for tech in ("ga", "mp", "lora", "gc"):
+    for tech in ("ga", "mp", "lora", "gc", "nf4"):
         arrows = []
         for comp in ("params", "grads", "optimizer"):
             arrows.append(_direction(config, settings, tech, (comp,)))
-        arrows.append(_direction(config, settings, tech, ("activations", "autocast_cache", "loss")))
+        arrows.append(_direction(config, settings, tech, ("activations", "autocast_cache", "dequantized", "loss")))
         compute = {"ga": "= (same FLOPs, more steps of smaller matmuls)",
                    "mp": "↓ (half-precision tensor cores)", "lora": "↓ (no weight gradients: ~4N instead of 6N)",
-                   "gc": "↑ (one extra forward: ~+2N per token)"}[tech]
+                   "gc": "↑ (one extra forward: ~+2N per token)",
+                   "nf4": "↑ (each weight dequantized in forward and backward, again when recomputed)"}[tech]
         lines.append(f"| {tech.upper()} | " + " | ".join(arrows) + f" | {compute} |")
     return "\n".join(lines)
 
 
 def _direction(config: LlamaConfig, settings: StudySettings, tech: str, comps: tuple[str, ...]) -> str:
-    """↑, ↓ or = for a component when ``tech`` is switched on, over every setting of the other three."""
+    """↑, ↓ or = for a component when ``tech`` is switched on, over every setting of the others (NF4: with LoRA)."""
     signs = set()
     for cell in grid():
-        if getattr(cell, tech):
+        if getattr(cell, tech) or cell.nf4 or (tech == "nf4" and not cell.lora):
             continue
         off = memory_breakdown(config, cell, settings)
         on = memory_breakdown(config, Cell(**{**asdict(cell), tech: True}), settings)

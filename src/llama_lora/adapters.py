@@ -25,6 +25,7 @@ from .model import Llama
 from .tokenizer import Tokenizer
 from .weights import (
     HF_MODULE_NAMES,
+    NF4_TARGETS,
     build_model,
     hf_key_to_meta,
     hf_permuted_heads,
@@ -126,15 +127,18 @@ def load_model(
     model: str | None = None,
     base_dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
+    nf4: bool | None = None,
 ) -> LoadedModel:
     """The base (from ``checkpoint_dir``, or the random init a fit.py run started from) with the adapter applied.
 
-    With a fit.py checkpoint, the preset, LoRA settings and ``checkpoint_dir`` default to those it was trained with.
+    With a fit.py checkpoint, the preset, LoRA settings and ``checkpoint_dir`` default to those it was trained with,
+    and ``nf4`` (None) to whether its base was NF4: the same 4-bit weights the adapter was trained on.
     """
     trained = open_adapter(adapter, checkpoint_dir, model)
     checkpoint_dir, config = adapter_config(trained, checkpoint_dir, model)
+    nf4 = trained is not None and trained.base_dtype == "nf4" if nf4 is None else nf4
     base = build_model(config, checkpoint_dir, base_dtype, device, seed=(trained.hparams if trained else {}).get(
-        "init_seed", 0))
+        "init_seed", 0), nf4=nf4)
     if trained is not None:
         if trained.lora:
             apply_lora(base, trained.lora["targets"], trained.lora["r"], trained.lora["alpha"],
@@ -242,7 +246,10 @@ def merged_weights(base: Mapping[str, torch.Tensor], adapter: Adapter, dtype: to
     Each LoRA update is computed in fp32, added to the fp32 upcast of its weight and cast once, as
     ``LoRALinear.merge`` does. A tensor whose dtype stays is rewritten in place: a memory-mapped checkpoint's mapping
     is private (copy-on-write), so merging 7B holds the base in its dtype plus one layer, never a second copy.
+    An adapter trained on an NF4 base is folded into the dequantized NF4 weights it was trained on.
     """
+    from .quant import quantize
+
     trained = adapter.tensors
     scaling = adapter.lora["alpha"] / adapter.lora["r"] if adapter.lora else None
     unknown = sorted({k.rsplit(".", 1)[0] + ".weight" for k in trained} - set(base)) if adapter.lora else sorted(
@@ -253,14 +260,18 @@ def merged_weights(base: Mapping[str, torch.Tensor], adapter: Adapter, dtype: to
     for key in base:
         t = base[key]
         module = key.removesuffix(".weight")
+        nf4 = adapter.base_dtype == "nf4" and key.endswith(NF4_TARGETS)
+        full = quantize(t).dequantize(torch.float32) if nf4 else t.float()
         if scaling is not None and f"{module}.lora_a" in trained:
             a, b = trained[f"{module}.lora_a"].float(), trained[f"{module}.lora_b"].float()
             if (b.shape[0], a.shape[1]) != tuple(t.shape):
                 raise ValueError(f"{adapter.source}: LoRA of {module!r} is for a ({b.shape[0]}, {a.shape[1]}) weight, "
                                  f"the base's is {tuple(t.shape)}")
-            merged = (t.float() + (b @ a) * scaling).to(dtype or t.dtype)
+            merged = (full + (b @ a) * scaling).to(dtype or t.dtype)
         elif scaling is None and key in trained:  # full fine-tuning: the trained weight replaces the base's
             merged = trained[key].to(dtype or t.dtype)
+        elif nf4:  # not adapted, but what the adapter was trained with
+            merged = full.to(dtype or t.dtype)
         else:
             yield key, t.to(dtype or t.dtype)
             continue

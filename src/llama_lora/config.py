@@ -183,6 +183,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 DtypeName = Literal["auto", "bf16", "fp16", "fp32"]
+BaseDtypeName = Literal["auto", "bf16", "fp16", "fp32", "nf4"]  # nf4: QLoRA's 4-bit base (quant.py)
 PRECISION_OF = {"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32-true"}  # Lightning's name for compute in it
 # Measured on 2 cores with 1024 x 1024 matmuls (README): AVX2-only CPUs emulate bf16 and fp16.
 AVX2_GFLOPS = {"bf16": 1.0, "fp16": 0.9, "fp32": 147.0}

@@ -81,7 +81,13 @@ class LoRALinear(nn.Linear):
         """Fold the update into ``weight`` (computed in fp32, cast once). Calling it again does nothing."""
         if self.merged:
             return
-        self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+        from .quant import NF4Weight
+
+        if isinstance(self.weight, NF4Weight):  # QLoRA: the merged weight is a plain one, from the dequantized base
+            merged = self.weight.dequantize(torch.float32) + self.delta_weight()
+            self.weight = nn.Parameter(merged.to(self.weight.dtype), requires_grad=False)
+        else:
+            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
         self.merged = True
 
     def extra_repr(self) -> str:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .config import LlamaConfig
+from .quant import CHUNK_VALUES
 
 GIB = 2**30
 _STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
@@ -34,6 +35,7 @@ def reset_peak_rss() -> bool:
 # ----- the analytic model: where a training step's memory goes -----
 
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # codes, int8 block scales, an fp32 factor per 256 scales (quant.py)
 
 
 def lora_param_count(config: LlamaConfig, targets: Sequence[str], r: int) -> int:
@@ -75,12 +77,24 @@ def memory_breakdown(config: LlamaConfig, *, base_dtype: str, lora_targets: Sequ
 
     ``lora_targets`` None means full fine-tuning (all weights trained, fp32). ``autocast`` is mixed precision: half
     precision activations, and a half copy of every fp32 matmul weight that autocast casts and caches.
+    ``base_dtype`` nf4: the blocks' linear weights at 4.127 bits, the rest in the compute dtype, and one chunk of a
+    weight dequantized at a time (``dequantized``).
     """
     n = config.n_params
-    base_bytes = BYTES[base_dtype]
     n_lora = lora_param_count(config, lora_targets, lora_r) if lora_targets is not None else 0
     trainable = n_lora if lora_targets is not None else n
-    params = n * base_bytes + n_lora * 4
+    dequantized = 0
+    if base_dtype == "nf4":
+        blocks = matmul_params(config) - config.vocab_size * config.dim  # the quantized linear weights
+        compute = 2 if autocast else 4
+        embedding = config.vocab_size * config.dim  # kept in half precision (the rest in the compute dtype)
+        params = int(blocks * NF4_BITS / 8) + embedding * 2 + (n - blocks - embedding) * compute + n_lora * 4
+        # one row chunk of a weight at a time (quant.CHUNK_VALUES values), and the index it is gathered with
+        dequantized = min(CHUNK_VALUES, config.hidden_dim * config.dim) * (compute + 2)
+        base_bytes = compute
+    else:
+        base_bytes = BYTES[base_dtype]
+        params = n * base_bytes + n_lora * 4
     grads = trainable * 4  # trainable weights are fp32
     optimizer = trainable * 8  # AdamW: exp_avg and exp_avg_sq, fp32
     # Autocast casts each fp32 weight it multiplies to half precision and caches the copy for the whole forward
@@ -95,9 +109,9 @@ def memory_breakdown(config: LlamaConfig, *, base_dtype: str, lora_targets: Sequ
         activations = tokens * config.n_layers * per_layer
     # Fused loss: one chunk of fp32 logits and their gradient, plus grad of the hidden states.
     loss = min(tokens, loss_chunk) * config.vocab_size * 8 + tokens * config.dim * act_bytes
-    total = params + grads + optimizer + autocast_cache + activations + loss
+    total = params + grads + optimizer + autocast_cache + dequantized + activations + loss
     return {"params": params, "grads": grads, "optimizer": optimizer, "autocast_cache": autocast_cache,
-            "activations": activations, "loss": loss, "total": total}
+            "dequantized": dequantized, "activations": activations, "loss": loss, "total": total}
 
 
 def sharded_breakdown(config: LlamaConfig, world: int, **settings) -> dict[str, int]:
@@ -106,7 +120,7 @@ def sharded_breakdown(config: LlamaConfig, world: int, **settings) -> dict[str, 
     prefetched). Activations and the loss are each rank's own micro-batch."""
     b = memory_breakdown(config, **settings)
     block = (matmul_params(config) - config.vocab_size * config.dim) // config.n_layers + 2 * config.dim
-    gathered = 2 * block * BYTES[settings["base_dtype"]] if world > 1 else 0
+    gathered = 2 * block * BYTES.get(settings["base_dtype"], 2) if world > 1 else 0
     shared = {k: b[k] // world for k in ("params", "grads", "optimizer")}
     out = {**b, **shared, "gathered": gathered}
     out["total"] = sum(v for k, v in out.items() if k != "total")

@@ -41,7 +41,8 @@ def rope_cache(head_dim: int, max_seq_len: int, theta: float = 10000.0, device=N
 def _rotate(x: torch.Tensor, rope: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     B, T, H, D = x.shape
     xp = x.float().reshape(B, T, H, D // 2, 2)
-    cos, sin = rope[:, None, :, 0], rope[:, None, :, 1]  # (T, 1, D // 2)
+    rope = rope.unsqueeze(-3)  # (T, 1, D // 2, 2), or (B, T, 1, D // 2, 2) with per-example positions
+    cos, sin = rope[..., 0], rope[..., 1]
     if inverse:
         sin = -sin
     x0, x1 = xp[..., 0], xp[..., 1]
@@ -65,7 +66,8 @@ class _RoPE(torch.autograd.Function):
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs (2i, 2i+1) of x: (B, T, H, D) by rope: (T, D // 2, 2), in fp32."""
+    """Rotate adjacent channel pairs (2i, 2i+1) of x: (B, T, H, D) by rope: (T, D // 2, 2) or (B, T, D // 2, 2),
+    in fp32."""
     return _RoPE.apply(x, rope)
 
 
@@ -95,7 +97,8 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.dim, config.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -103,7 +106,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D), k/v with Hkv heads
         gqa = self.n_kv_heads != self.n_heads
-        if start_pos is None:  # training / full forward: plain causal attention
+        if start_pos is None and mask is not None:  # packed rows: causal within each example (B, 1, T, T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        elif start_pos is None:  # training / full forward: plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             assert self.kv_cache is not None, "call Llama.setup_cache() before decoding with start_pos"
@@ -133,9 +138,26 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int | None = None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, start_pos)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, start_pos, mask)
         return h + self.feed_forward(self.ffn_norm(h))
+
+
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Position of each token within its segment: (B, T), restarting at 0 where the segment id changes."""
+    B, T = segment_ids.shape
+    index = torch.arange(T, device=segment_ids.device).expand(B, T)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(dim=1).values
+
+
+def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Causal attention within segments: (B, 1, T, T), True where query t may attend to key s."""
+    T = segment_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    return ((segment_ids[:, :, None] == segment_ids[:, None, :]) & causal)[:, None]
 
 
 def check_checkpoint_layers(value: int | None, n_layers: int, key: str = "checkpoint_layers") -> None:
@@ -161,6 +183,9 @@ class Llama(nn.Module):
         # RoPE table, fp32. A plain attribute, not a buffer: model.to(bf16) must not round it, checkpoints
         # must not carry it, and meta-device construction must not leave it empty.
         self._rope: torch.Tensor | None = None
+        # The dtype activations start in, when the embedding is stored in another (an NF4 base computing in fp32
+        # keeps its embedding in bf16 and casts the rows it looks up).
+        self.compute_dtype: torch.dtype | None = None
 
     def tie_weights(self) -> None:
         """With ``config.tie_embeddings``, make the output layer's weight the embedding's (one parameter)."""
@@ -184,9 +209,14 @@ class Llama(nn.Module):
             if "lora_" not in name:
                 init_base_tensor(name, p, std, generator)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int | None = None, return_hidden: bool = False) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int | None = None, return_hidden: bool = False,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab); with ``return_hidden``, the final-norm hidden states (B, T, dim) instead, for a loss
-        that applies the output layer itself. With start_pos set, reads and extends the KV cache (generation)."""
+        that applies the output layer itself. With start_pos set, reads and extends the KV cache (generation).
+
+        ``segment_ids`` (B, T) marks packed rows: several examples in one row, numbered 1, 2, ... (0: padding). Each
+        token attends only within its example, and RoPE positions restart at 0 for each one, so that an example
+        computes what it computes alone."""
         B, T = tokens.shape
         offset = 0 if start_pos is None else start_pos
         if offset + T > self.config.max_seq_len:
@@ -194,14 +224,18 @@ class Llama(nn.Module):
                 f"Sequence of {offset + T} tokens exceeds max_seq_len={self.config.max_seq_len}; "
                 "shorten the input or raise max_seq_len"
             )
-        rope = self.rope(tokens.device)[offset : offset + T]
+        rope, mask = self.rope(tokens.device)[offset : offset + T], None
+        if segment_ids is not None:
+            rope, mask = rope[segment_positions(segment_ids)], segment_mask(segment_ids)  # (B, T, D/2, 2), (B,1,T,T)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
+        if self.compute_dtype is not None:
+            h = h.to(self.compute_dtype)
         for i, layer in enumerate(self.layers):
             if (self.gradient_checkpointing and i < self.checkpoint_layers and self.training
                     and torch.is_grad_enabled()):
-                h = checkpoint(layer, h, rope, start_pos, use_reentrant=False)
+                h = checkpoint(layer, h, rope, start_pos, mask, use_reentrant=False)
             else:
-                h = layer(h, rope, start_pos)
+                h = layer(h, rope, start_pos, mask)
         h = self.norm(h)
         return h if return_hidden else self.output(h)
 

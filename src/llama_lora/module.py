@@ -19,7 +19,7 @@ from torchmetrics import MeanMetric
 from .config import (
     DTYPE_NAMES,
     DTYPES,
-    DtypeName,
+    BaseDtypeName,
     LlamaConfig,
     compute_dtype,
     native_dtype,
@@ -28,6 +28,7 @@ from .config import (
 from .lora import apply_lora, check_lora_settings, mark_only_lora_as_trainable, trainable_summary
 from .loss import token_loss_sum
 from .model import Llama, check_checkpoint_layers
+from .quant import NF4Weight
 from .resilience import GracefulStop, NumericsGuard
 from .weights import WEIGHTS_HELP, build_model, check_state_dict, detect_format, fill_shards, open_checkpoint
 
@@ -66,7 +67,7 @@ class WarmupCosineLR(LambdaLR):
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def check_strategy(strategy: Any) -> None:
+def check_strategy(strategy: Any, nf4: bool = False) -> None:
     """Refuse, before anything is built, the strategies that cannot train this module to the end.
 
     - FSDP1 (``strategy: fsdp``): Lightning's FSDPPrecision refuses gradient clipping by norm, which every config uses.
@@ -79,6 +80,9 @@ def check_strategy(strategy: Any) -> None:
     if isinstance(strategy, FSDPStrategy):
         raise ValueError("trainer.strategy: FSDP1 (fsdp) is not supported, it cannot clip gradients by norm; use "
                          "ModelParallelStrategy (FSDP2) with save_distributed_checkpoint: false, or ddp")
+    if isinstance(strategy, ModelParallelStrategy) and nf4:
+        raise ValueError("trainer.strategy: ModelParallelStrategy (FSDP2) with model.base_dtype nf4 is not supported "
+                         "(its shards cannot hold 4-bit blocks); use ddp, where each rank quantizes its own copy")
     if isinstance(strategy, ModelParallelStrategy) and strategy._save_distributed_checkpoint:
         raise ValueError("trainer.strategy: ModelParallelStrategy needs save_distributed_checkpoint: false (its "
                          "sharded checkpoints of an adapter-only state cannot be resumed); the adapter is gathered "
@@ -90,7 +94,7 @@ class LlamaLoRAModule(L.LightningModule):
         self,
         model: str = "llama2-7b",
         checkpoint_dir: str | None = None,
-        base_dtype: DtypeName = "auto",
+        base_dtype: BaseDtypeName = "auto",
         lora: LoRASettings | None = LoRASettings(),
         gradient_checkpointing: bool = False,
         checkpoint_layers: int | None = None,
@@ -108,7 +112,9 @@ class LlamaLoRAModule(L.LightningModule):
             checkpoint_dir: Meta or HF checkpoint dir (or llama2.c .bin); None for random init (demo, benchmarks).
             base_dtype: dtype of the frozen base weights; auto: the dtype the compute runs in (bf16 under bf16-mixed,
                 fp16 under 16-mixed, fp32 under 32-true), and fp32 for full fine-tuning, whose weights are trained.
-                LoRA weights and optimizer state are always fp32.
+                nf4: QLoRA: the blocks' linear weights in 4-bit NormalFloat, dequantized to the compute dtype only
+                while used; embeddings, norms and the output layer in the compute dtype. LoRA weights and optimizer
+                state are always fp32.
             lora: LoRA settings; null means full fine-tuning.
             gradient_checkpointing: recompute each block's activations in backward (use_reentrant=False).
             checkpoint_layers: with gradient_checkpointing, recompute only the first this many blocks (None: all):
@@ -131,6 +137,12 @@ class LlamaLoRAModule(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "lora"])
         self.hparams["lora"] = asdict(lora) if lora is not None else None  # plain types: weights_only loading
         self.checkpoint_dir, self.base_dtype_name = checkpoint_dir, base_dtype
+        self.nf4 = base_dtype == "nf4"
+        if self.nf4 and lora is None:
+            raise ValueError("model.base_dtype nf4 quantizes a frozen base: it needs model.lora (QLoRA); full "
+                             "fine-tuning trains every weight, in fp32")
+        if self.nf4 and compile:
+            raise ValueError("model.compile with model.base_dtype nf4 is not supported; set model.compile: false")
         self.gradient_checkpointing, self.loss_chunk_size, self.init_seed = (
             gradient_checkpointing, loss_chunk_size, init_seed)
         check_checkpoint_layers(checkpoint_layers, self.config.n_layers, key="model.checkpoint_layers")
@@ -165,7 +177,7 @@ class LlamaLoRAModule(L.LightningModule):
     @property
     def base_dtype(self) -> torch.dtype:
         """model.base_dtype, with auto resolved against the Trainer's precision (see __init__)."""
-        name = self.base_dtype_name
+        name = "auto" if self.nf4 else self.base_dtype_name  # nf4: the tensors it does not quantize
         if name == "auto" and self.lora is None:
             name = "fp32"  # full fine-tuning trains these weights: fp32 masters under any precision
         elif name == "auto":
@@ -178,7 +190,7 @@ class LlamaLoRAModule(L.LightningModule):
         if mesh is None:
             self.model = build_model(self.config, self.checkpoint_dir, self.base_dtype, device, seed=self.init_seed,
                                      gradient_checkpointing=self.gradient_checkpointing,
-                                     checkpoint_layers=self.checkpoint_layers)
+                                     checkpoint_layers=self.checkpoint_layers, nf4=self.nf4)
         else:  # built on the meta device, sharded, then each rank fills its own shards (below)
             sd, sources, _ = open_checkpoint(self.checkpoint_dir, self.config) if self.checkpoint_dir else (None,) * 3
             with torch.device("meta"):
@@ -189,6 +201,8 @@ class LlamaLoRAModule(L.LightningModule):
             apply_lora(self.model, self.lora.targets, self.lora.r, self.lora.alpha, self.lora.dropout)
             mark_only_lora_as_trainable(self.model)
         log.info(trainable_summary(self.model))
+        if self.nf4:  # each DDP rank quantizes its own identical copy: nothing to broadcast (or to broadcast with)
+            self._ddp_params_and_buffers_to_ignore = [n for n, p in self.named_parameters() if isinstance(p, NF4Weight)]
         if self.compile_blocks:
             self.model.compile_blocks()
         if mesh is not None:
@@ -205,7 +219,7 @@ class LlamaLoRAModule(L.LightningModule):
             fill_shards(self.model, sd, seed=self.init_seed)
 
     def setup(self, stage: str) -> None:
-        check_strategy(self.trainer.strategy)
+        check_strategy(self.trainer.strategy, self.nf4)
         interval, accumulate = self.trainer.val_check_interval, self.trainer.accumulate_grad_batches
         if stage == "fit" and isinstance(interval, int) and interval % accumulate:
             log.warning("trainer.val_check_interval counts micro-batches: %d with accumulate_grad_batches %d "
@@ -226,8 +240,10 @@ class LlamaLoRAModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         auto = " (model.base_dtype auto)" if self.base_dtype_name == "auto" else ""
+        dtype = str(self.base_dtype).removeprefix("torch.")
+        base = f"NF4 (block linears; computed in {dtype})" if self.nf4 else dtype
         log.info("Precision %s on %s, base weights %s%s, LoRA fp32", self.trainer.precision,
-                 self.trainer.strategy.root_device.type, str(self.base_dtype).removeprefix("torch."), auto)
+                 self.trainer.strategy.root_device.type, base, auto)
 
     def on_train_end(self) -> None:
         # Called after every callback's on_train_end (checkpoints written, summary printed) and before Lightning's
@@ -239,10 +255,12 @@ class LlamaLoRAModule(L.LightningModule):
         from torch.distributed.tensor import DTensor
 
         released = 0
-        for p in self.model.parameters():
-            if not p.requires_grad and not isinstance(p, DTensor):  # FSDP2 shards are 1/W of the base: kept
-                released += p.numel()
-                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        for module in self.model.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None and not p.requires_grad and not isinstance(p, DTensor):  # FSDP2 shards: kept
+                    released += p.numel()
+                    module._parameters[name] = torch.nn.Parameter(torch.empty(0, dtype=p.dtype, device=p.device),
+                                                                  requires_grad=False)
         self._base_released = released > 0
         log.debug("Released %d frozen base parameters before teardown", released)
 
@@ -253,7 +271,8 @@ class LlamaLoRAModule(L.LightningModule):
     # ----- training -----
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return token_loss_sum(self.model, batch["input_ids"], batch["labels"], self.loss_chunk_size)
+        return token_loss_sum(self.model, batch["input_ids"], batch["labels"], self.loss_chunk_size,
+                              batch.get("segment_ids"))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum, n = self._loss(batch)
@@ -303,7 +322,7 @@ class LlamaLoRAModule(L.LightningModule):
         checkpoint["trainable_keys"] = sorted(checkpoint["state_dict"])  # still there if a strategy pops state_dict
         checkpoint["rng"] = _get_rng_state()
         checkpoint["model_config"] = asdict(self.config)
-        checkpoint["base_dtype"] = DTYPE_NAMES[self.base_dtype]  # auto, resolved
+        checkpoint["base_dtype"] = "nf4" if self.nf4 else DTYPE_NAMES[self.base_dtype]  # auto, resolved
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.model is None:  # loading outside a Trainer (e.g. for generation): build first
