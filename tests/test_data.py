@@ -438,3 +438,57 @@ def test_empty_text_has_nothing_to_train_on(tmp_path, demo_tok):
     with pytest.raises(ValueError, match="no text to train on"):
         SupervisedDataset(load_records(tmp_path / "e.txt", format="text"), demo_tok, 32, source="e.txt",
                           format="text")
+
+
+# ----- packing -----
+
+def _first_fit_decreasing_by_hand(lengths, capacity):
+    rows, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        r = next((r for r in range(len(rows)) if room[r] >= lengths[i]), None)
+        if r is None:
+            rows.append([]), room.append(capacity)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= lengths[i]
+    return rows
+
+
+def test_packing_is_first_fit_decreasing():
+    import random
+
+    from llama_lora.data import pack_first_fit_decreasing
+
+    for seed in range(20):
+        rng = random.Random(seed)
+        lengths = [rng.randint(1, 128) for _ in range(rng.randint(1, 300))]
+        rows = pack_first_fit_decreasing(lengths, 128)
+        assert rows == _first_fit_decreasing_by_hand(lengths, 128)
+        assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+        assert all(sum(lengths[i] for i in r) <= 128 for r in rows)
+
+
+@pytest.mark.parametrize("mask_prompt", [True, False])
+def test_packed_rows_keep_each_examples_tokens_labels_and_segment(demo_tok, mask_prompt):
+    """Each example keeps its tokens and targets in its row; its first token, which nothing predicts alone, is no
+    target in the row either (else the previous example's EOS would learn to predict the next one's BOS)."""
+    from llama_lora.data import PackedDataset
+
+    ds = SupervisedDataset(instruction_records(40), demo_tok, 128, mask_prompt=mask_prompt)
+    packed = PackedDataset(ds, 128)
+    assert len(packed) < len(ds) / 2 and all(len(e["input_ids"]) <= 128 for e in packed.examples)
+    seen = []
+    for row, e in zip(packed.rows, packed.examples):
+        start = 0
+        for k, i in enumerate(row, 1):
+            n = len(ds.examples[i]["input_ids"])
+            assert e["input_ids"][start : start + n] == ds.examples[i]["input_ids"]
+            assert e["labels"][start : start + n] == [-100] + ds.examples[i]["labels"][1:]
+            assert e["segment_ids"][start : start + n] == [k] * n
+            start += n
+        seen += row
+    assert sorted(seen) == list(range(len(ds)))
+    assert sum(packed.target_counts) == sum(ds.target_counts)  # the loss weighs the same tokens
+    batch = DataCollatorForSupervisedDataset(pad_id=0)([packed[0], packed[1]])
+    assert batch["segment_ids"].shape == batch["input_ids"].shape
+    assert batch["segment_ids"][batch["labels"] != -100].min() > 0  # every target inside an example

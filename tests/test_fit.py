@@ -39,16 +39,20 @@ def resolved(config: Path) -> dict:
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_every_config_parses(config):
-    """Each YAML parses through the CLI, with the command in its first lines (overlays on top of their base);
-    --print_config yields the full config (7B configs: parsing only)."""
-    assert str(config) in command_configs(config), "each config starts with the command to run it"
-    first = yaml.safe_load(Path(command_configs(config)[0]).read_text())
-    assert resolved(config)["model"]["model"] == first["model"]["model"]
+    """Each YAML runs alone through the CLI, with the command in its first lines (an overlay reads the config it
+    extends first); --print_config yields the full config (7B configs: parsing only), which names no base."""
+    assert command_configs(config) == [str(config)], "each config starts with the command to run it"
+    chain = [yaml.safe_load(config.read_text())]
+    while chain[-1].get("extends"):
+        chain.append(yaml.safe_load((config.parent / chain[-1]["extends"]).read_text()))
+    model = next(c["model"]["model"] for c in chain if "model" in c.get("model", {}))
+    assert resolved(config)["model"]["model"] == model and resolved(config).get("extends") is None
 
 
 @pytest.mark.parametrize("overlay, changes", [
     ("lora_bf16.yaml", {"precision": "bf16-mixed", "base_dtype": "bf16", "name": "lora_bf16"}),
     ("lora_fp32.yaml", {"precision": "32-true", "base_dtype": "fp32", "name": "lora_fp32"}),
+    ("qlora.yaml", {"precision": "16-mixed", "base_dtype": "nf4", "name": "qlora"}),
 ])
 def test_overlays_change_only_what_they_say(overlay, changes):
     base, variant = (copy.deepcopy(resolved(ROOT / "configs" / name)) for name in ("lora_amp.yaml", overlay))
@@ -59,6 +63,13 @@ def test_overlays_change_only_what_they_say(overlay, changes):
         config["trainer"].pop("precision"), config["model"].pop("base_dtype")
         config["trainer"]["logger"]["init_args"].pop("name")
     assert variant == base
+
+
+def test_an_overlay_whose_base_is_missing_says_so_in_one_line(tmp_path):
+    (tmp_path / "o.yaml").write_text("extends: nowhere.yaml\nmodel:\n  base_dtype: nf4\n")
+    proc = fit(tmp_path / "o.yaml", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "extends nowhere.yaml, which is not at" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_print_config_runs_as_is(tmp_path, cache_dir):
@@ -121,14 +132,16 @@ def test_accumulation_equivalence(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop", [5, 17])
-def test_exact_resume_mid_epoch(tmp_path, cache_dir, stop):
+@pytest.mark.parametrize("stop, packing", [(5, False), (17, False), (7, True)])
+def test_exact_resume_mid_epoch(tmp_path, cache_dir, stop, packing):
     """Stop after `stop` of 20 steps, resume with --ckpt_path last: the per-step losses equal an uninterrupted
     run's, bit for bit. 112 training examples = 28 micro-batches = 14 steps per epoch, so step 5 is mid-epoch 0 and
-    step 17 mid-epoch 1 (where Lightning's epoch, not the sampler's, must drive the shuffle)."""
+    step 17 mid-epoch 1 (where Lightning's epoch, not the sampler's, must drive the shuffle). Packed, the 112
+    examples make fewer rows and an epoch a few steps, so 20 steps cross several epochs."""
     settings = dict(trainer={"max_steps": 20, "accumulate_grad_batches": 2, "val_check_interval": 1000,
                              "limit_val_batches": 0},
-                    model={"lora": {"targets": ["wq", "wv"], "r": 4, "alpha": 8, "dropout": 0.1}})
+                    model={"lora": {"targets": ["wq", "wv"], "r": 4, "alpha": 8, "dropout": 0.1}},
+                    data={"packing": packing, "micro_batch_size": 2 if packing else 4})
     full_dir, res_dir = tmp_path / "full", tmp_path / "resumed"
     full_dir.mkdir(), res_dir.mkdir()
     fit(write_tiny_config(full_dir, cache_dir, **settings))
@@ -166,6 +179,42 @@ def test_ddp_three_processes_across_a_short_last_batch_equals_single_process(tmp
     single = trained_lora(tmp_path, cache_dir, "single", trainer=steps, data={"micro_batch_size": 6})
     for k in ddp:
         torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_ddp_three_processes_with_packed_rows_equals_single_process(tmp_path, cache_dir):
+    """Packed rows shard like examples: 3 ranks with micro-batch 1 against 1 process with micro-batch 3, through
+    epoch boundaries, including a short last batch (a rank with a zero-weight padding row)."""
+    steps = {"max_steps": 12}
+    ddp = trained_lora(tmp_path, cache_dir, "ddp3", trainer={"devices": 3, "strategy": "ddp", **steps},
+                       data={"micro_batch_size": 1, "packing": True})
+    single = trained_lora(tmp_path, cache_dir, "single", trainer=steps, data={"micro_batch_size": 3, "packing": True})
+    for k in ddp:  # Adam over 12 steps turns summation-order noise into a few 1e-5 (a wrong weight moves far more)
+        torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=5e-5)
+
+
+def test_packing_changes_the_number_of_steps_not_what_a_token_weighs(tmp_path, cache_dir):
+    """One SGD step over the whole training set, packed into a few rows or not, moves the LoRA weights alike (the
+    loss is the mean over the same target tokens), and validation, packed or not, reports the same loss."""
+    settings = dict(trainer={"max_steps": 1, "val_check_interval": 1, "limit_val_batches": 1.0},
+                    model={"optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5}},
+                           "scheduler": {"class_path": "llama_lora.module.WarmupCosineLR",
+                                         "init_args": {"warmup_steps": 0, "max_steps": 1}}},
+                    data={"demo_records": 40, "val_size": 8})
+    weights, val_losses = [], []
+    for packing, micro_batch in [(False, 32), (True, 32)]:
+        d = tmp_path / f"packing_{packing}"
+        d.mkdir()
+        fit(write_tiny_config(d, cache_dir, **settings), "--data.packing", str(packing).lower(),
+            "--data.micro_batch_size", str(micro_batch))
+        weights.append(lora_weights(d / "ckpt" / "last.ckpt"))
+        val_losses.append(scalars(d / "logs", "val/loss"))
+    for k in weights[0]:
+        torch.testing.assert_close(weights[1][k], weights[0][k], rtol=1e-4, atol=1e-6)
+    assert any(not torch.all(v == 0) for k, v in weights[0].items() if k.endswith("lora_b"))  # it trained
+    assert val_losses[0].keys() == val_losses[1].keys() and val_losses[0]
+    for step in val_losses[0]:
+        assert val_losses[1][step] == pytest.approx(val_losses[0][step], rel=1e-5)
 
 
 def test_epoch_based_run_gets_the_whole_cosine_schedule(tmp_path, cache_dir):

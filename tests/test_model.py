@@ -185,3 +185,53 @@ def test_compiled_blocks_match_eager(tiny_config, tokens):
         losses.append((loss.detach(), model.layers[0].attention.wq.weight.grad))
     torch.testing.assert_close(losses[1][0], losses[0][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(losses[1][1], losses[0][1], rtol=1e-4, atol=1e-6)
+
+
+def _pack(examples, padding=0):
+    """One packed row: the examples one after another, then ``padding`` pad tokens (segment 0)."""
+    tokens = torch.cat([*examples, torch.zeros(padding, dtype=torch.long)])[None]
+    segments = torch.cat([torch.full((len(e),), k) for k, e in enumerate(examples, 1)]
+                         + [torch.zeros(padding, dtype=torch.long)])[None]
+    return tokens, segments
+
+
+def test_packed_examples_compute_what_they_compute_alone(tiny_model):
+    """Three examples packed into one row (with padding after them): each one's logits equal its logits alone, and
+    changing one example leaves the others' logits where they were."""
+    g = torch.Generator().manual_seed(3)
+    examples = [torch.randint(3, 512, (n,), generator=g) for n in (7, 12, 5)]
+    tokens, segments = _pack(examples, padding=8)
+    with torch.no_grad():
+        packed = tiny_model(tokens, segment_ids=segments)[0]
+        start = 0
+        for e in examples:
+            alone = tiny_model(e[None])[0]
+            torch.testing.assert_close(packed[start : start + len(e)], alone, rtol=1e-5, atol=1e-5)
+            start += len(e)
+        changed = [examples[0], torch.randint(3, 512, (12,), generator=g), examples[2]]
+        changed_tokens, changed_segments = _pack(changed, padding=8)
+        other = tiny_model(changed_tokens, segment_ids=changed_segments)[0]
+    assert torch.equal(other[:7], packed[:7]) and torch.equal(other[19:24], packed[19:24])
+    assert not torch.equal(other[7:19], packed[7:19])
+
+
+def test_packed_loss_is_the_sum_of_the_examples_losses(tiny_model):
+    from llama_lora.loss import token_loss_sum
+
+    g = torch.Generator().manual_seed(4)
+    examples = [torch.randint(3, 512, (n,), generator=g) for n in (9, 6, 14)]
+    labels = [e.clone() for e in examples]
+    for lab in labels:
+        lab[:3] = -100  # a masked prompt, and the first token, which nothing predicts
+    tokens, segments = _pack(examples)
+    packed_loss, packed_n = token_loss_sum(tiny_model, tokens, torch.cat(labels)[None], segment_ids=segments)
+    alone = [token_loss_sum(tiny_model, e[None], lab[None]) for e, lab in zip(examples, labels)]
+    torch.testing.assert_close(packed_loss, sum(a for a, _ in alone), rtol=1e-5, atol=1e-4)
+    assert packed_n == sum(n for _, n in alone)
+
+
+def test_segment_positions_restart_for_each_example():
+    from llama_lora.model import segment_positions
+
+    segments = torch.tensor([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+    assert segment_positions(segments).tolist() == [[0, 1, 2, 0, 1, 0, 0, 1], list(range(8))]

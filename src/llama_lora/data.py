@@ -214,6 +214,38 @@ def text_blocks(records: Sequence[dict[str, str]], tokenizer: Tokenizer, max_seq
     return examples, PreprocessStats(kept=len(examples))
 
 
+def pack_first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Rows of example indices, each holding at most ``capacity`` tokens: examples longest first, each into the first
+    row (in the order rows were opened) that has room, else into a new row. A max tree over the rows' free space
+    finds that row in O(log rows)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    size = 1
+    while size < max(len(lengths), 1):
+        size *= 2
+    free = [0] * (2 * size)  # free[size + r]: room left in row r; inner nodes: the most room below them
+    rows: list[list[int]] = []
+    for i in order:
+        n = lengths[i]
+        if n > capacity:
+            raise ValueError(f"example {i} has {n} tokens, more than a packed row holds ({capacity})")
+        if free[1] >= n:
+            node = 1
+            while node < size:
+                node = 2 * node if free[2 * node] >= n else 2 * node + 1
+            r = node - size
+        else:
+            r = len(rows)
+            rows.append([])
+            free[size + r] = capacity
+        rows[r].append(i)
+        node = size + r
+        free[node] -= n
+        while node > 1:
+            node //= 2
+            free[node] = max(free[2 * node], free[2 * node + 1])
+    return rows
+
+
 class Padding(int):
     """An example index handed to a rank only so that it is not empty (a short last batch over many ranks). The
     dataset returns it as a single BOS token with no target: it weighs nothing in the token-weighted loss."""
@@ -250,7 +282,8 @@ class SupervisedDataset(Dataset):
         if isinstance(key, tuple):  # (index, target tokens in this batch's accumulation window), from the sampler
             return {**self[key[0]], "n_targets_window": key[1]}
         if isinstance(key, Padding):
-            return {"input_ids": self.examples[key]["input_ids"][:1], "labels": [IGNORE_INDEX], "padding": True}
+            padding = {"input_ids": self.examples[key]["input_ids"][:1], "labels": [IGNORE_INDEX], "padding": True}
+            return {**padding, "segment_ids": [1]} if "segment_ids" in self.examples[key] else padding
         return self.examples[key]
 
     @property
@@ -260,6 +293,25 @@ class SupervisedDataset(Dataset):
     @property
     def lengths(self) -> list[int]:
         return [len(e["input_ids"]) for e in self.examples]
+
+
+class PackedDataset(SupervisedDataset):
+    """``SupervisedDataset``'s examples packed into rows of up to ``capacity`` tokens (first-fit decreasing): each row
+    is one example of the loader, with ``segment_ids`` numbering its examples 1, 2, ... so that attention stays within
+    each and RoPE restarts (see ``Llama.forward``). Prompt masking and EOS are the examples' own. ``rows`` lists the
+    example indices of each row; ``indices`` the records they came from."""
+
+    def __init__(self, dataset: SupervisedDataset, capacity: int) -> None:
+        self.stats = dataset.stats
+        self.rows = pack_first_fit_decreasing(dataset.lengths, capacity)
+        self.examples, self.indices = [], []
+        for row in self.rows:
+            parts = [dataset.examples[i] for i in row]
+            self.examples.append({
+                "input_ids": [t for e in parts for t in e["input_ids"]],
+                "labels": [t for e in parts for t in e["labels"]],
+                "segment_ids": [k for k, e in enumerate(parts, 1) for _ in e["input_ids"]]})
+            self.indices.append([dataset.indices[i] for i in row])
 
 
 @dataclass
@@ -275,10 +327,14 @@ class DataCollatorForSupervisedDataset:
             T = -(-T // self.pad_to_multiple_of) * self.pad_to_multiple_of
         input_ids = torch.full((len(examples), T), self.pad_id, dtype=torch.long)
         labels = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
+        packed = "segment_ids" in examples[0]
+        segment_ids = torch.zeros((len(examples), T), dtype=torch.long) if packed else None  # 0: padding
         for i, e in enumerate(examples):
             n = len(e["input_ids"])
             input_ids[i, :n] = torch.tensor(e["input_ids"])
             labels[i, :n] = torch.tensor(e["labels"])
+            if packed:
+                segment_ids[i, :n] = torch.tensor(e["segment_ids"])
         lengths = torch.tensor([0 if e.get("padding") else len(e["input_ids"]) for e in examples])
         batch = {
             "input_ids": input_ids,  # (B, T)
@@ -286,6 +342,8 @@ class DataCollatorForSupervisedDataset:
             "n_tokens": lengths.sum(),  # non-pad tokens of real examples
             "n_targets": (labels[:, 1:] != IGNORE_INDEX).sum(),  # tokens the loss sees after the shift
         }
+        if packed:
+            batch["segment_ids"] = segment_ids  # (B, T)
         if "n_targets_window" in examples[0]:  # all ranks, all micro-batches of this optimizer step
             batch["n_targets_window"] = torch.tensor(examples[0]["n_targets_window"])
         return batch
@@ -420,8 +478,9 @@ class AlpacaDataModule(L.LightningDataModule):
     ``text`` field; see ``text_blocks``). ``tokenizer_path``: a SentencePiece model; None with the demo data trains
     the demo's own tokenizer (``demo_vocab_size`` pieces, cached). ``num_samples``: the number of training records
     (documents for text), taken after a seeded shuffle (200 reproduces the seed experiment; None takes all).
-    ``val_size``: records held out for validation, never from the training sample. ``demo_records``: how many of the
-    demo's records to use (None: all of them).
+    ``val_size``: records held out for validation, never from the training sample. ``packing``: several examples per
+    row of ``max_seq_len`` tokens (first-fit decreasing), attention and RoPE positions kept within each; then
+    ``micro_batch_size`` counts rows. ``demo_records``: how many of the demo's records to use (None: all of them).
     """
 
     def __init__(
@@ -437,6 +496,7 @@ class AlpacaDataModule(L.LightningDataModule):
         num_workers: int = 0,
         mask_prompt: bool = True,
         group_by_length: bool = False,
+        packing: bool = False,
         pad_to_multiple_of: int | None = 8,
         cache_dir: str | None = None,
         demo_records: int | None = None,
@@ -459,6 +519,7 @@ class AlpacaDataModule(L.LightningDataModule):
         self.val_size, self.seed, self.max_seq_len = val_size, seed, max_seq_len
         self.micro_batch_size, self.num_workers, self.mask_prompt = micro_batch_size, num_workers, mask_prompt
         self.group_by_length, self.pad_to_multiple_of = group_by_length, pad_to_multiple_of
+        self.packing = packing
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.demo_records, self.demo_vocab_size = demo_records, demo_vocab_size
         self.tokenizer: Tokenizer | None = None
@@ -502,7 +563,13 @@ class AlpacaDataModule(L.LightningDataModule):
                                            format=self.format)
         self.val_set = SupervisedDataset([records[i] for i in val_ids], tokenizer, self.max_seq_len, self.mask_prompt,
                                          source, record_ids=val_ids, format=self.format) if val_ids else None
-        if self.num_samples is not None and len(self.train_set) < self.num_samples:
+        if self.packing:  # rows of up to max_seq_len tokens, several examples each
+            examples = len(self.train_set)
+            self.train_set = PackedDataset(self.train_set, self.max_seq_len)
+            self.val_set = PackedDataset(self.val_set, self.max_seq_len) if self.val_set is not None else None
+            log.info("Packing: %d examples into %d rows of up to %d tokens", examples, len(self.train_set),
+                     self.max_seq_len)
+        if self.num_samples is not None and self.packing is False and len(self.train_set) < self.num_samples:
             log.warning("data.num_samples is %d, but %s has only %d usable records for training", self.num_samples,
                         source, len(self.train_set))
         if self.format == "text":

@@ -66,15 +66,15 @@ def default_loss_chunk(device: torch.device) -> int:
     return 128 if device.type == "cpu" else 1024
 
 
-def token_loss_sum(model: Llama, input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def token_loss_sum(model: Llama, input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = None,
+                   segment_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over target positions, and their count.
 
     The output layer runs only where labels are not -100 (prompt and padding cost nothing there), in chunks, so the
     fp32 logits of all positions never exist at once.
     """
     chunk_size = chunk_size or default_loss_chunk(input_ids.device)
-    h = model(input_ids, return_hidden=True)  # (B, T, dim); through forward, so FSDP2's hooks run
+    h = model(input_ids, return_hidden=True, segment_ids=segment_ids)  # (B, T, dim); forward runs FSDP2's hooks
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     h, targets = h[:, :-1][keep], targets[keep]  # (N, dim), (N,)
