@@ -8,17 +8,23 @@ The peers are never dependencies: install them into a scratch virtual environmen
     python benchmarks/compare_peers.py epoch --peer-python /tmp/peers/bin/python \
         --tokenizer ../shared/assets/tokenizer.model --data ../shared/assets/alpaca_5000.json
 
-step: one LoRA training step (r=8 on the query and value projections, random weights, a bf16 frozen base with fp32
-LoRA weights under bf16 autocast, AdamW) on identical random batches of 4 x 256 tokens of the `small` shape (dim 512,
-8 layers, ffn 1376, vocab 32000). Each peer runs its own fine-tuning step (LitGPT: `lm_head_chunk_size=128` and
-`chunked_cross_entropy` as in finetune_lora; torchtune: chunked output and `CEWithChunkedOutputLoss` as in its LoRA
-recipe) and, as "-full-logits", the same model with one output matmul and a plain cross-entropy, which is faster on
-a CPU. Each tool runs in its own process per round, the order alternates between rounds, and the table gives the
-median over rounds of each round's median step time, and the highest peak RSS.
+--precision auto (the default) runs every tool in the precision this CPU computes natively: bf16 where it has native
+bf16 (AVX-512 BF16 / AMX), fp32 on an AVX2-only CPU, where bf16 matmuls are emulated at about 1 GFLOP/s. Every row
+records the CPU kind it came from.
+
+step: one LoRA training step (r=8 on the query and value projections, random weights, AdamW; bf16: a bf16 frozen base
+with fp32 LoRA weights under bf16 autocast; fp32: everything fp32) on identical random batches of 4 x 256 tokens of the
+`small` shape (dim 512, 8 layers, ffn 1376, vocab 32000). Each peer runs its own fine-tuning step (LitGPT:
+`lm_head_chunk_size=128` and `chunked_cross_entropy` as in finetune_lora; torchtune: chunked output and
+`CEWithChunkedOutputLoss` as in its LoRA recipe) and, as "-full-logits", the same model with one output matmul and a
+plain cross-entropy, which is faster on a CPU. Each tool runs in its own process per round, the order alternates between
+rounds, and the table gives the median over rounds of each round's median step time, and the highest peak RSS.
 
 epoch: one epoch of the first 1,000 Alpaca records with the real LLaMA-2 tokenizer, max_seq_len 512, micro-batch 4,
-prompt masked, shape `small`, random init: `scripts/fit.py` against `litgpt finetune_lora` (its own data pipeline,
-bf16-true: its fastest CPU setting). Wall time of the whole command, data preparation included.
+prompt masked, shape `small`, random init, LoRA r=8 on q and v: `scripts/fit.py` (length grouping, or --packing)
+against `litgpt finetune_lora` (its own data pipeline; bf16-true, its fastest setting with native bf16, or 32-true)
+and torchtune's `lora_finetune_single_device` recipe (its own alpaca_dataset read from the local JSON; dtype bf16 or
+fp32). Wall time of the whole command, data preparation included.
 
 Prints a table with ratios and writes the raw JSON lines to --out.
 """
@@ -42,6 +48,20 @@ SMALL = dict(dim=512, n_layers=8, n_heads=8, ffn=1376, vocab=32000)
 TOOLS = ("llama-lora", "litgpt", "litgpt-full-logits", "torchtune", "torchtune-full-logits")
 
 
+def native_bf16() -> bool:
+    import torch
+
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def cpu_kind() -> str:
+    return "native bf16" if native_bf16() else "AVX2 only (no native bf16)"
+
+
+def resolve_precision(precision: str) -> str:
+    return ("bf16" if native_bf16() else "fp32") if precision == "auto" else precision
+
+
 def peak_rss_gib() -> float:
     # The peers' interpreters have no llama_lora installed; its memory module needs nothing but torch.
     sys.path.insert(0, str(ROOT / "src"))
@@ -53,15 +73,13 @@ def peak_rss_gib() -> float:
 # ----- one tool's step, run in that tool's interpreter (no llama_lora import for the peers) -----
 
 
-def build_llama_lora():
-    import torch
-
+def build_llama_lora(dtype):
     from llama_lora.config import LlamaConfig
     from llama_lora.lora import apply_lora, mark_only_lora_as_trainable
     from llama_lora.loss import token_loss_sum
     from llama_lora.weights import build_model
 
-    model = build_model(LlamaConfig.from_name("small"), base_dtype=torch.bfloat16, seed=0)
+    model = build_model(LlamaConfig.from_name("small"), base_dtype=dtype, seed=0)
     apply_lora(model, ["wq", "wv"], r=8, alpha=16, dropout=0.0)
     mark_only_lora_as_trainable(model)
 
@@ -74,7 +92,7 @@ def build_llama_lora():
     return model, loss_fn
 
 
-def build_litgpt(chunked: bool = True):
+def build_litgpt(dtype, chunked: bool = True):
     import torch.nn.functional as F
     from litgpt.lora import GPT, Config, mark_only_lora_as_trainable
     from litgpt.utils import chunked_cross_entropy
@@ -87,7 +105,7 @@ def build_litgpt(chunked: bool = True):
                     lora_value=True)
     model = GPT(config)
     model.max_seq_length = 256
-    _half_base(model)
+    _set_base_dtype(model, dtype)
     mark_only_lora_as_trainable(model)
 
     def loss_fn(x):
@@ -100,7 +118,7 @@ def build_litgpt(chunked: bool = True):
     return model, loss_fn
 
 
-def build_torchtune(chunked: bool = True):
+def build_torchtune(dtype, chunked: bool = True):
     import torch
     import torch.nn.functional as F
     from torchtune.models.llama2 import lora_llama2
@@ -112,7 +130,7 @@ def build_torchtune(chunked: bool = True):
                         num_kv_heads=SMALL["n_heads"], embed_dim=SMALL["dim"], max_seq_len=2048,
                         intermediate_dim=SMALL["ffn"], norm_eps=1e-5, lora_rank=8, lora_alpha=16, lora_dropout=0.0)
     set_trainable_params(model, get_adapter_params(model))
-    _half_base(model)
+    _set_base_dtype(model, dtype)
     ce = CEWithChunkedOutputLoss()
     if chunked:
         model.set_num_output_chunks(ce.num_output_chunks)  # torchtune's lora_finetune_single_device recipe
@@ -127,23 +145,24 @@ def build_torchtune(chunked: bool = True):
     return model, loss_fn
 
 
-def _half_base(model) -> None:
-    """bf16 frozen base, fp32 LoRA weights: the same storage for every tool."""
+def _set_base_dtype(model, dtype) -> None:
+    """The frozen base in ``dtype``, fp32 LoRA weights: the same storage for every tool."""
     import torch
 
     for name, p in model.named_parameters():
-        p.data = p.data.to(torch.float32 if "lora" in name else torch.bfloat16)
+        p.data = p.data.to(torch.float32 if "lora" in name else dtype)
 
 
-def step_worker(tool: str, steps: int, warmup: int) -> dict:
+def step_worker(tool: str, steps: int, warmup: int, precision: str) -> dict:
     import torch
 
     torch.manual_seed(0)
     baseline = peak_rss_gib()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     builders = {"llama-lora": build_llama_lora, "litgpt": build_litgpt,
-                "litgpt-full-logits": lambda: build_litgpt(chunked=False), "torchtune": build_torchtune,
-                "torchtune-full-logits": lambda: build_torchtune(chunked=False)}
-    model, loss_fn = builders[tool]()
+                "litgpt-full-logits": lambda d: build_litgpt(d, chunked=False), "torchtune": build_torchtune,
+                "torchtune-full-logits": lambda d: build_torchtune(d, chunked=False)}
+    model, loss_fn = builders[tool](dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -152,7 +171,7 @@ def step_worker(tool: str, steps: int, warmup: int) -> dict:
     times, losses = [], []
     for i in range(warmup + steps):
         t = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = loss_fn(data[i])
         loss.backward()
         optimizer.step()
@@ -163,7 +182,7 @@ def step_worker(tool: str, steps: int, warmup: int) -> dict:
     step_s = statistics.median(times)
     return {"tool": tool, "step_s": step_s, "tokens_per_s": 4 * 256 / step_s, "peak_rss_gib": peak_rss_gib(),
             "baseline_rss_gib": baseline, "trainable_params": trainable, "first_loss": losses[0],
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "precision": precision}
 
 
 # ----- driver -----
@@ -186,7 +205,8 @@ def compare_steps(args) -> list[dict]:
     for r in range(args.rounds):
         for tool in tools if r % 2 == 0 else reversed(tools):  # alternate the order too
             result = run_json([tool_python(tool, args.peer_python), __file__, "step-worker", tool,
-                               "--steps", str(args.steps), "--warmup", str(args.warmup)])
+                               "--steps", str(args.steps), "--warmup", str(args.warmup),
+                               "--precision", args.precision])
             rounds[tool].append(result)
             print(f"round {r + 1}/{args.rounds} {tool:10s} {result['tokens_per_s']:8.0f} tokens/s  "
                   f"peak RSS {result['peak_rss_gib']:.2f} GiB", flush=True)
@@ -197,7 +217,7 @@ def compare_steps(args) -> list[dict]:
                      "peak_rss_gib": max(r["peak_rss_gib"] for r in results),
                      "baseline_rss_gib": statistics.median(r["baseline_rss_gib"] for r in results),
                      "trainable_params": results[0]["trainable_params"], "first_loss": results[0]["first_loss"],
-                     "rounds": [round(r["tokens_per_s"], 1) for r in results]})
+                     "precision": args.precision, "rounds": [round(r["tokens_per_s"], 1) for r in results]})
     return rows
 
 
@@ -205,20 +225,24 @@ def compare_steps(args) -> list[dict]:
 
 
 def epoch_ours(args, data: Path, workdir: Path) -> dict:
+    bf16 = args.precision == "bf16"
     config = {
         "seed_everything": 42,
-        "trainer": {"accelerator": "cpu", "devices": 1, "precision": "bf16-mixed", "max_epochs": 1, "max_steps": -1,
+        "trainer": {"accelerator": "cpu", "devices": 1, "precision": "bf16-mixed" if bf16 else "32-true",
+                    "max_epochs": 1, "max_steps": -1,
                     "limit_val_batches": 0, "num_sanity_val_steps": 0, "logger": False, "enable_checkpointing": False,
                     "enable_progress_bar": False, "enable_model_summary": False,
                     "callbacks": [{"class_path": "llama_lora.callbacks.PeakMemoryMonitor"},
                                   {"class_path": "llama_lora.callbacks.TokenThroughput"}]},
-        "model": {"model": "small", "checkpoint_dir": None, "base_dtype": "bf16", "compile": args.compile,
+        "model": {"model": "small", "checkpoint_dir": None, "base_dtype": "bf16" if bf16 else "fp32",
+                  "compile": args.compile,
                   "lora": {"targets": ["wq", "wv"], "r": 8, "alpha": 16, "dropout": 0.05},
                   "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-4}},
                   "scheduler": {"class_path": "llama_lora.module.WarmupCosineLR", "init_args": {"warmup_steps": 10}}},
         "data": {"data_path": str(data), "tokenizer_path": str(Path(args.tokenizer).resolve()), "val_size": 0,
                  "max_seq_len": 512, "micro_batch_size": 4, "mask_prompt": True,
-                 "group_by_length": args.group_by_length},
+                 "group_by_length": args.group_by_length, "packing": args.packing,
+                 "num_workers": args.num_workers},
     }
     path = workdir / "ours.json"
     path.write_text(json.dumps(config))
@@ -231,10 +255,13 @@ def epoch_ours(args, data: Path, workdir: Path) -> dict:
     peak = next((float(line.split()[2]) / 1024 for line in proc.stdout.splitlines() if line.startswith("Peak RSS")),
                 None)
     train_s = re.findall(r"Computation time: ([\d.]+) s", proc.stdout)
-    return {"bench": "epoch", "tool": "llama-lora", "wall_s": wall, "peak_rss_gib": peak,
-            "train_s": float(train_s[-1]) if train_s else None,
-            "setting": f"bf16 base, fp32 LoRA, bf16-mixed, group_by_length={args.group_by_length}, "
-                       f"compile={args.compile}"}
+    rows = re.findall(r"Packing: \d+ examples into (\d+) rows", proc.stdout + proc.stderr)
+    setting = "bf16 base, fp32 LoRA, bf16-mixed" if bf16 else "fp32 base and LoRA, 32-true"
+    arrangement = "packing" if args.packing else f"group_by_length={args.group_by_length}"
+    return {"bench": "epoch", "tool": "llama-lora" + ("-packed" if args.packing else ""), "wall_s": wall,
+            "peak_rss_gib": peak, "train_s": float(train_s[-1]) if train_s else None,
+            "packed_rows": int(rows[-1]) if rows else None,
+            "setting": f"{setting}, {arrangement}, compile={args.compile}, num_workers={args.num_workers}"}
 
 
 LITGPT_CONFIG = """name: small
@@ -268,7 +295,8 @@ def epoch_litgpt(args, data: Path, workdir: Path) -> dict:
             "torch.save(GPT(c).state_dict(), sys.argv[1] + '/lit_model.pth')")
     subprocess.run([args.peer_python, "-c", init, str(ckpt)], check=True, timeout=600)
     litgpt = str(Path(args.peer_python).parent / "litgpt")
-    cmd = [litgpt, "finetune_lora", str(ckpt), "--out_dir", str(workdir / "litgpt-out"), "--precision", "bf16-true",
+    precision = "bf16-true" if args.precision == "bf16" else "32-true"
+    cmd = [litgpt, "finetune_lora", str(ckpt), "--out_dir", str(workdir / "litgpt-out"), "--precision", precision,
            "--devices", "1", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.05",
            "--data", "JSON", "--data.json_path", str(data.with_name("litgpt.json")),
            "--data.val_split_fraction", str(1 / 1001), "--data.mask_prompt", "true", "--data.prompt_style", "alpaca",
@@ -286,7 +314,102 @@ def epoch_litgpt(args, data: Path, workdir: Path) -> dict:
     train_s = re.findall(r"Training Time\s*:\s*([\d.]+) s", out)
     return {"bench": "epoch", "tool": "litgpt", "wall_s": wall, "peak_rss_gib": None,
             "train_s": float(train_s[-1]) if train_s else None, "micro_batches": max(iters, default=None),
-            "setting": "bf16-true (base and LoRA bf16), its own padding and full-vocab chunked loss"}
+            "setting": f"{precision} (base and LoRA in one dtype), its own padding and full-vocab chunked loss"}
+
+
+# torchtune's lora_finetune_single_device recipe, as its configs llama2/7B_lora_single_device, on the small shape
+TORCHTUNE_CONFIG = """
+output_dir: {out}
+model:
+  _component_: torchtune.models.llama2.lora_llama2
+  lora_attn_modules: [q_proj, v_proj]
+  apply_lora_to_mlp: false
+  apply_lora_to_output: false
+  vocab_size: 32000
+  num_layers: 8
+  num_heads: 8
+  num_kv_heads: 8
+  embed_dim: 512
+  max_seq_len: 512
+  intermediate_dim: 1376
+  norm_eps: 1.0e-05
+  lora_rank: 8
+  lora_alpha: 16
+  lora_dropout: 0.05
+tokenizer:
+  _component_: torchtune.models.llama2.llama2_tokenizer
+  path: {tokenizer}
+  max_seq_len: 512
+checkpointer:
+  _component_: torchtune.training.FullModelTorchTuneCheckpointer
+  checkpoint_dir: {ckpt}
+  checkpoint_files: [model.pt]
+  adapter_checkpoint: null
+  recipe_checkpoint: null
+  output_dir: {out}
+  model_type: LLAMA2
+resume_from_checkpoint: false
+save_adapter_weights_only: true
+dataset:
+  _component_: torchtune.datasets.alpaca_dataset
+  source: json
+  data_files: {data}
+  split: train
+  train_on_input: false
+  packed: false
+seed: 42
+shuffle: true
+batch_size: 4
+optimizer:
+  _component_: torch.optim.AdamW
+  fused: false
+  weight_decay: 0.01
+  lr: 3.0e-04
+lr_scheduler:
+  _component_: torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup
+  num_warmup_steps: 10
+loss:
+  _component_: torchtune.modules.loss.CEWithChunkedOutputLoss
+epochs: 1
+max_steps_per_epoch: null
+gradient_accumulation_steps: 1
+clip_grad_norm: null
+compile: false
+metric_logger:
+  _component_: torchtune.training.metric_logging.DiskLogger
+  log_dir: {out}/logs
+log_every_n_steps: 50
+log_peak_memory_stats: false
+device: cpu
+dtype: {dtype}
+enable_activation_checkpointing: false
+enable_activation_offloading: false
+profiler:
+  _component_: torchtune.training.setup_torch_profiler
+  enabled: false
+"""
+
+
+def epoch_torchtune(args, data: Path, workdir: Path) -> dict:
+    ckpt = workdir / "torchtune-small"
+    ckpt.mkdir()
+    init = ("import torch, sys; from torchtune.models.llama2 import llama2; torch.manual_seed(0); "
+            "m = llama2(vocab_size=32000, num_layers=8, num_heads=8, num_kv_heads=8, embed_dim=512, max_seq_len=512, "
+            "intermediate_dim=1376, norm_eps=1e-5); torch.save(m.state_dict(), sys.argv[1] + '/model.pt')")
+    subprocess.run([args.peer_python, "-c", init, str(ckpt)], check=True, timeout=600)
+    dtype = "bf16" if args.precision == "bf16" else "fp32"
+    config = workdir / "torchtune.yaml"
+    config.write_text(TORCHTUNE_CONFIG.format(out=workdir / "torchtune-out", tokenizer=Path(args.tokenizer).resolve(),
+                                              ckpt=ckpt, data=data, dtype=dtype))
+    tune = str(Path(args.peer_python).parent / "tune")
+    t = time.perf_counter()
+    proc = subprocess.run([tune, "run", "lora_finetune_single_device", "--config", str(config)], capture_output=True,
+                          text=True, timeout=7200, cwd=workdir)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-3000:])
+    return {"bench": "epoch", "tool": "torchtune", "wall_s": wall, "peak_rss_gib": None, "train_s": None,
+            "setting": f"dtype {dtype} (base and LoRA), its alpaca_dataset, chunked-output loss"}
 
 
 def dataset_counts(args, data: Path) -> dict:
@@ -309,10 +432,10 @@ def compare_epoch(args) -> list[dict]:
         (workdir / "litgpt.json").write_text(json.dumps(records[: args.records + 1]))  # + 1 record of validation
         counts = dataset_counts(args, data)
         rows = []
+        runs = [epoch_ours] + ([epoch_litgpt, epoch_torchtune] if args.peer_python else [])
+        runs = [run for run in runs if run.__name__.removeprefix("epoch_") in args.tools]
         for r in range(args.rounds):
-            for run in (epoch_ours, epoch_litgpt) if r % 2 == 0 else (epoch_litgpt, epoch_ours):
-                if run is epoch_litgpt and not args.peer_python:
-                    continue
+            for run in runs if r % 2 == 0 else reversed(runs):
                 sub = workdir / f"{run.__name__}-{r}"
                 sub.mkdir()
                 row = run(args, data, sub)
@@ -339,12 +462,13 @@ def table(rows: list[dict], bench: str) -> str:
         by_tool.setdefault(r["tool"], []).append(r)
     med = {t: statistics.median(r["wall_s"] for r in rs) for t, rs in by_tool.items()}
     lit = med.get("litgpt")
-    lines = ["| tool | epoch wall time | tokens/s (non-pad) | target tokens/s | speed-up vs LitGPT |",
-             "|---|---|---|---|---|"]
+    tune = med.get("torchtune")
+    lines = ["| tool | epoch wall time | tokens/s (non-pad) | target tokens/s | vs LitGPT | vs torchtune |",
+             "|---|---|---|---|---|---|"]
     for tool, rs in by_tool.items():
         r = rs[0]
         lines.append(f"| {tool} | {med[tool]:.1f} s | {r['tokens'] / med[tool]:,.0f} | {r['targets'] / med[tool]:,.0f} "
-                     f"| {f'{lit / med[tool]:.2f}x' if lit else '-'} |")
+                     f"| {f'{lit / med[tool]:.2f}x' if lit else '-'} | {f'{tune / med[tool]:.2f}x' if tune else '-'} |")
     return "\n".join(lines)
 
 
@@ -357,29 +481,40 @@ def main() -> None:
     step.add_argument("--steps", type=int, default=10)
     step.add_argument("--warmup", type=int, default=3)
     step.add_argument("--out", default=None, help="append the result rows (JSON lines) to this file")
-    epoch = sub.add_parser("epoch")
+    for sp in (step, epoch := sub.add_parser("epoch")):
+        sp.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="auto: bf16 with native bf16, else fp32 (for every tool)")
     epoch.add_argument("--peer-python")
     epoch.add_argument("--tokenizer", required=True)
     epoch.add_argument("--data", required=True, help="Alpaca JSON; the first --records are used")
     epoch.add_argument("--records", type=int, default=1000)
     epoch.add_argument("--rounds", type=int, default=1)
     epoch.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True)
+    epoch.add_argument("--packing", action="store_true", help="llama-lora with data.packing: true")
+    epoch.add_argument("--num-workers", type=int, default=0, help="llama-lora's DataLoader workers")
+    epoch.add_argument("--tools", default="ours,litgpt,torchtune", help="which of ours,litgpt,torchtune to run")
     epoch.add_argument("--compile", action="store_true", help="llama-lora with model.compile: true")
     epoch.add_argument("--out", default=None)
     worker = sub.add_parser("step-worker")
     worker.add_argument("tool", choices=TOOLS)
     worker.add_argument("--steps", type=int, default=10)
     worker.add_argument("--warmup", type=int, default=3)
+    worker.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     args = p.parse_args()
     if args.command == "step-worker":
-        print(json.dumps(step_worker(args.tool, args.steps, args.warmup)))
+        print(json.dumps(step_worker(args.tool, args.steps, args.warmup, args.precision)))
         return
+    args.precision = resolve_precision(args.precision)
+    if args.command == "epoch":
+        args.tools = set(args.tools.split(","))
     rows = compare_steps(args) if args.command == "step" else compare_epoch(args)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "python": platform.python_version()}
+            "cpu_kind": cpu_kind(), "precision": args.precision, "python": platform.python_version(),
+            "isa_limit": os.environ.get("ONEDNN_MAX_CPU_ISA")}
     for row in rows:
         row.update(meta)
     print()
+    print(f"{cpu_kind()} CPU, precision {args.precision}")
     print(table(rows, args.command))
     if args.out:
         with open(args.out, "a") as f:

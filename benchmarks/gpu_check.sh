@@ -1,51 +1,67 @@
 #!/usr/bin/env bash
-# One prepared GPU run (about 6 minutes on an H200): the 7B LoRA step under each precision setting, each in its own
-# process for a clean peak, then the real fit.py on the 7B recipe for a few steps. Random weights: memory and time
-# are those of LLaMA-2 7B, the loss is not. Writes JSON lines and logs to $OUT (default: bench_results/).
+# One prepared GPU run (PART=all: about 7 minutes on an H200, estimated from the cells' earlier timings): each cell in
+# its own process for a clean peak, random weights (memory and time are those of LLaMA-2 7B/70B, the loss is not).
+# Writes JSON lines (gpu_steps.jsonl) and logs to $OUT (default: benchmarks/results/gpu/<date>).
 #   bash benchmarks/gpu_check.sh               (on a GPU machine, in the repo root)
-#   SHAPE=small DEVICE=cpu STEPS=2 bash benchmarks/gpu_check.sh   (dry run of every command on a CPU)
+#   SHAPE=small SHAPE70=small GC_LAYERS=4 DEVICE=cpu STEPS=2 FIT_STEPS=2 bash benchmarks/gpu_check.sh  (CPU dry run)
+# PART=all:  the goals still open: QLoRA 7B 4x512 16-mixed GC (<= 7 GB), QLoRA 70B 1x512 GC (< 45 GB), partial
+#            checkpointing + compile (>= 40% MFU within 16 GB), and fit.py's 7B recipe with and without packing.
+# PART=more: the precision cells of the study (fp16/bf16 base, with and without GC or compile, the seed's fp32 cells).
 set -u
-OUT=${OUT:-bench_results}; mkdir -p "$OUT"
-SHAPE=${SHAPE:-llama2-7b}; DEVICE=${DEVICE:-cuda}; STEPS=${STEPS:-8}
+OUT=${OUT:-benchmarks/results/gpu/$(date -u +%Y-%m-%d)}; mkdir -p "$OUT"
+SHAPE=${SHAPE:-llama2-7b}; SHAPE70=${SHAPE70:-llama2-70b}; DEVICE=${DEVICE:-cuda}
+STEPS=${STEPS:-8}; FIT_STEPS=${FIT_STEPS:-16}
 ASSETS=${ASSETS:-${LLAMA_LORA_TEST_ASSETS:-../shared/assets}}
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 J="$OUT/gpu_steps.jsonl"
+{
 date -u +"date: %Y-%m-%dT%H:%MZ"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
-python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
+python3 -c "import torch, lightning; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'lightning', lightning.__version__)"
+} | tee "$OUT/machine.txt"
 
-step() {  # label, then bench_step.py arguments
+step() {  # label, then bench_step.py arguments (a later --batch/--seq/--shape wins)
   local label=$1; shift
   echo "== $label"
   python3 benchmarks/bench_step.py --shape "$SHAPE" --device "$DEVICE" --batch 4 --seq 512 --json "$J" "$@" \
     || echo "{\"cell\": \"$label\", \"failed\": true}" >> "$J"
 }
-PART=${PART:-all}  # all | compile (only the torch.compile cells and fit.py) | partial-gc (see below)
-if [ "$PART" = partial-gc ]; then
+fit() {  # label, then fit.py arguments: the 7B recipe (configs/lora_amp.yaml) on the real data, FIT_STEPS steps
+  local label=$1; shift
+  echo "== fit.py: $label"
+  python3 scripts/fit.py --config configs/lora_amp.yaml --model.model "$SHAPE" --model.checkpoint_dir null \
+    --trainer.accelerator "$([ "$DEVICE" = cuda ] && echo gpu || echo cpu)" --trainer.max_steps "$FIT_STEPS" \
+    --trainer.val_check_interval "$((FIT_STEPS * 4))" --trainer.limit_val_batches 0 --trainer.log_every_n_steps 1 \
+    --data.data_path "$ASSETS/alpaca_5000.json" --data.tokenizer_path "$ASSETS/tokenizer.model" \
+    --trainer.logger.init_args.save_dir "$OUT/logs" --trainer.logger.init_args.name "$label" "$@" 2>&1 \
+    | grep -E "Packing|Peak|Throughput|Computation|Average loss|Error|error" | tee -a "$OUT/fit.txt"
+}
+PART=${PART:-all}
+if [ "$PART" = all ]; then
+# QLoRA (model.base_dtype nf4): the issue's two memory goals.
+step "QLoRA 7B 4x512 16-mixed GC" --base-dtype nf4 --amp fp16 --gc --lora-r 16 --lora-targets wq,wk,wv --steps 4
+step "QLoRA 70B 1x512 16-mixed GC" --shape "$SHAPE70" --batch 1 --seq 512 --base-dtype nf4 --amp fp16 --gc \
+  --lora-r 16 --lora-targets wq,wk,wv --steps 2
 # Partial checkpointing under compile: recompute only the first N of the 32 blocks, looking for >= 40% MFU within
-# 16 GB (full GC + compile: 13.59 GiB, 35.4%; no GC + compile: 19.34 GiB, 52.9%). Not yet run on a GPU.
-for n in 24 20 16 12; do
+# 16 GB (full GC + compile: 13.59 GiB, 35.4%; no GC + compile: 19.34 GiB, 52.9%).
+for n in ${GC_LAYERS:-24 16}; do
   step "fp16 base + 16-mixed + compile + GC on $n blocks" --base-dtype fp16 --amp fp16 --gc-layers "$n" --compile \
     --warmup 3 --steps "$STEPS"
 done
-exit 0
+# The 7B recipe through fit.py: length grouping (its default) against packing (fixed 512-token rows, so compile
+# does not recompile): tokens/s and peak memory from fit.py's own summary.
+fit grouped
+fit packed --data.packing true --data.group_by_length false
+fit packed-compiled --data.packing true --data.group_by_length false --model.compile true
 fi
-if [ "$PART" = all ]; then
-# The optimisation goal: half-precision frozen base, fp32 LoRA, 16-mixed, gradient checkpointing, micro-batch 4x512.
+if [ "$PART" = more ]; then
 step "fp16 base + 16-mixed + GC" --base-dtype fp16 --amp fp16 --gc --steps "$STEPS"
 step "fp16 base + 16-mixed"      --base-dtype fp16 --amp fp16 --steps "$STEPS"
 step "bf16 base + bf16-mixed + GC" --base-dtype bf16 --amp bf16 --gc --steps "$STEPS"
+step "fp16 base + 16-mixed + GC + compile" --base-dtype fp16 --amp fp16 --gc --compile --warmup 3 --steps "$STEPS"
+step "fp16 base + 16-mixed + compile"      --base-dtype fp16 --amp fp16 --compile --warmup 3 --steps "$STEPS"
 # The seed experiment's two cells: fp32 weights without AMP, and fp32 weights under fp16 autocast (its 39 GB).
 step "fp32 base, no AMP (seed MP off)"  --base-dtype fp32 --amp off --steps 3
 step "fp32 base + 16-mixed (seed MP on)" --base-dtype fp32 --amp fp16 --steps 3
 fi
-# torch.compile of each block; three warmup steps absorb the compilation.
-step "fp16 base + 16-mixed + GC + compile" --base-dtype fp16 --amp fp16 --gc --compile --warmup 3 --steps "$STEPS"
-step "fp16 base + 16-mixed + compile"      --base-dtype fp16 --amp fp16 --compile --warmup 3 --steps "$STEPS"
-
-echo "== fit.py, configs/lora_amp.yaml, random 7B weights, alpaca_5000 with the LLaMA-2 tokenizer"
-python3 scripts/fit.py --config configs/lora_amp.yaml --model.model "$SHAPE" --model.checkpoint_dir null \
-  --trainer.accelerator "$([ "$DEVICE" = cuda ] && echo gpu || echo cpu)" --trainer.max_steps "$STEPS" \
-  --trainer.val_check_interval "$STEPS" --trainer.limit_val_batches 4 --trainer.log_every_n_steps 1 \
-  --data.data_path "$ASSETS/alpaca_5000.json" --data.tokenizer_path "$ASSETS/tokenizer.model" \
-  --trainer.logger.init_args.save_dir "$OUT/logs" 2>&1 | grep -v "^\s*$" | tail -25
+echo "results in $OUT"

@@ -96,12 +96,14 @@ class PeakMemoryMonitor(L.Callback):
 
 
 class TokenThroughput(L.Callback):
-    """Tokens per second of training: all non-pad tokens, and target (loss) tokens, per step and per epoch."""
+    """Tokens per second of training: all non-pad tokens, and target (loss) tokens, per step and per epoch, and the
+    run's figure printed at the end (this process's batches; time in the training batches only)."""
 
     def __init__(self) -> None:
         self.start: float | None = None
         self.epoch_tokens = self.epoch_targets = 0
         self.epoch_time = 0.0
+        self.run = [0, 0, 0.0]  # tokens, targets, seconds
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.epoch_tokens = self.epoch_targets = 0
@@ -122,6 +124,7 @@ class TokenThroughput(L.Callback):
         self.epoch_tokens += tokens
         self.epoch_targets += targets
         self.epoch_time += dt
+        self.run = [self.run[0] + tokens, self.run[1] + targets, self.run[2] + dt]
         pl_module.log_dict({"throughput/tokens_per_s": tokens / dt, "throughput/target_tokens_per_s": targets / dt},
                            on_step=True, on_epoch=False)
 
@@ -130,6 +133,13 @@ class TokenThroughput(L.Callback):
             pl_module.log_dict({"throughput/tokens_per_s_epoch": self.epoch_tokens / self.epoch_time,
                                 "throughput/target_tokens_per_s_epoch": self.epoch_targets / self.epoch_time},
                                on_epoch=True)
+
+    @rank_zero_only
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        tokens, targets, seconds = self.run
+        if seconds > 0:
+            print(f"Throughput: {tokens / seconds:,.0f} tokens/s, {targets / seconds:,.0f} target tokens/s "
+                  f"({tokens:,} tokens in {seconds:.1f} s of training batches)", flush=True)
 
 
 class SampleGenerations(L.Callback):
