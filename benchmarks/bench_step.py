@@ -128,8 +128,8 @@ def load_only(args) -> dict:
             (p.dequantize() if hasattr(p, "dequantize") else p).float().sum()
     status = {line.split(":")[0]: int(line.split()[1]) / 2**20 for line in open("/proc/self/status")
               if line.startswith(("RssAnon", "RssFile"))}
-    return {"checkpoint": str(args.checkpoint), "ready_s": round(ready_s, 2), "ready_peak_rss_gib": round(ready_peak, 2),
-            "peak_rss_gib": round(peak_rss_gib(), 2),
+    return {"checkpoint": str(args.checkpoint), "ready_s": round(ready_s, 2),
+            "ready_peak_rss_gib": round(ready_peak, 2), "peak_rss_gib": round(peak_rss_gib(), 2),
             "rss_anon_gib": round(status["RssAnon"], 2), "rss_file_gib": round(status["RssFile"], 2),
             "base_dtype": "nf4" if nf4 else str(next(model.parameters()).dtype), "torch": torch.__version__}
 

@@ -215,6 +215,25 @@ def test_packed_examples_compute_what_they_compute_alone(tiny_model):
     assert not torch.equal(other[7:19], packed[7:19])
 
 
+def test_packed_attention_by_spans_equals_the_block_diagonal_mask(tiny_model, monkeypatch):
+    """The CPU's way (one attention per example) and the masked attention over whole rows agree, gradients too."""
+    from llama_lora.model import Segments
+
+    g = torch.Generator().manual_seed(5)
+    rows = [_pack([torch.randint(3, 512, (n,), generator=g) for n in lengths], padding=32 - sum(lengths))
+            for lengths in ((7, 12, 5), (20, 11), (32,))]
+    tokens, segments = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+    results = []
+    for way in ("spans", "mask"):
+        monkeypatch.setattr(Segments, "way", lambda self, q, way=way: way)
+        tiny_model.zero_grad()
+        logits = tiny_model(tokens, segment_ids=segments)
+        logits[segments != 0].sum().backward()
+        results.append((logits[segments != 0].detach(), tiny_model.layers[0].attention.wq.weight.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-5)
+
+
 def test_packed_loss_is_the_sum_of_the_examples_losses(tiny_model):
     from llama_lora.loss import token_loss_sum
 

@@ -98,7 +98,7 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                segments: Segments | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -106,8 +106,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D), k/v with Hkv heads
         gqa = self.n_kv_heads != self.n_heads
-        if start_pos is None and mask is not None:  # packed rows: causal within each example (B, 1, T, T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        if start_pos is None and segments is not None:  # packed rows: causal within each example
+            y = segments.attend(q, k, v, gqa)
         elif start_pos is None:  # training / full forward: plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
@@ -139,8 +139,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, start_pos, mask)
+                segments: Segments | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, start_pos, segments)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -158,6 +158,82 @@ def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     T = segment_ids.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
     return ((segment_ids[:, :, None] == segment_ids[:, None, :]) & causal)[:, None]
+
+
+try:  # CUDA flash attention over variable-length sequences (torch >= 2.10)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # pragma: no cover - older torch
+    varlen_attn = None
+
+
+class Segments:
+    """The examples of packed rows, for attention that stays within each (``segment_ids``: (B, T), examples numbered
+    from 1, 0 for padding). Three ways, one result:
+
+    - ``spans``: one causal attention per example, on its own slice of the row. On a CPU the cost is that of the
+      examples alone (a masked attention over whole rows does (row length / example length) times the work).
+    - ``varlen``: CUDA's variable-length flash attention over all examples at once (fp16/bf16).
+    - ``mask``: attention over whole rows with a block-diagonal causal mask (anything else).
+
+    Padding positions get zeros: no target sits there and no token attends to them."""
+
+    def __init__(self, segment_ids: torch.Tensor) -> None:
+        self.segment_ids = segment_ids
+        B, T = segment_ids.shape
+        ids = segment_ids.tolist()
+        self.spans: list[list[tuple[int, int]]] = []  # per row: (start, end) of each example
+        for row in ids:
+            spans, start = [], 0
+            for t in range(1, T + 1):
+                if t == T or row[t] != row[t - 1]:
+                    if row[start] != 0:
+                        spans.append((start, t))
+                    start = t
+            self.spans.append(spans)
+        # The B * T positions of all rows end to end, as consecutive pieces: each example, and each stretch of padding
+        self.pieces, self.real, end = [], [], 0
+        for b, spans in enumerate(self.spans):
+            for s, e in [*spans, (T, T)]:
+                if b * T + s > end:  # padding before this example (or at the row's end)
+                    self.pieces.append(b * T + s - end), self.real.append(False)
+                if e > s:
+                    self.pieces.append(e - s), self.real.append(True)
+                end = b * T + e
+        self._mask: torch.Tensor | None = None
+
+    def way(self, q: torch.Tensor) -> str:
+        if q.device.type == "cpu":
+            return "spans"
+        if q.device.type == "cuda" and varlen_attn is not None and q.dtype in (torch.float16, torch.bfloat16):
+            return "varlen"
+        return "mask"
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
+        """q (B, H, T, D), k and v (B, Hkv, T, D) -> (B, H, T, D)."""
+        B, H, T, D = q.shape
+        way = self.way(q)
+        if way == "mask":
+            if self._mask is None:
+                self._mask = segment_mask(self.segment_ids)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask, enable_gqa=gqa)
+        if way == "varlen":
+            keep = self.segment_ids.flatten() != 0
+            lengths = torch.tensor([e - s for spans in self.spans for s, e in spans], device=q.device)
+            cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=q.device)
+            cu[1:] = lengths.cumsum(0)
+            longest = int(lengths.max())
+            flat = [t.transpose(1, 2).reshape(B * T, t.shape[1], D)[keep] for t in (q, k, v)]  # (tokens, H, D)
+            y = varlen_attn(*flat, cu, cu, longest, longest, window_size=(-1, 0), enable_gqa=gqa)
+            out = q.new_zeros(B * T, H, D).index_put((keep.nonzero().squeeze(1),), y)
+            return out.view(B, T, H, D).transpose(1, 2)
+        # All rows end to end along the time axis, cut into examples and padding by one split (whose backward is one
+        # cat: slicing each example out would allocate and fill a whole-size gradient per example). (B, H, T, D) is a
+        # view of the projections' (B, T, H, D), so the rows join without a copy.
+        pieces = [t.transpose(1, 2).reshape(1, B * T, t.shape[1], D).split(self.pieces, dim=1) for t in (q, k, v)]
+        out = [F.scaled_dot_product_attention(qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2),
+                                              is_causal=True, enable_gqa=gqa).transpose(1, 2) if real
+               else qp.new_zeros(qp.shape) for qp, kp, vp, real in zip(*pieces, self.real)]
+        return torch.cat(out, dim=1).view(B, T, H, D).transpose(1, 2)
 
 
 def check_checkpoint_layers(value: int | None, n_layers: int, key: str = "checkpoint_layers") -> None:
@@ -224,18 +300,18 @@ class Llama(nn.Module):
                 f"Sequence of {offset + T} tokens exceeds max_seq_len={self.config.max_seq_len}; "
                 "shorten the input or raise max_seq_len"
             )
-        rope, mask = self.rope(tokens.device)[offset : offset + T], None
+        rope, segments = self.rope(tokens.device)[offset : offset + T], None
         if segment_ids is not None:
-            rope, mask = rope[segment_positions(segment_ids)], segment_mask(segment_ids)  # (B, T, D/2, 2), (B,1,T,T)
+            rope, segments = rope[segment_positions(segment_ids)], Segments(segment_ids)  # rope: (B, T, D/2, 2)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         if self.compute_dtype is not None:
             h = h.to(self.compute_dtype)
         for i, layer in enumerate(self.layers):
             if (self.gradient_checkpointing and i < self.checkpoint_layers and self.training
                     and torch.is_grad_enabled()):
-                h = checkpoint(layer, h, rope, start_pos, mask, use_reentrant=False)
+                h = checkpoint(layer, h, rope, start_pos, segments, use_reentrant=False)
             else:
-                h = layer(h, rope, start_pos, mask)
+                h = layer(h, rope, start_pos, segments)
         h = self.norm(h)
         return h if return_hidden else self.output(h)
 
