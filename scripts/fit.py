@@ -94,7 +94,10 @@ def with_bases(argv: list[str]) -> list[str]:
         path = Path(a.split("=", 1)[1] if "=" in a else next(args, ""))
         chain = [path]
         while chain[0].is_file() and len(chain) < 8:
-            content = yaml.safe_load(chain[0].read_text())
+            try:
+                content = yaml.safe_load(chain[0].read_text())
+            except (yaml.YAMLError, UnicodeDecodeError):  # the CLI's parser reports it in one line
+                break
             parent = content.get("extends") if isinstance(content, dict) else None
             if not parent:
                 break
