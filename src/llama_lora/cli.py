@@ -33,8 +33,8 @@ def script_arguments(function: Callable[..., Any], argv: Sequence[str], descript
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options (see --print_config)")
     if positional is not None:
-        default = inspect.signature(function).parameters[positional].default
-        parser.add_argument(positional, nargs="*", type=str, default=list(default))
+        # No default here: jsonargparse before 4.40 refuses one on a positional; the function's comes back below.
+        parser.add_argument(positional, nargs="*", type=str)
     # Booleans are flags (--greedy, --no_greedy): jsonargparse's own take an optional value, which would swallow
     # the prompt in `--greedy "What is 3 plus 5?"`.
     params = inspect.signature(function).parameters
@@ -55,6 +55,8 @@ def script_arguments(function: Callable[..., Any], argv: Sequence[str], descript
             parser.add_function_arguments(source, nested_key=None, skip=others)
     args = parser.parse_args(list(argv)).as_dict()
     args.pop("config", None)
+    if positional is not None and not args.get(positional):
+        args[positional] = list(inspect.signature(function).parameters[positional].default)
     return args
 
 
