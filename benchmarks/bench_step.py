@@ -1,5 +1,5 @@
-"""Time the LoRA training step: r=8 on wq and wv (--lora-r, --lora-targets), random weights, half-precision frozen base
-(or NF4: --base-dtype nf4), fp32 LoRA, autocast.
+"""Time the LoRA training step: r=8 on wq and wv (--lora-r, --lora-targets), random weights, the run plan of
+--precision and --base-dtype (auto: the device's native precision; NF4: --base-dtype nf4), fp32 LoRA.
 
     python benchmarks/bench_step.py                       # shapes small and llama2-7b, each in its own process
     python benchmarks/bench_step.py --shape small --steps 10
@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
-from llama_lora.config import DTYPES, LlamaConfig, native_dtype, resolve_dtype
-from llama_lora.lora import apply_lora, mark_only_lora_as_trainable, trainable_summary
+from llama_lora.checkpoints import build_model, save_meta
+from llama_lora.config import LlamaConfig
+from llama_lora.lora import LoRASettings, apply_lora, mark_only_lora_as_trainable, trainable_summary
 from llama_lora.loss import token_loss_sum
 from llama_lora.memory import GIB, peak_rss_bytes
 from llama_lora.memory import matmul_params as _matmul_params
-from llama_lora.weights import build_model, save_meta
+from llama_lora.plan import DTYPES, make_plan, native_precision
 
 SHAPES = {"small": (4, 256), "llama2-7b": (1, 128), "llama2-70b": (1, 512)}  # (micro-batch, tokens)
 DEFAULT_SHAPES = ("small", "llama2-7b")  # without --shape; 70B only when asked for (QLoRA on a GPU)
@@ -48,17 +49,14 @@ def run_shape(args) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
     config = LlamaConfig.from_name(args.shape)
-    nf4 = args.base_dtype == "nf4"
-    amp = native_dtype(device)[0] if args.amp == "auto" else args.amp
-    amp = "off" if amp == "fp32" else amp
-    # nf4: the blocks' weights in 4 bits, the rest in the dtype the compute runs in
-    dtype = DTYPES[amp if amp != "off" else "fp32"] if nf4 else resolve_dtype(args.base_dtype, device)
+    plan = make_plan(device, args.precision, args.base_dtype)
+    plan.log()
     batch, seq = (args.batch, args.seq) if args.batch else SHAPES[args.shape]
     t0 = time.perf_counter()
-    model = build_model(config, checkpoint=args.checkpoint, base_dtype=dtype, device=device, seed=0,
+    model = build_model(config, checkpoint=args.checkpoint, plan=plan, device=device, seed=0,
                         gradient_checkpointing=args.gc or args.gc_layers is not None,
-                        checkpoint_layers=args.gc_layers, nf4=nf4)
-    apply_lora(model, args.lora_targets.split(","), r=args.lora_r, alpha=2 * args.lora_r)
+                        checkpoint_layers=args.gc_layers)
+    apply_lora(model, LoRASettings(args.lora_targets.split(","), args.lora_r, 2 * args.lora_r, 0.0), plan.lora_dtype)
     mark_only_lora_as_trainable(model)
     if args.compile:
         model.compile_blocks()
@@ -67,8 +65,7 @@ def run_shape(args) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator().manual_seed(1)
     data = torch.randint(0, config.vocab_size, (args.steps + args.warmup, batch, seq), generator=g).to(device)
-    amp_dtype = DTYPES.get(amp, torch.bfloat16)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=plan.precision == "16-mixed")
     times = []
     for i in range(args.warmup + args.steps):
         x = data[i]
@@ -77,7 +74,7 @@ def run_shape(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp != "off"):
+        with plan.autocast_context():
             # The training loss of the project: output layer and fp32 cross-entropy in chunks, recomputed in backward.
             loss_sum, n = token_loss_sum(model, x, labels)
             loss = loss_sum / n
@@ -95,8 +92,8 @@ def run_shape(args) -> dict:
     step_s = times[len(times) // 2]
     result = {
         "shape": args.shape, "micro_batch": batch, "seq_len": seq, "device": str(device),
-        "base_dtype": "nf4" if nf4 else str(dtype).removeprefix("torch."), "autocast": amp,
-        "cpu_native_bf16": native_dtype("cpu")[0] == "bf16",
+        "base_dtype": plan.quantization or str(plan.linear_dtype).removeprefix("torch."), "precision": plan.precision,
+        "plan": plan.to_dict(), "cpu_native_bf16": native_precision("cpu")[0] == "bf16-mixed",
         "gradient_checkpointing": args.gc or args.gc_layers is not None, "checkpoint_layers": args.gc_layers,
         "compile": args.compile,
         "lora": trainable_summary(model), "steps": args.steps, "median_step_s": round(step_s, 4),
@@ -119,9 +116,8 @@ def load_only(args) -> dict:
     """Load a checkpoint and read every weight once (as the first step does): the peak RSS of loading, split into
     anonymous memory (copies) and file pages (the memory-mapped checkpoint)."""
     t0 = time.perf_counter()
-    nf4 = args.base_dtype == "nf4"
-    model = build_model(checkpoint=args.checkpoint, nf4=nf4,
-                        base_dtype=resolve_dtype("auto" if nf4 else args.base_dtype, "cpu"))
+    plan = make_plan("cpu", args.precision, args.base_dtype)
+    model = build_model(checkpoint=args.checkpoint, plan=plan)
     ready_s, ready_peak = time.perf_counter() - t0, peak_rss_gib()
     with torch.no_grad():  # then read every weight (dequantizing an NF4 one whole: a transient the step never has)
         for p in model.parameters():
@@ -131,13 +127,13 @@ def load_only(args) -> dict:
     return {"checkpoint": str(args.checkpoint), "ready_s": round(ready_s, 2),
             "ready_peak_rss_gib": round(ready_peak, 2), "peak_rss_gib": round(peak_rss_gib(), 2),
             "rss_anon_gib": round(status["RssAnon"], 2), "rss_file_gib": round(status["RssFile"], 2),
-            "base_dtype": "nf4" if nf4 else str(next(model.parameters()).dtype), "torch": torch.__version__}
+            "base_dtype": plan.quantization or str(plan.linear_dtype), "torch": torch.__version__}
 
 
 def write_meta(out_dir: Path) -> None:
     t0 = time.perf_counter()
     config = LlamaConfig.from_name("llama2-7b")
-    model = build_model(config, base_dtype=torch.bfloat16, seed=0)
+    model = build_model(config, plan=torch.bfloat16, seed=0)
     save_meta(model.state_dict(), config, out_dir)
     print(json.dumps({"wrote": str(out_dir), "seconds": round(time.perf_counter() - t0, 1),
                       "peak_rss_gib": round(peak_rss_gib(), 3)}))
@@ -151,10 +147,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=None, help="override the shape's micro-batch")
     p.add_argument("--seq", type=int, default=None, help="override the shape's sequence length")
     p.add_argument("--base-dtype", choices=["auto", *DTYPES, "nf4"], default="auto",
-                   help="auto: the dtype the device computes natively (bf16, or fp32 on an AVX2-only CPU); "
-                        "nf4: QLoRA's 4-bit base, the rest in the autocast dtype (fp32 with --amp off)")
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
-                   help="autocast dtype; auto: the native half precision, off where there is none")
+                   help="model.base_dtype: auto is the dtype the compute runs in; nf4: QLoRA's 4-bit base")
+    p.add_argument("--precision", default="auto",
+                   help="trainer.precision: auto (bf16-mixed where native, 16-mixed on older GPUs, 32-true on "
+                        "AVX2-only CPUs), 32-true, bf16-mixed, 16-mixed, bf16-true, 16-true")
     p.add_argument("--gc", action="store_true", help="gradient checkpointing")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-targets", default="wq,wv", help="comma-separated LoRA targets")

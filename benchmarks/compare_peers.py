@@ -48,18 +48,17 @@ SMALL = dict(dim=512, n_layers=8, n_heads=8, ffn=1376, vocab=32000)
 TOOLS = ("llama-lora", "litgpt", "litgpt-full-logits", "torchtune", "torchtune-full-logits")
 
 
-def native_bf16() -> bool:
-    import torch
-
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 def cpu_kind() -> str:
-    return "native bf16" if native_bf16() else "AVX2 only (no native bf16)"
+    from llama_lora.plan import native_precision
+
+    return "native bf16" if native_precision("cpu")[0] == "bf16-mixed" else "AVX2 only (no native bf16)"
 
 
 def resolve_precision(precision: str) -> str:
-    return ("bf16" if native_bf16() else "fp32") if precision == "auto" else precision
+    """The compute dtype every tool runs in ("bf16" or "fp32"): the run plan's choice for this CPU under "auto"."""
+    from llama_lora.plan import resolve_precision as plan_precision
+
+    return {"bf16-mixed": "bf16", "32-true": "fp32"}[plan_precision(precision, "cpu")[0]]
 
 
 def peak_rss_gib() -> float:
@@ -74,13 +73,17 @@ def peak_rss_gib() -> float:
 
 
 def build_llama_lora(dtype):
-    from llama_lora.config import LlamaConfig
-    from llama_lora.lora import apply_lora, mark_only_lora_as_trainable
-    from llama_lora.loss import token_loss_sum
-    from llama_lora.weights import build_model
+    import torch
 
-    model = build_model(LlamaConfig.from_name("small"), base_dtype=dtype, seed=0)
-    apply_lora(model, ["wq", "wv"], r=8, alpha=16, dropout=0.0)
+    from llama_lora.checkpoints import build_model
+    from llama_lora.config import LlamaConfig
+    from llama_lora.lora import LoRASettings, apply_lora, mark_only_lora_as_trainable
+    from llama_lora.loss import token_loss_sum
+    from llama_lora.plan import make_plan
+
+    precision = "bf16-mixed" if dtype == torch.bfloat16 else "32-true"  # the tools' common setting, as a run plan
+    model = build_model(LlamaConfig.from_name("small"), plan=make_plan("cpu", precision), seed=0)
+    apply_lora(model, LoRASettings(["wq", "wv"], r=8, alpha=16, dropout=0.0))
     mark_only_lora_as_trainable(model)
 
     def loss_fn(x):
@@ -482,7 +485,7 @@ def main() -> None:
     step.add_argument("--warmup", type=int, default=3)
     step.add_argument("--out", default=None, help="append the result rows (JSON lines) to this file")
     for sp in (step, epoch := sub.add_parser("epoch")):
-        sp.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+        sp.add_argument("--precision", choices=["auto", "bf16-mixed", "32-true"], default="auto",
                         help="auto: bf16 with native bf16, else fp32 (for every tool)")
     epoch.add_argument("--peer-python")
     epoch.add_argument("--tokenizer", required=True)

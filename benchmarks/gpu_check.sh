@@ -3,16 +3,17 @@
 # its own process for a clean peak, random weights (memory and time are those of LLaMA-2 7B/70B, the loss is not).
 # Writes JSON lines (gpu_steps.jsonl) and logs to $OUT (default: benchmarks/results/gpu/<date>).
 #   bash benchmarks/gpu_check.sh               (on a GPU machine, in the repo root)
-#   SHAPE=small SHAPE70=small GC_LAYERS=4 DEVICE=cpu AMP=off STEPS=2 FIT_STEPS=2 bash benchmarks/gpu_check.sh  (CPU
-#   dry run)
+#   SHAPE=small SHAPE70=small GC_LAYERS=4 DEVICE=cpu PRECISION=32-true STEPS=2 FIT_STEPS=2 bash benchmarks/gpu_check.sh
+#   (CPU dry run)
 # PART=all:  the goals still open: QLoRA 7B 4x512 16-mixed GC (<= 7 GB), QLoRA 70B 1x512 GC (< 45 GB), partial
 #            checkpointing + compile (>= 40% MFU within 16 GB), and fit.py's 7B recipe with and without packing.
 # PART=more: the precision cells of the study (fp16/bf16 base, with and without GC or compile, the seed's fp32 cells).
 set -u
 OUT=${OUT:-benchmarks/results/gpu/$(date -u +%Y-%m-%d)}; mkdir -p "$OUT"
 SHAPE=${SHAPE:-llama2-7b}; SHAPE70=${SHAPE70:-llama2-70b}; DEVICE=${DEVICE:-cuda}
-STEPS=${STEPS:-8}; FIT_STEPS=${FIT_STEPS:-16}; AMP=${AMP:-fp16}  # AMP=off for a CPU dry run (fp16 is slow there)
-HALF=$([ "$AMP" = off ] && echo fp32 || echo fp16)  # the half-precision base, fp32 in a dry run
+STEPS=${STEPS:-8}; FIT_STEPS=${FIT_STEPS:-16}
+PRECISION=${PRECISION:-16-mixed}  # PRECISION=32-true for a CPU dry run (fp16 is emulated there)
+HALF=$([ "$PRECISION" = 32-true ] && echo fp32 || echo fp16)  # the half-precision base, fp32 in a dry run
 ASSETS=${ASSETS:-${LLAMA_LORA_TEST_ASSETS:-../shared/assets}}
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 J="$OUT/gpu_steps.jsonl"
@@ -32,7 +33,7 @@ fit() {  # label, then fit.py arguments: the 7B recipe (configs/lora_amp.yaml) o
   local label=$1; shift
   echo "== fit.py: $label"
   python3 scripts/fit.py --config configs/lora_amp.yaml --model.model "$SHAPE" --model.checkpoint_dir null \
-    $([ "$AMP" = off ] && echo "--trainer.precision 32-true --model.base_dtype fp32") \
+    $([ "$PRECISION" = 32-true ] && echo "--trainer.precision 32-true --model.base_dtype fp32") \
     --trainer.accelerator "$([ "$DEVICE" = cuda ] && echo gpu || echo cpu)" --trainer.max_steps "$FIT_STEPS" \
     --trainer.val_check_interval "$((FIT_STEPS * 4))" --trainer.limit_val_batches 0 --trainer.log_every_n_steps 1 \
     --data.data_path "$ASSETS/alpaca_5000.json" --data.tokenizer_path "$ASSETS/tokenizer.model" \
@@ -42,13 +43,13 @@ fit() {  # label, then fit.py arguments: the 7B recipe (configs/lora_amp.yaml) o
 PART=${PART:-all}
 if [ "$PART" = all ]; then
 # QLoRA (model.base_dtype nf4): the issue's two memory goals.
-step "QLoRA 7B 4x512 16-mixed GC" --base-dtype nf4 --amp "$AMP" --gc --lora-r 16 --lora-targets wq,wk,wv --steps 4
-step "QLoRA 70B 1x512 16-mixed GC" --shape "$SHAPE70" --batch 1 --seq 512 --base-dtype nf4 --amp "$AMP" --gc \
+step "QLoRA 7B 4x512 16-mixed GC" --base-dtype nf4 --precision "$PRECISION" --gc --lora-r 16 --lora-targets wq,wk,wv --steps 4
+step "QLoRA 70B 1x512 16-mixed GC" --shape "$SHAPE70" --batch 1 --seq 512 --base-dtype nf4 --precision "$PRECISION" --gc \
   --lora-r 16 --lora-targets wq,wk,wv --steps 2
 # Partial checkpointing under compile: recompute only the first N of the 32 blocks, looking for >= 40% MFU within
 # 16 GB (full GC + compile: 13.59 GiB, 35.4%; no GC + compile: 19.34 GiB, 52.9%).
 for n in ${GC_LAYERS:-24 16}; do
-  step "fp16 base + 16-mixed + compile + GC on $n blocks" --base-dtype "$HALF" --amp "$AMP" --gc-layers "$n" --compile \
+  step "fp16 base + 16-mixed + compile + GC on $n blocks" --base-dtype "$HALF" --precision "$PRECISION" --gc-layers "$n" --compile \
     --warmup 3 --steps "$STEPS"
 done
 # The 7B recipe through fit.py: length grouping (its default) against packing (fixed 512-token rows, so compile
@@ -58,13 +59,13 @@ fit packed --data.packing true --data.group_by_length false
 fit packed-compiled --data.packing true --data.group_by_length false --model.compile true
 fi
 if [ "$PART" = more ]; then
-step "fp16 base + 16-mixed + GC" --base-dtype "$HALF" --amp "$AMP" --gc --steps "$STEPS"
-step "fp16 base + 16-mixed"      --base-dtype "$HALF" --amp "$AMP" --steps "$STEPS"
-step "bf16 base + bf16-mixed + GC" --base-dtype bf16 --amp bf16 --gc --steps "$STEPS"
-step "fp16 base + 16-mixed + GC + compile" --base-dtype "$HALF" --amp "$AMP" --gc --compile --warmup 3 --steps "$STEPS"
-step "fp16 base + 16-mixed + compile"      --base-dtype "$HALF" --amp "$AMP" --compile --warmup 3 --steps "$STEPS"
+step "fp16 base + 16-mixed + GC" --base-dtype "$HALF" --precision "$PRECISION" --gc --steps "$STEPS"
+step "fp16 base + 16-mixed"      --base-dtype "$HALF" --precision "$PRECISION" --steps "$STEPS"
+step "bf16 base + bf16-mixed + GC" --base-dtype bf16 --precision bf16-mixed --gc --steps "$STEPS"
+step "fp16 base + 16-mixed + GC + compile" --base-dtype "$HALF" --precision "$PRECISION" --gc --compile --warmup 3 --steps "$STEPS"
+step "fp16 base + 16-mixed + compile"      --base-dtype "$HALF" --precision "$PRECISION" --compile --warmup 3 --steps "$STEPS"
 # The seed experiment's two cells: fp32 weights without AMP, and fp32 weights under fp16 autocast (its 39 GB).
-step "fp32 base, no AMP (seed MP off)"  --base-dtype fp32 --amp off --steps 3
-step "fp32 base + 16-mixed (seed MP on)" --base-dtype fp32 --amp "$AMP" --steps 3
+step "fp32 base, no AMP (seed MP off)"  --base-dtype fp32 --precision 32-true --steps 3
+step "fp32 base + 16-mixed (seed MP on)" --base-dtype fp32 --precision "$PRECISION" --steps 3
 fi
 echo "results in $OUT"

@@ -13,17 +13,18 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from llama_lora.adapters import load_model, open_adapter, resolve_tokenizer
+from llama_lora.adapters import adapter_plan, load_model, open_adapter, resolve_tokenizer
 from llama_lora.cli import configure_logging, main_guard, script_arguments
-from llama_lora.config import DTYPES, BaseDtypeName, compute_dtype
 from llama_lora.data import AlpacaDataModule
 from llama_lora.module import LlamaLoRAModule
+from llama_lora.plan import BaseDtypeName, PrecisionName
 from llama_lora.trainer import Trainer
 
 
 def evaluate(adapter: str | None = None, checkpoint_dir: str | None = None, model: str | None = None,
              data_path: str | None = None, tokenizer_path: str | None = None, val_size: int | None = None,
-             precision: str = "auto", base_dtype: BaseDtypeName = "auto", out: str = "evaluation.json") -> dict:
+             precision: PrecisionName = "auto", base_dtype: BaseDtypeName = "auto", out: str = "evaluation.json"
+             ) -> dict:
     """Validate the model on held-out records and write the figures.
 
     Args:
@@ -45,12 +46,13 @@ def evaluate(adapter: str | None = None, checkpoint_dir: str | None = None, mode
     data["tokenizer_path"] = str(resolve_tokenizer(tokenizer_path, trained, checkpoint_dir).path)
     trainer = Trainer(precision=precision, logger=False, enable_checkpointing=False, devices=1,
                       enable_progress_bar=False, enable_model_summary=False)
-    dtype = DTYPES[compute_dtype(str(trainer.precision)) if base_dtype in ("auto", "nf4") else base_dtype]
-    nf4 = {"nf4": True, "auto": None}.get(base_dtype, False)  # None: NF4 if the adapter's base was
-    loaded = load_model(checkpoint_dir, adapter, model, dtype, trainer.strategy.root_device, nf4=nf4)
+    device = trainer.strategy.root_device
+    plan = adapter_plan(trained, device, precision, base_dtype)
+    plan.log()
+    loaded = load_model(checkpoint_dir, adapter, model, plan, device)
     module = LlamaLoRAModule(model=model or (trained.preset if trained else "llama2-7b"), max_seq_len=data.get(
         "max_seq_len", 512), lora=None)
-    module.config, module.model = loaded.config, loaded.model  # built: configure_model keeps it
+    module.config, module.model, module.plan = loaded.config, loaded.model, plan  # built: configure_model keeps it
     datamodule = AlpacaDataModule(**data)
     results = trainer.validate(module, datamodule, verbose=False)[0]
     record = {"adapter": adapter, "data": str(datamodule.data_path), "val_examples": len(datamodule.val_set or []),

@@ -7,6 +7,7 @@ folder every run of that name, so that `--ckpt_path last` finds it. SIGTERM or C
 the current optimizer step and exits with 128 + the signal number (docs/robustness.md).
 """
 
+import ast
 import hashlib
 import logging
 import os
@@ -21,14 +22,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 import llama_lora
+from llama_lora import run_checkpoint
+from llama_lora.checkpoints import save_meta
 from llama_lora.cli import configure_logging, main_guard
-from llama_lora.config import native_dtype
 from llama_lora.data import AlpacaDataModule
 from llama_lora.demo import default_cache_dir
-from llama_lora.module import LlamaLoRAModule, check_strategy
+from llama_lora.module import LlamaLoRAModule
+from llama_lora.plan import make_plan
 from llama_lora.resilience import GracefulStop, OutOfMemory, oom_advice, resolve_resume_checkpoint
 from llama_lora.trainer import Trainer
-from llama_lora.weights import save_meta
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEMO, DEMO_BASE = CONFIGS / "demo.yaml", CONFIGS / "demo_base.yaml"
@@ -49,15 +51,34 @@ class FitCLI(LightningCLI):
             self._set_seed()  # as if the base had come from the cache: the same LoRA init on every run
 
 
+# The package's code that decides the demo base's weights: its model, data, loss, training step and plan.
+DEMO_BASE_CODE = ("config", "plan", "layout", "model", "lora", "loss", "module", "trainer", "resilience", "demo",
+                  "tokenizer", "prompts", "data", "checkpoints")
+
+
+def demo_base_key(package: Path = Path(llama_lora.__file__).parent) -> str:
+    """What makes the demo base: its config, torch's version, the plan it trains with on this CPU, and the code of
+    ``DEMO_BASE_CODE`` as syntax trees without docstrings, so that editing a comment or a docstring keeps the cache."""
+    plan = make_plan("cpu", "auto", "auto", lora=False).to_dict()
+    key = hashlib.sha256(DEMO_BASE.read_bytes() + torch.__version__.encode() + str(sorted(plan.items())).encode())
+    for name in DEMO_BASE_CODE:
+        for source in sorted(package.glob(f"{name}.py")) + sorted((package / name).glob("*.py")):
+            tree = ast.parse(source.read_text())
+            for node in ast.walk(tree):
+                body = getattr(node, "body", None)
+                if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(
+                        getattr(body[0], "value", None), ast.Constant) and isinstance(body[0].value.value, str):
+                    node.body = body[1:] or [ast.Pass()]
+            key.update(source.relative_to(package).as_posix().encode() + ast.dump(tree).encode())
+    return key.hexdigest()[:12]
+
+
 def demo_base(cache_dir: str | None) -> Path:
     """The demo's base model as a Meta checkpoint (consolidated.00.pth, params.json, tokenizer.model): pretrained
-    with configs/demo_base.yaml on first use, then taken from the cache folder, keyed by the content that makes it
-    (that config, the package's code, torch's version, and the precision this CPU trains it in)."""
+    with configs/demo_base.yaml on first use, then taken from the cache folder, keyed by what makes it
+    (``demo_base_key``)."""
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    key = hashlib.sha256(DEMO_BASE.read_bytes() + torch.__version__.encode() + native_dtype("cpu")[0].encode())
-    for source in sorted((Path(llama_lora.__file__).parent).glob("*.py")):
-        key.update(source.read_bytes())
-    folder = cache / f"demo-base-{key.hexdigest()[:12]}"
+    folder = cache / f"demo-base-{demo_base_key()}"
     if (folder / "consolidated.00.pth").is_file():
         log.info("Demo base model: %s (cached)", folder)
         return folder
@@ -126,9 +147,14 @@ def run(argv: list[str]) -> FitCLI:
     cli = FitCLI(LlamaLoRAModule, AlpacaDataModule, trainer_class=Trainer, run=False, auto_configure_optimizers=False,
                  args=argv, save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
     trainer, model = cli.trainer, cli.model
-    check_strategy(trainer.strategy, model.nf4)  # here, in one process, before any rank is started
+    # Every dtype decided, and what cannot run refused, here: in one process, before any rank is started.
+    model.plan = model.plan_for(trainer)
     checkpoint_folders(trainer)
     ckpt_path = resolve_resume_checkpoint(trainer, cli.config.ckpt_path)  # before anything large is allocated
+    if ckpt_path is not None and Path(ckpt_path).is_file():  # what a resume must match (docs/robustness.md)
+        now = run_checkpoint.run_settings(model, cli.datamodule, trainer)
+        run_checkpoint.check_resume(run_checkpoint.read(ckpt_path), now)
+    model.plan.log()
     try:
         trainer.fit(model, cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
     except torch.OutOfMemoryError as e:

@@ -14,10 +14,11 @@ from typing import Any, Literal
 
 import torch
 
-from llama_lora.adapters import load_model, open_adapter, resolve_tokenizer
+from llama_lora.adapters import adapter_plan, load_model, open_adapter, resolve_tokenizer
 from llama_lora.cli import configure_logging, main_guard, script_arguments
-from llama_lora.config import BaseDtypeName, LlamaConfig, resolve_dtype
+from llama_lora.config import LlamaConfig
 from llama_lora.model import Llama
+from llama_lora.plan import BaseDtypeName, PrecisionName
 from llama_lora.prompts import SEED_PROMPTS, format_prompt
 
 SAMPLING = ("temperature", "top_k", "top_p")  # Llama.generate_stream's own defaults
@@ -70,8 +71,8 @@ def generate(prompts: list[str] = [], adapter: str | None = None, checkpoint_dir
              model: str | None = None, tokenizer_path: str | None = None,
              mode: Literal["instruction", "completion"] = "instruction", input: str = "", file: str | None = None,
              seed_prompts: bool = False, max_new_tokens: int = 128, greedy: bool = False, seed: int = 1234,
-             base_dtype: BaseDtypeName = "auto", device: str | None = None, sampling: dict[str, Any] | None = None
-             ) -> None:
+             precision: PrecisionName = "auto", base_dtype: BaseDtypeName = "auto", device: str | None = None,
+             sampling: dict[str, Any] | None = None) -> None:
     """Generate responses and print them as they come.
 
     Args:
@@ -87,8 +88,10 @@ def generate(prompts: list[str] = [], adapter: str | None = None, checkpoint_dir
         max_new_tokens: the longest response.
         greedy: argmax decoding (ignores the sampling settings).
         seed: the sampling seed.
-        base_dtype: dtype of the weights; auto: the fastest this device computes (bf16 or fp32 on a CPU), on an NF4
-            base if the adapter was trained on one; nf4: 4-bit blocks, the rest in the auto dtype.
+        precision: Lightning's precision to compute in; auto: mixed precision where the hardware computes it
+            natively (bf16-mixed), else 32-true (AVX2-only CPUs).
+        base_dtype: dtype of the weights; auto: the dtype the compute runs in, on an NF4 base if the adapter was
+            trained on one; nf4: 4-bit blocks, the rest in the compute dtype.
         device: cuda or cpu (default: cuda when available).
     """
     records = read_prompts(prompts, file, seed_prompts, input)
@@ -102,9 +105,9 @@ def generate(prompts: list[str] = [], adapter: str | None = None, checkpoint_dir
     preset = model or (trained.preset if trained else None)
     if preset:
         check_prompt_lengths(ids, LlamaConfig.from_name(preset).max_seq_len)
-    nf4 = {"nf4": True, "auto": None}.get(base_dtype, False)  # None: NF4 if the adapter's base was
-    dtype = resolve_dtype("auto" if base_dtype == "nf4" else base_dtype, device)
-    loaded = load_model(checkpoint_dir, adapter, model, dtype, device, nf4=nf4)
+    plan = adapter_plan(trained, device, precision, base_dtype)
+    plan.log()
+    loaded = load_model(checkpoint_dir, adapter, model, plan, device)
     if tok.vocab_size != loaded.config.vocab_size:
         raise ValueError(f"The tokenizer has {tok.vocab_size} pieces, the model {loaded.config.vocab_size}; "
                          "use the tokenizer that matches the model")

@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 
+from llama_lora.checkpoints import build_model
 from llama_lora.config import LlamaConfig
-from llama_lora.weights import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 FIT = ROOT / "scripts" / "fit.py"
@@ -24,7 +24,7 @@ def tiny_config() -> LlamaConfig:
 @pytest.fixture
 def tiny_model(tiny_config):
     """fp32 random tiny model (GQA on: 4 query heads, 2 key/value heads)."""
-    return build_model(tiny_config, base_dtype=torch.float32, seed=0)
+    return build_model(tiny_config, plan=torch.float32, seed=0)
 
 
 @pytest.fixture

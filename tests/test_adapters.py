@@ -5,8 +5,8 @@ import torch
 from safetensors.torch import load_file
 
 from llama_lora.adapters import Adapter, export_peft, import_peft, load_model, merged_weights
-from llama_lora.lora import apply_lora, lora_state_dict
-from llama_lora.weights import build_model, save_hf, save_meta
+from llama_lora.checkpoints import build_model, save_hf, save_meta
+from llama_lora.lora import LoRASettings, apply_lora, lora_state_dict
 
 LORA = {"targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"], "r": 4, "alpha": 8.0, "dropout": 0.0}
 
@@ -14,8 +14,8 @@ LORA = {"targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"], "r": 4,
 @pytest.fixture
 def lora_model(tiny_config):
     torch.manual_seed(0)
-    model = build_model(tiny_config, base_dtype=torch.float32, seed=0)
-    apply_lora(model, LORA["targets"], LORA["r"], LORA["alpha"])
+    model = build_model(tiny_config, plan=torch.float32, seed=0)
+    apply_lora(model, LoRASettings(**LORA))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -49,17 +49,17 @@ def test_peft_export_names_shapes_and_config(tmp_path, lora_model, tiny_config):
 
 def test_peft_round_trip_gives_identical_logits(tmp_path, lora_model, tiny_config, tokens):
     expected = lora_model(tokens)
-    save_meta(build_model(tiny_config, base_dtype=torch.float32, seed=0).state_dict(), tiny_config, tmp_path / "base")
+    save_meta(build_model(tiny_config, plan=torch.float32, seed=0).state_dict(), tiny_config, tmp_path / "base")
     export_peft(lora_state_dict(lora_model), tiny_config, LORA, tmp_path / "adapter", "base")
     sd, lora = import_peft(tmp_path / "adapter", tiny_config)
     assert lora == LORA
-    loaded = load_model(tmp_path / "base", tmp_path / "adapter", base_dtype=torch.float32)
+    loaded = load_model(tmp_path / "base", tmp_path / "adapter", plan=torch.float32)
     assert torch.equal(loaded.model(tokens), expected)
 
 
 def test_delta_weight_in_hf_layout_equals_permuted_meta_delta(tmp_path, lora_model, tiny_config):
     """What PeftModel computes on the HF base (B_hf A_hf) is exactly HF's permutation of our delta."""
-    from llama_lora.weights import permute_to_hf
+    from llama_lora.layout import permute_to_hf
 
     export_peft(lora_state_dict(lora_model), tiny_config, LORA, tmp_path, "base")
     t = load_file(tmp_path / "adapter_model.safetensors")
@@ -77,7 +77,7 @@ def test_merged_checkpoint_equals_unmerged(tmp_path, lora_model, tiny_config, to
     sd = dict(merged_weights(base, Adapter(lora_state_dict(lora_model), LORA, tmp_path)))
     assert sd.keys() == base.keys()
     (save_meta if fmt == "meta" else save_hf)(sd, tiny_config, tmp_path)
-    merged = build_model(checkpoint=tmp_path, base_dtype=torch.float32)
+    merged = build_model(checkpoint=tmp_path, plan=torch.float32)
     torch.testing.assert_close(merged(tokens), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -103,15 +103,15 @@ def test_streamed_merge_of_a_half_precision_base_is_bit_identical_to_an_fp32_mer
     import hashlib
 
     from llama_lora.adapters import merge_adapter
+    from llama_lora.checkpoints import load_checkpoint
     from llama_lora.lora import merge_lora
-    from llama_lora.weights import load_checkpoint
 
     save_meta({k: v.detach().bfloat16() for k, v in lora_model.state_dict().items() if "lora_" not in k},
               tiny_config, tmp_path / "base")
     export_peft(lora_state_dict(lora_model), tiny_config, LORA, tmp_path / "adapter", "base")
     digest = hashlib.sha256((tmp_path / "base" / "consolidated.00.pth").read_bytes()).hexdigest()
     merge_adapter(tmp_path / "adapter", tmp_path / "merged", fmt, checkpoint_dir=tmp_path / "base", model="tiny")
-    reference = load_model(tmp_path / "base", tmp_path / "adapter", base_dtype=torch.float32).model
+    reference = load_model(tmp_path / "base", tmp_path / "adapter", plan=torch.float32).model
     merge_lora(reference, unload=True)
     merged, _, _ = load_checkpoint(tmp_path / "merged")
     for key, expected in reference.state_dict().items():

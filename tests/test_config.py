@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from llama_lora.config import PRESETS, LlamaConfig
 
@@ -69,66 +68,3 @@ def test_bad_config_files(tmp_path):
     (tmp_path / "config.json").write_text('{"hidden_size": 8}')
     with pytest.raises(ValueError, match="missing num_hidden_layers"):
         LlamaConfig.from_hf_config(tmp_path / "config.json")
-
-
-# ----- precision that fits the hardware -----
-
-@pytest.fixture(params=[True, False], ids=["native-bf16", "avx2-only"])
-def cpu_kind(request, monkeypatch):
-    """The CPU capability probe, mocked both ways: the rule is tested on either kind whatever CPU runs the test."""
-    import llama_lora.config as config
-
-    monkeypatch.setattr(config, "cpu_has_native_bf16", lambda: request.param)
-    return request.param
-
-
-def test_auto_precision_on_a_cpu_follows_native_bf16(cpu_kind):
-    from llama_lora.config import native_dtype, resolve_dtype, resolve_precision
-
-    dtype, reason = native_dtype("cpu")
-    assert dtype == ("bf16" if cpu_kind else "fp32")
-    assert ("natively" if cpu_kind else "AVX2 only") in reason
-    assert resolve_precision("auto", "cpu") == ("bf16-mixed" if cpu_kind else "32-true")
-    assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if cpu_kind else torch.float32)
-    assert resolve_precision("16-mixed", "cpu") == "16-mixed" and resolve_dtype("fp16", "cpu") == torch.float16
-
-
-@pytest.mark.parametrize("ampere", [True, False])
-def test_auto_precision_on_cuda_is_bf16_from_ampere_else_fp16(monkeypatch, ampere):
-    from llama_lora.config import native_dtype, resolve_precision
-
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: ampere)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU")
-    assert native_dtype("cuda")[0] == ("bf16" if ampere else "fp16")
-    assert resolve_precision("auto", "cuda") == ("bf16-mixed" if ampere else "16-mixed")
-
-
-def test_explicit_half_precision_on_a_cpu_that_emulates_it_warns(cpu_kind):
-    from llama_lora.config import slow_precision_warning
-
-    bf16 = slow_precision_warning("bf16-mixed", "bf16", "cpu")
-    assert (bf16 is None) == cpu_kind
-    if not cpu_kind:
-        assert "bf16-mixed and bf16 on this CPU" in bf16 and "about 1 GFLOP/s" in bf16 and "147" in bf16
-        assert "auto (fp32 here)" in bf16
-    assert "16-true" in slow_precision_warning("16-true", "auto", "cpu")  # fp16 compute: emulated on every CPU
-    assert slow_precision_warning("32-true", "fp32", "cpu") is None and slow_precision_warning("auto", "auto",
-                                                                                              "cpu") is None
-    assert slow_precision_warning("bf16-mixed", "bf16", "cuda") is None
-
-
-def test_trainer_resolves_auto_and_logs_why(cpu_kind, caplog):
-    import logging
-
-    from llama_lora.module import LlamaLoRAModule
-    from llama_lora.trainer import Trainer
-
-    with caplog.at_level(logging.INFO):
-        trainer = Trainer(accelerator="cpu", precision="auto", logger=False, enable_checkpointing=False)
-    assert trainer.precision == ("bf16-mixed" if cpu_kind else "32-true")
-    logged = [r.getMessage() for r in caplog.records]
-    assert any(m.startswith(f"trainer.precision auto: {trainer.precision}, because") for m in logged)
-    module = LlamaLoRAModule(model="tiny")
-    module.trainer = trainer
-    assert module.base_dtype == (torch.bfloat16 if cpu_kind else torch.float32)  # the dtype the compute runs in
-    assert LlamaLoRAModule(model="tiny", lora=None).base_dtype == torch.float32  # trained weights: fp32 masters

@@ -5,7 +5,6 @@ import re
 import pytest
 
 from llama_lora.data import (
-    IGNORE_INDEX,
     AlpacaDataModule,
     DataCollatorForSupervisedDataset,
     ResumableBatchSampler,
@@ -15,6 +14,7 @@ from llama_lora.data import (
     tokenize_record,
 )
 from llama_lora.demo import instruction_records
+from llama_lora.loss import IGNORE_INDEX
 from llama_lora.prompts import format_prompt
 
 REC_INPUT = {"instruction": "Sort the words.", "input": "pear apple", "output": "apple pear"}
@@ -80,7 +80,7 @@ def test_sampler_determinism_and_epochs():
     lengths = list(range(50))
     a = list(ResumableBatchSampler(lengths, 4, seed=3))
     b = list(ResumableBatchSampler(lengths, 4, seed=3))
-    assert a == b and sorted(i for batch in a for i in batch) == lengths
+    assert a == b and sorted(item.index for batch in a for item in batch) == lengths
     assert a != list(ResumableBatchSampler(lengths, 4, seed=4))
     s = ResumableBatchSampler(lengths, 4, seed=3)
     first = list(s)
@@ -125,11 +125,11 @@ def test_length_grouping_cuts_padding():
     lengths = [random.Random(i).randint(10, 500) for i in range(400)]
 
     def padded(s):
-        return sum(len(b) * max(lengths[i] for i in b) for b in s)
+        return sum(len(b) * max(lengths[item.index] for item in b) for b in s)
 
     plain, grouped = ResumableBatchSampler(lengths, 8, seed=0), ResumableBatchSampler(lengths, 8, seed=0,
                                                                                       group_by_length=True)
-    assert sorted(i for b in grouped for i in b) == list(range(400))
+    assert sorted(item.index for b in grouped for item in b) == list(range(400))
     assert padded(grouped) < 0.75 * padded(plain)
 
 
@@ -264,7 +264,7 @@ class _FakeResponse(io.BytesIO):
 def test_download_size_cap_timeout_and_atomic_write(tmp_path, monkeypatch):
     """Over the size cap: refused, nothing left in the cache. A timeout: one line suggesting a local file. Each
     request carries a timeout. A complete download lands under its final name only at the end."""
-    import llama_lora.data as data
+    import llama_lora.data.records as data
 
     seen = []
 
@@ -296,7 +296,7 @@ def test_download_size_cap_timeout_and_atomic_write(tmp_path, monkeypatch):
 def test_download_refuses_a_redirect_to_http():
     import urllib.error
 
-    from llama_lora.data import _HttpsOnlyRedirects
+    from llama_lora.data.records import _HttpsOnlyRedirects
 
     handler = _HttpsOnlyRedirects()
     with pytest.raises(urllib.error.URLError, match="not https"):
@@ -348,8 +348,6 @@ def test_sampler_every_rank_gets_an_example_on_every_step_and_the_union_is_the_e
     """World sizes 1-8, micro-batches 1-8, accumulation 1-4, dataset sizes 1-200, length grouping on and off: no rank
     is ever empty, every rank has the same number of steps, and the real examples of all ranks and steps are the
     epoch, each record exactly once. Padding examples (to fill a rank) carry no targets and no window weight."""
-    from llama_lora.data import Padding
-
     checked = 0
     for world in range(1, 9):
         for batch_size in range(1, 9):
@@ -367,8 +365,8 @@ def test_sampler_every_rank_gets_an_example_on_every_step_and_the_union_is_the_e
                         local = r[step]
                         assert local, f"empty rank: world {world}, micro-batch {batch_size}, {n} examples"
                         assert len(local) <= batch_size
-                        windows |= {w for _, w in local}
-                        seen += [i for i, _ in local if not isinstance(i, Padding)]
+                        windows |= {item.window_targets for item in local}
+                        seen += [item.index for item in local if not item.padding]
                     assert len(windows) == 1  # every rank divides by the same window total
                 assert sorted(seen) == list(range(n)), (world, batch_size, n)
                 checked += 1
@@ -386,11 +384,11 @@ def test_short_last_batch_splits_evenly(world, n, expected):
 
 
 def test_padding_example_weighs_nothing(demo_tok):
-    from llama_lora.data import Padding
+    from llama_lora.data import BatchItem
 
     ds = SupervisedDataset(instruction_records(10), demo_tok, 128)
     collate = DataCollatorForSupervisedDataset(pad_id=0)
-    batch = collate([ds[(Padding(3), 17)]])
+    batch = collate([ds[BatchItem(3, 17, padding=True)]])
     assert batch["n_targets"].item() == 0 and batch["n_tokens"].item() == 0
     assert batch["labels"].eq(IGNORE_INDEX).all() and batch["n_targets_window"].item() == 17
 

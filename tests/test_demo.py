@@ -8,14 +8,15 @@ import io
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from conftest import ROOT, fit, scalars, write_tiny_config
 
+from llama_lora.checkpoints import build_model
 from llama_lora.config import LlamaConfig
-from llama_lora.weights import build_model
 
 
 def test_demo_world_is_deterministic_and_heldout_facts_are_never_asked_in_training():
@@ -74,16 +75,40 @@ def test_demo_base_is_a_cached_deterministic_meta_checkpoint(tmp_path, tiny_base
     monkeypatch.setattr(fit_script, "DEMO_BASE", tiny_base_config)
     first = fit_script.demo_base(str(tmp_path / "a"))
     assert {p.name for p in first.iterdir()} == {"consolidated.00.pth", "params.json", "tokenizer.model"}
-    model = build_model(checkpoint=first, base_dtype=torch.float32)
+    model = build_model(checkpoint=first, plan=torch.float32)
     assert model.config == LlamaConfig.from_name("tiny", max_seq_len=64)
     assert not torch.equal(model.layers[0].attention.wq.weight,
-                           build_model(model.config, base_dtype=torch.float32, seed=0).layers[0].attention.wq.weight)
+                           build_model(model.config, plan=torch.float32, seed=0).layers[0].attention.wq.weight)
     stamp = (first / "consolidated.00.pth").stat().st_mtime_ns
     assert fit_script.demo_base(str(tmp_path / "a")) == first and (first / "consolidated.00.pth").stat(
         ).st_mtime_ns == stamp  # cached: not trained again
     again = fit_script.demo_base(str(tmp_path / "b"))
     digest = [hashlib.sha256((f / "consolidated.00.pth").read_bytes()).hexdigest() for f in (first, again)]
     assert again.name == first.name and digest[0] == digest[1]
+
+
+def test_the_demo_base_is_keyed_on_its_code_not_on_comments(tmp_path):
+    """Editing a comment or a docstring keeps the cached demo base; changing code that trains it, or the code of a
+    module it is trained with, makes a new one; code the base does not depend on (callbacks) does not."""
+    import shutil
+
+    import llama_lora
+
+    fit_script = load_fit()
+    package = tmp_path / "llama_lora"
+    shutil.copytree(Path(llama_lora.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    key = fit_script.demo_base_key(package)
+    model = package / "model.py"
+    source = model.read_text()
+    model.write_text(source.replace('"""LLaMA', '"""A new docstring.\n\nLLaMA', 1) + "\n# a comment\n")
+    (package / "callbacks.py").write_text((package / "callbacks.py").read_text() + "\nX = 1\n")
+    assert fit_script.demo_base_key(package) == key
+    model.write_text(source.replace("self.eps = eps", "self.eps = eps * 1.0", 1))
+    assert fit_script.demo_base_key(package) != key
+    model.write_text(source)
+    batches = package / "data" / "batches.py"
+    batches.write_text(batches.read_text().replace("window = size * 50", "window = size * 40", 1))
+    assert fit_script.demo_base_key(package) != key
 
 
 def test_demo_lora_stage_reports_exact_match_before_and_after(tmp_path, tiny_base_config, monkeypatch, cache_dir):
@@ -121,7 +146,7 @@ def test_explicit_bf16_on_a_cpu_without_it_warns_at_start_up(tmp_path, cache_dir
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     warning = " ".join(proc.stderr.split())
-    assert "bf16-mixed on this CPU: this CPU has no native bf16 (AVX2 only)" in warning
+    assert "bf16-mixed with model.base_dtype fp32 on this CPU: this CPU has no native bf16 (AVX2 only)" in warning
     assert "Use trainer.precision auto and model.base_dtype auto (fp32 here)" in warning
     (tmp_path / "auto").mkdir()
     auto = fit(write_tiny_config(tmp_path / "auto", cache_dir, trainer={"precision": "auto", "fast_dev_run": 1}))

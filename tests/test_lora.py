@@ -6,6 +6,7 @@ from torch import nn
 from llama_lora.config import LlamaConfig
 from llama_lora.lora import (
     LoRALinear,
+    LoRASettings,
     apply_lora,
     lora_state_dict,
     mark_only_lora_as_trainable,
@@ -57,12 +58,12 @@ def test_dropout_only_on_lora_branch():
 
 def test_b_zero_equals_base_model(tiny_model, tokens):
     base = tiny_model(tokens)
-    apply_lora(tiny_model, ALL, r=4, alpha=8)
+    apply_lora(tiny_model, LoRASettings(ALL, r=4, alpha=8, dropout=0.0))
     assert torch.equal(tiny_model(tokens), base)
 
 
 def test_only_lora_requires_grad_and_base_unchanged_after_step(tiny_model, tokens):
-    apply_lora(tiny_model, ["wq", "wv"], r=4, alpha=8)
+    apply_lora(tiny_model, LoRASettings(["wq", "wv"], r=4, alpha=8, dropout=0.0))
     mark_only_lora_as_trainable(tiny_model)
     trainable = {n for n, p in tiny_model.named_parameters() if p.requires_grad}
     assert trainable and all(n.rsplit(".", 1)[-1] in ("lora_a", "lora_b") for n in trainable)
@@ -79,7 +80,7 @@ def test_only_lora_requires_grad_and_base_unchanged_after_step(tiny_model, token
 
 
 def test_merge_is_idempotent_and_equals_unmerged(tiny_model, tokens):
-    apply_lora(tiny_model, ALL, r=4, alpha=16)
+    apply_lora(tiny_model, LoRASettings(ALL, r=4, alpha=16, dropout=0.0))
     randomize_b(tiny_model)
     unmerged = tiny_model(tokens)
     layer = tiny_model.layers[0].attention.wq
@@ -96,10 +97,10 @@ def test_merge_is_idempotent_and_equals_unmerged(tiny_model, tokens):
 
 
 def test_lora_weights_stay_fp32_over_half_base(tiny_config, tokens):
-    from llama_lora.weights import build_model
+    from llama_lora.checkpoints import build_model
 
-    model = build_model(tiny_config, base_dtype=torch.bfloat16, seed=0)
-    apply_lora(model, ["wq", "wv"], r=4, alpha=8)
+    model = build_model(tiny_config, plan=torch.bfloat16, seed=0)
+    apply_lora(model, LoRASettings(["wq", "wv"], r=4, alpha=8, dropout=0.0))
     sd = lora_state_dict(model)
     assert sd and all(v.dtype == torch.float32 for v in sd.values())
     assert model.layers[0].attention.wq.weight.dtype == torch.bfloat16
@@ -117,7 +118,7 @@ def test_lora_weights_stay_fp32_over_half_base(tiny_config, tokens):
 def test_seed_trainable_params_line_for_llama2_7b_on_meta_device():
     with torch.device("meta"):
         model = Llama(LlamaConfig.from_name("llama2-7b"))
-    apply_lora(model, ["wq", "wk", "wv"], r=16, alpha=32, dropout=0.05)
+    apply_lora(model, LoRASettings(["wq", "wk", "wv"], r=16, alpha=32, dropout=0.05))
     mark_only_lora_as_trainable(model)
     assert model.layers[0].attention.wq.lora_a.is_meta
     assert trainable_summary(model) == (
@@ -126,11 +127,11 @@ def test_seed_trainable_params_line_for_llama2_7b_on_meta_device():
 
 
 @pytest.mark.parametrize("targets, r, dropout, match", [
-    (["q_proj"], 8, 0.0, "Unknown LoRA targets"),
+    (["q_proj"], 8, 0.0, "model.lora.targets: unknown"),
     ([], 8, 0.0, "non-empty subset"),
-    (["wq"], 0, 0.0, "rank r must be a positive integer"),
-    (["wq"], 8, 1.0, "dropout must be in"),
+    (["wq"], 0, 0.0, "model.lora.r must be a positive integer"),
+    (["wq"], 8, 1.0, "model.lora.dropout must be in"),
 ])
-def test_bad_lora_settings(tiny_model, targets, r, dropout, match):
+def test_bad_lora_settings(targets, r, dropout, match):
     with pytest.raises(ValueError, match=match):
-        apply_lora(tiny_model, targets, r=r, alpha=16, dropout=dropout)
+        LoRASettings(targets, r=r, alpha=16, dropout=dropout)

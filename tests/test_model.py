@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llama_lora.checkpoints import build_model
 from llama_lora.model import apply_rope, rope_cache, sample
-from llama_lora.weights import build_model
 
 
 def meta_freqs_cis(head_dim, end, theta=10000.0):  # Meta llama/model.py precompute_freqs_cis
@@ -105,7 +105,7 @@ def test_gradient_checkpointing_gives_same_loss_and_grads(tiny_config, tokens, g
     None) run their forward a second time, in backward."""
     grads, calls = [], []
     for gc in (False, True):
-        model = build_model(tiny_config, base_dtype=torch.float32, seed=0, gradient_checkpointing=gc,
+        model = build_model(tiny_config, plan=torch.float32, seed=0, gradient_checkpointing=gc,
                             checkpoint_layers=gc_layers)
         counts = [0] * tiny_config.n_layers
         for i, layer in enumerate(model.layers):  # (module hooks do not fire during checkpoint recomputation)
@@ -154,7 +154,7 @@ def test_sample_filters():
     assert {sample(logits, 1.0, top_k=1, top_p=None, generator=g) for _ in range(20)} == {1}
     assert {sample(logits, 1.0, top_k=None, top_p=0.3, generator=g) for _ in range(20)} == {1}  # nucleus of one
     assert {sample(logits, 1.0, top_k=2, top_p=None, generator=g) for _ in range(200)} == {1, 2}
-    assert sample(logits, 0.0) == 1
+    assert sample(logits, 0.0, None, None) == 1
 
 
 def test_generate_rejects_bad_prompts(tiny_model):
@@ -165,8 +165,8 @@ def test_generate_rejects_bad_prompts(tiny_model):
 
 
 def test_bf16_base_forward_under_autocast(tiny_config, tokens):
-    model = build_model(tiny_config, base_dtype=torch.bfloat16, seed=0)
-    ref = build_model(tiny_config, base_dtype=torch.float32, seed=0)
+    model = build_model(tiny_config, plan=torch.bfloat16, seed=0)
+    ref = build_model(tiny_config, plan=torch.float32, seed=0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(tokens)
     assert out.dtype == torch.bfloat16
@@ -174,8 +174,8 @@ def test_bf16_base_forward_under_autocast(tiny_config, tokens):
 
 
 def test_compiled_blocks_match_eager(tiny_config, tokens):
-    eager = build_model(tiny_config, base_dtype=torch.float32, seed=0)
-    compiled = build_model(tiny_config, base_dtype=torch.float32, seed=0, gradient_checkpointing=True)
+    eager = build_model(tiny_config, plan=torch.float32, seed=0)
+    compiled = build_model(tiny_config, plan=torch.float32, seed=0, gradient_checkpointing=True)
     compiled.compile_blocks()
     assert compiled.state_dict().keys() == eager.state_dict().keys()  # names unchanged
     losses = []
@@ -215,9 +215,9 @@ def test_packed_examples_compute_what_they_compute_alone(tiny_model):
     assert not torch.equal(other[7:19], packed[7:19])
 
 
-def test_packed_attention_by_spans_equals_the_block_diagonal_mask(tiny_model, monkeypatch):
+def test_packed_attention_by_spans_equals_the_block_diagonal_mask(tiny_model):
     """The CPU's way (one attention per example) and the masked attention over whole rows agree, gradients too."""
-    from llama_lora.model import Segments
+    import dataclasses
 
     g = torch.Generator().manual_seed(5)
     rows = [_pack([torch.randint(3, 512, (n,), generator=g) for n in lengths], padding=32 - sum(lengths))
@@ -225,7 +225,7 @@ def test_packed_attention_by_spans_equals_the_block_diagonal_mask(tiny_model, mo
     tokens, segments = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
     results = []
     for way in ("spans", "mask"):
-        monkeypatch.setattr(Segments, "way", lambda self, q, way=way: way)
+        tiny_model.plan = dataclasses.replace(tiny_model.plan, packed_attention=way)
         tiny_model.zero_grad()
         logits = tiny_model(tokens, segment_ids=segments)
         logits[segments != 0].sum().backward()

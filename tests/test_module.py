@@ -2,10 +2,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llama_lora.checkpoints import build_model
 from llama_lora.lora import apply_lora, mark_only_lora_as_trainable
 from llama_lora.loss import token_loss_sum
 from llama_lora.module import LoRASettings, WarmupCosineLR
-from llama_lora.weights import build_model
 
 
 def reference_loss(model, input_ids, labels):
@@ -23,9 +23,9 @@ def test_token_loss_and_grads_equal_full_cross_entropy(tiny_config, tokens, lora
     results = []
     for fn in (reference_loss, lambda m, x, y: token_loss_sum(m, x, y, chunk_size)[0]):
         torch.manual_seed(0)  # lora_a's Kaiming init draws from the global RNG
-        model = build_model(tiny_config, base_dtype=torch.float32, seed=0)
+        model = build_model(tiny_config, plan=torch.float32, seed=0)
         if lora_targets:
-            apply_lora(model, lora_targets, r=4, alpha=8)
+            apply_lora(model, LoRASettings(lora_targets, r=4, alpha=8, dropout=0.0))
             mark_only_lora_as_trainable(model)
             with torch.no_grad():
                 for n, p in model.named_parameters():
@@ -39,12 +39,12 @@ def test_token_loss_and_grads_equal_full_cross_entropy(tiny_config, tokens, lora
     assert ref_grads.keys() == got_grads.keys()
     for n in ref_grads:
         torch.testing.assert_close(got_grads[n], ref_grads[n], rtol=1e-4, atol=1e-6)
-    n_targets = token_loss_sum(build_model(tiny_config, base_dtype=torch.float32, seed=0), tokens, labels)[1]
+    n_targets = token_loss_sum(build_model(tiny_config, plan=torch.float32, seed=0), tokens, labels)[1]
     assert n_targets == (labels[:, 1:] != -100).sum()
 
 
 def test_fused_loss_under_bf16_autocast_matches_unfused(tiny_config, tokens):
-    model = build_model(tiny_config, base_dtype=torch.bfloat16, seed=0)
+    model = build_model(tiny_config, plan=torch.bfloat16, seed=0)
     labels = tokens.clone()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fused = token_loss_sum(model, tokens, labels)[0]
@@ -75,20 +75,20 @@ def test_lora_settings_validation():
 def test_strategies_that_cannot_finish_are_refused_with_the_supported_choice():
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 
-    from llama_lora.module import check_strategy
+    from llama_lora.plan import make_plan
 
     with pytest.raises(ValueError, match="FSDP1 .* use ModelParallelStrategy \\(FSDP2\\) with "
                                          "save_distributed_checkpoint: false, or ddp"):
-        check_strategy(FSDPStrategy())
+        make_plan(strategy=FSDPStrategy())
     with pytest.raises(ValueError, match="needs save_distributed_checkpoint: false"):
-        check_strategy(ModelParallelStrategy())
-    check_strategy(ModelParallelStrategy(save_distributed_checkpoint=False))
-    check_strategy(DDPStrategy())
+        make_plan(strategy=ModelParallelStrategy())
+    make_plan(strategy=ModelParallelStrategy(save_distributed_checkpoint=False))
+    make_plan(strategy=DDPStrategy())
 
 
 def test_loss_without_gradients_equals_the_training_loss_and_keeps_nothing(tiny_config, tokens):
     """Validation's no_grad path computes the same loss and no gradient work (nothing saved for a backward)."""
-    model = build_model(tiny_config, base_dtype=torch.float32, seed=0)
+    model = build_model(tiny_config, plan=torch.float32, seed=0)
     labels = tokens.clone()
     labels[:, :5] = -100
     with_grad = token_loss_sum(model, tokens, labels)[0]

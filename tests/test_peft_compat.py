@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from llama_lora.adapters import export_peft, import_peft
-from llama_lora.lora import apply_lora, lora_state_dict
-from llama_lora.weights import build_model, save_hf
+from llama_lora.checkpoints import build_model, save_hf
+from llama_lora.lora import LoRASettings, apply_lora, lora_state_dict
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -16,9 +16,9 @@ LORA = {"targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"], "r": 4,
 
 def test_peft_model_from_pretrained_gives_our_logits(tmp_path, tiny_config, tokens):
     torch.manual_seed(0)
-    model = build_model(tiny_config, base_dtype=torch.float32, seed=0)
+    model = build_model(tiny_config, plan=torch.float32, seed=0)
     save_hf(model.state_dict(), tiny_config, tmp_path / "base")
-    apply_lora(model, LORA["targets"], LORA["r"], LORA["alpha"])
+    apply_lora(model, LoRASettings(**LORA))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith("lora_b"):

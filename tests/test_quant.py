@@ -8,10 +8,12 @@ import pytest
 import torch
 from conftest import ROOT, fit, lora_weights, scalars, write_tiny_config
 
-from llama_lora.lora import apply_lora, mark_only_lora_as_trainable
+from llama_lora.checkpoints import build_model, save_meta
+from llama_lora.layout import is_block_linear
+from llama_lora.lora import LoRASettings, apply_lora, mark_only_lora_as_trainable
 from llama_lora.loss import token_loss_sum
+from llama_lora.plan import make_plan
 from llama_lora.quant import BLOCK, LEVELS, NF4Weight, quantize
-from llama_lora.weights import NF4_TARGETS, build_model, save_meta
 
 
 def reference(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,15 +76,15 @@ def test_quantization_is_deterministic_and_the_weight_behaves_as_a_tensor():
 def test_logits_equal_the_dequantized_model_and_stay_near_the_original(tiny_config, tokens):
     """An NF4 base computes exactly what its dequantized copy computes; against the original weights the logits move
     by the quantization error (a stated tolerance: within 0.25 of logits of standard deviation ~1)."""
-    original = build_model(tiny_config, base_dtype=torch.float32, seed=0)
-    quantized = build_model(tiny_config, base_dtype=torch.float32, seed=0, nf4=True)
-    dequantized = build_model(tiny_config, base_dtype=torch.float32, seed=0)
+    original = build_model(tiny_config, plan=torch.float32, seed=0)
+    quantized = build_model(tiny_config, plan=make_plan("cpu", "32-true", "nf4"), seed=0)
+    dequantized = build_model(tiny_config, plan=torch.float32, seed=0)
     with torch.no_grad():
         for name, p in quantized.named_parameters():
-            assert isinstance(p, NF4Weight) == name.endswith(NF4_TARGETS)
+            assert isinstance(p, NF4Weight) == is_block_linear(name)
             # the same weights: the NF4 ones dequantized, the rest as stored (the embedding in bf16 under fp32)
             dequantized.get_parameter(name).copy_(p.dequantize(torch.float32) if isinstance(p, NF4Weight) else p)
-    assert quantized.tok_embeddings.weight.dtype == torch.bfloat16 and quantized.compute_dtype == torch.float32
+    assert quantized.tok_embeddings.weight.dtype == torch.bfloat16 and quantized.plan.activation_dtype == torch.float32
     with torch.no_grad():
         assert torch.equal(quantized(tokens), dequantized(tokens))
         torch.testing.assert_close(quantized(tokens), original(tokens), rtol=0, atol=0.25)
@@ -95,7 +97,7 @@ def test_lora_gradients_through_nf4_equal_those_through_its_dequantized_copy(tin
     grads = []
     for nf4 in (True, False):
         torch.manual_seed(0)
-        model = build_model(tiny_config, base_dtype=torch.float32, seed=0, nf4=True)
+        model = build_model(tiny_config, plan=make_plan("cpu", "32-true", "nf4"), seed=0)
         if not nf4:
             with torch.no_grad():
                 for module in model.modules():
@@ -103,7 +105,7 @@ def test_lora_gradients_through_nf4_equal_those_through_its_dequantized_copy(tin
                         if isinstance(p, NF4Weight):
                             module._parameters[name] = torch.nn.Parameter(p.dequantize(torch.float32),
                                                                           requires_grad=False)
-        apply_lora(model, ["wq", "wv", "w2"], r=4, alpha=8)
+        apply_lora(model, LoRASettings(["wq", "wv", "w2"], r=4, alpha=8, dropout=0.0))
         mark_only_lora_as_trainable(model)
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -126,15 +128,15 @@ def test_loading_a_checkpoint_as_nf4_leaves_the_file_as_it_was(tmp_path, tiny_co
     unchanged."""
     import hashlib
 
-    save_meta(build_model(tiny_config, base_dtype=torch.bfloat16, seed=0).state_dict(), tiny_config, tmp_path)
+    save_meta(build_model(tiny_config, plan=torch.bfloat16, seed=0).state_dict(), tiny_config, tmp_path)
     digest = hashlib.sha256((tmp_path / "consolidated.00.pth").read_bytes()).hexdigest()
-    a = build_model(checkpoint=tmp_path, base_dtype=torch.bfloat16, nf4=True)
-    b = build_model(checkpoint=tmp_path, base_dtype=torch.bfloat16, nf4=True)
+    a = build_model(checkpoint=tmp_path, plan=make_plan("cpu", "bf16-mixed", "nf4"))
+    b = build_model(checkpoint=tmp_path, plan=make_plan("cpu", "bf16-mixed", "nf4"))
     assert hashlib.sha256((tmp_path / "consolidated.00.pth").read_bytes()).hexdigest() == digest
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         if isinstance(p, NF4Weight):
             assert all(torch.equal(x, y) for x, y in zip(p.inner().values(), q.inner().values())), name
-    reference_model = build_model(checkpoint=tmp_path, base_dtype=torch.bfloat16)
+    reference_model = build_model(checkpoint=tmp_path, plan=torch.bfloat16)
     assert torch.equal(a.layers[1].feed_forward.w2.weight.dequantize(torch.float32),
                        quantize(reference_model.layers[1].feed_forward.w2.weight).dequantize(torch.float32))
 
@@ -147,7 +149,7 @@ def qlora_run(tmp_path_factory):
     from llama_lora.config import LlamaConfig
 
     d = tmp_path_factory.mktemp("qlora")
-    base = build_model(LlamaConfig.from_name("tiny"), base_dtype=torch.bfloat16, seed=5)
+    base = build_model(LlamaConfig.from_name("tiny"), plan=torch.bfloat16, seed=5)
     save_meta(base.state_dict(), base.config, d / "base")
     fit(write_tiny_config(d, tmp_path_factory.mktemp("cache"), model={"base_dtype": "nf4",
                                                                        "checkpoint_dir": str(d / "base")},
@@ -159,7 +161,7 @@ def test_a_tiny_qlora_fit_learns_and_records_its_base(qlora_run):
     losses = scalars(qlora_run / "logs", "train/loss_step")
     assert len(losses) == 6 and losses[5] < losses[0]
     ckpt = torch.load(qlora_run / "ckpt" / "last.ckpt", weights_only=True)
-    assert ckpt["base_dtype"] == "nf4" and ckpt["hyper_parameters"]["base_dtype"] == "nf4"
+    assert ckpt["llama_lora"]["plan"]["quantization"] == "nf4" and ckpt["hyper_parameters"]["base_dtype"] == "nf4"
     assert all(k.split(".")[-1] in ("lora_a", "lora_b") for k in ckpt["state_dict"])
 
 
@@ -181,14 +183,14 @@ def script(name, *args):
 def test_merge_of_a_qlora_adapter_folds_into_the_dequantized_base(qlora_run, tmp_path, tokens, fmt):
     """The merged checkpoint (fp32) computes what the NF4 base + adapter computes; the PEFT export carries the same
     adapter."""
-    from llama_lora.adapters import import_peft, load_model
+    from llama_lora.adapters import adapter_plan, import_peft, load_model, read_adapter
 
     ckpt = qlora_run / "ckpt" / "last.ckpt"
     proc = script("merge.py", "--adapter", str(ckpt), "--out_dir", str(tmp_path / "m"), "--format", fmt,
                   "--base_dtype", "fp32")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    merged = build_model(checkpoint=tmp_path / "m", base_dtype=torch.float32)
-    trained = load_model(adapter=ckpt, base_dtype=torch.float32)
+    merged = build_model(checkpoint=tmp_path / "m", plan=torch.float32)
+    trained = load_model(adapter=ckpt, plan=adapter_plan(read_adapter(ckpt), "cpu", "32-true"))
     assert isinstance(trained.model.layers[0].attention.wk.weight, NF4Weight)  # nf4 follows the adapter
     with torch.no_grad():
         torch.testing.assert_close(merged(tokens), trained.model(tokens), rtol=1e-5, atol=1e-5)
@@ -239,11 +241,28 @@ def test_qlora_ddp_equals_one_process(tmp_path, cache_dir):
 def test_what_nf4_cannot_do_is_refused_in_one_line(tmp_path, cache_dir):
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from llama_lora.module import LlamaLoRAModule, check_strategy
+    from llama_lora.module import LlamaLoRAModule
+    from llama_lora.plan import make_plan
 
     with pytest.raises(ValueError, match="needs model.lora"):
-        LlamaLoRAModule(model="tiny", base_dtype="nf4", lora=None)
+        make_plan(base_dtype="nf4", lora=False)
     with pytest.raises(ValueError, match="model.compile with model.base_dtype nf4"):
         LlamaLoRAModule(model="tiny", base_dtype="nf4", compile=True)
     with pytest.raises(ValueError, match="FSDP2\\) with model.base_dtype nf4 is not supported.*ddp"):
-        check_strategy(ModelParallelStrategy(save_distributed_checkpoint=False), nf4=True)
+        make_plan(base_dtype="nf4", strategy=ModelParallelStrategy(save_distributed_checkpoint=False))
+
+
+def test_merge_of_an_adapter_trained_on_a_random_nf4_base(tmp_path, cache_dir, tokens):
+    """No checkpoint_dir: merge rebuilds the random NF4 base the adapter trained on, and folds into it."""
+    from llama_lora.adapters import adapter_plan, load_model, read_adapter
+
+    fit(write_tiny_config(tmp_path, cache_dir, model={"base_dtype": "nf4"},
+                          trainer={"max_steps": 2, "limit_val_batches": 0}))
+    ckpt = tmp_path / "ckpt" / "last.ckpt"
+    proc = script("merge.py", "--adapter", str(ckpt), "--out_dir", str(tmp_path / "m"), "--base_dtype", "fp32")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    merged = build_model(checkpoint=tmp_path / "m", plan=torch.float32)
+    trained = load_model(adapter=ckpt, plan=adapter_plan(read_adapter(ckpt), "cpu", "32-true"))
+    assert isinstance(trained.model.layers[0].attention.wk.weight, NF4Weight)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(tokens), trained.model(tokens), rtol=1e-5, atol=1e-5)

@@ -8,8 +8,8 @@ import torch
 from conftest import ROOT, fit, write_tiny_config
 
 from llama_lora.adapters import load_model, read_adapter, resolve_tokenizer
+from llama_lora.checkpoints import build_model
 from llama_lora.prompts import format_prompt
-from llama_lora.weights import build_model
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +58,8 @@ def test_merge_script_equals_unmerged(run_dir, tmp_path, tokens, fmt):
     proc = script("merge.py", "--adapter", str(ckpt), "--out_dir", str(tmp_path), "--format", fmt, "--base_dtype",
                   "fp32")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    merged = build_model(checkpoint=tmp_path, base_dtype=torch.float32)
-    unmerged = load_model(adapter=ckpt, base_dtype=torch.float32).model
+    merged = build_model(checkpoint=tmp_path, plan=torch.float32)
+    unmerged = load_model(adapter=ckpt, plan=torch.float32).model
     torch.testing.assert_close(merged(tokens), unmerged(tokens), rtol=1e-4, atol=1e-4)
 
 
@@ -67,8 +67,8 @@ def test_export_script_round_trip(run_dir, tmp_path, tokens):
     ckpt = run_dir / "ckpt" / "last.ckpt"
     proc = script("export_adapter.py", "--adapter", str(ckpt), "--out_dir", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    from_ckpt = load_model(adapter=ckpt, base_dtype=torch.float32).model(tokens)
-    from_peft = load_model(adapter=tmp_path, model="tiny", base_dtype=torch.float32).model(tokens)
+    from_ckpt = load_model(adapter=ckpt, plan=torch.float32).model(tokens)
+    from_peft = load_model(adapter=tmp_path, model="tiny", plan=torch.float32).model(tokens)
     assert torch.equal(from_ckpt, from_peft)
 
 

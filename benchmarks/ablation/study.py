@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from llama_lora import memory
-from llama_lora.config import PRECISION_OF, LlamaConfig, native_dtype
+from llama_lora.config import LlamaConfig
 from llama_lora.memory import GIB
+from llama_lora.plan import native_precision
 
 
 @dataclass(frozen=True)
@@ -67,11 +68,10 @@ class StudySettings:
             return self.half
         if self.device == "cuda":
             return "fp16"
-        native = native_dtype("cpu")[0]
-        return native if native != "fp32" else None
+        return "bf16" if native_precision("cpu")[0] == "bf16-mixed" else None
 
     def precision(self, cell: Cell) -> str:
-        return PRECISION_OF[self.half_dtype()] if cell.mp else "32-true"
+        return {"bf16": "bf16-mixed", "fp16": "16-mixed"}[self.half_dtype()] if cell.mp else "32-true"
 
     def base_dtype(self, cell: Cell) -> str:
         # MP with LoRA: the frozen base in the half precision. Full fine-tuning keeps fp32 master weights: the

@@ -18,26 +18,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import DTYPES, LlamaConfig
+from . import run_checkpoint
+from .checkpoints import build_model, hf_key_to_meta, meta_key_to_hf, open_checkpoint, save_hf, save_meta
+from .config import LlamaConfig
 from .demo import demo_tokenizer_file
-from .lora import LORA_TARGETS, apply_lora
+from .layout import BY_TARGET, LORA_TARGETS, is_block_linear, permute_from_hf, rope_heads, to_hf_layout
+from .lora import LoRASettings, apply_lora
 from .model import Llama
+from .plan import DTYPES, RunPlan, make_plan
 from .tokenizer import Tokenizer
-from .weights import (
-    HF_MODULE_NAMES,
-    NF4_TARGETS,
-    build_model,
-    hf_key_to_meta,
-    hf_permuted_heads,
-    meta_key_to_hf,
-    open_checkpoint,
-    permute_from_hf,
-    save_hf,
-    save_meta,
-    to_hf_layout,
-)
 
-_META_MODULE = {hf: meta for meta, hf in HF_MODULE_NAMES.items()}  # PEFT's target_modules -> ours
+_TARGET_OF_HF = {layer.hf_module_name: target for target, layer in BY_TARGET.items()}  # PEFT's target_modules -> ours
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +41,6 @@ class LoadedModel:
     datamodule_hparams: dict[str, Any] = field(default_factory=dict)  # from a fit.py checkpoint
 
 
-def _read_ckpt(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable fit.py checkpoint ({str(e).splitlines()[0]})") from None
-
-
 @dataclass
 class Adapter:
     """What training changed, in Meta names: LoRA's ``lora_a``/``lora_b`` (or, for full fine-tuning, the weights),
@@ -67,7 +51,7 @@ class Adapter:
     source: Path
     hparams: dict[str, Any] = field(default_factory=dict)
     datamodule_hparams: dict[str, Any] = field(default_factory=dict)
-    base_dtype: str | None = None  # the dtype the base was trained in (fit.py checkpoints)
+    plan: RunPlan | None = None  # the run plan it was trained with (fit.py checkpoints)
 
     @property
     def preset(self) -> str | None:
@@ -89,13 +73,9 @@ def read_adapter(path: str | Path, config: LlamaConfig | None = None) -> Adapter
             raise ValueError(f"{path}: a PEFT adapter needs the model: pass a model preset or checkpoint_dir")
         tensors, lora = import_peft(path, config)
         return Adapter(tensors, lora, path)
-    ckpt = _read_ckpt(path)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ValueError(f"{path}: no state_dict; is it a fit.py checkpoint?")
-    hp = ckpt.get("hyper_parameters", {})
-    tensors = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
-    return Adapter(tensors, hp.get("lora"), path, hp, ckpt.get("datamodule_hyper_parameters", {}),
-                   ckpt.get("base_dtype"))
+    record = run_checkpoint.read(path)
+    return Adapter(record.tensors, record.hparams.get("lora"), path, record.hparams, record.datamodule_hparams,
+                   record.plan)
 
 
 def open_adapter(adapter: str | Path | None, checkpoint_dir: str | Path | None = None, model: str | None = None
@@ -121,28 +101,35 @@ def adapter_config(adapter: Adapter | None, checkpoint_dir: str | Path | None, m
     return checkpoint_dir, LlamaConfig.from_name(preset) if preset else None
 
 
+def adapter_plan(trained: Adapter | None, device: str | torch.device, precision: str = "auto",
+                 base_dtype: str = "auto") -> RunPlan:
+    """The run plan to compute a base + adapter with. base_dtype auto quantizes the base as the adapter's was: an
+    adapter trained on an NF4 base computes on the same 4-bit weights. Nothing trains: every weight is frozen."""
+    trained_base = trained.plan.quantization if trained is not None and trained.plan is not None else None
+    return make_plan(device, precision, base_dtype, lora=True, trained_base=trained_base)
+
+
 def load_model(
     checkpoint_dir: str | Path | None = None,
     adapter: str | Path | None = None,
     model: str | None = None,
-    base_dtype: torch.dtype = torch.bfloat16,
+    plan: RunPlan | torch.dtype | None = None,
     device: str | torch.device = "cpu",
-    nf4: bool | None = None,
 ) -> LoadedModel:
-    """The base (from ``checkpoint_dir``, or the random init a fit.py run started from) with the adapter applied.
+    """The base (from ``checkpoint_dir``, or the random init a fit.py run started from) with the adapter applied,
+    stored and computed as ``plan`` says (None: ``adapter_plan`` with "auto" for this device; a dtype: every tensor
+    in it, unquantized).
 
-    With a fit.py checkpoint, the preset, LoRA settings and ``checkpoint_dir`` default to those it was trained with,
-    and ``nf4`` (None) to whether its base was NF4: the same 4-bit weights the adapter was trained on.
+    With a fit.py checkpoint, the preset, LoRA settings and ``checkpoint_dir`` default to those it was trained with.
     """
     trained = open_adapter(adapter, checkpoint_dir, model)
     checkpoint_dir, config = adapter_config(trained, checkpoint_dir, model)
-    nf4 = trained is not None and trained.base_dtype == "nf4" if nf4 is None else nf4
-    base = build_model(config, checkpoint_dir, base_dtype, device, seed=(trained.hparams if trained else {}).get(
-        "init_seed", 0), nf4=nf4)
+    plan = adapter_plan(trained, device) if plan is None else plan
+    base = build_model(config, checkpoint_dir, plan, device, seed=(trained.hparams if trained else {}).get(
+        "init_seed", 0))
     if trained is not None:
         if trained.lora:
-            apply_lora(base, trained.lora["targets"], trained.lora["r"], trained.lora["alpha"],
-                       trained.lora["dropout"])
+            apply_lora(base, LoRASettings(**trained.lora), base.plan.lora_dtype)
         _load_partial(base, trained.tensors, trained.source)
     base.eval()
     return LoadedModel(base, base.config, trained.lora if trained else None,
@@ -191,7 +178,7 @@ def export_peft(lora_tensors: dict[str, torch.Tensor], config: LlamaConfig, lora
     adapter_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": lora["r"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"],
-        "target_modules": sorted(HF_MODULE_NAMES[t] for t in lora["targets"]), "bias": "none",
+        "target_modules": sorted(BY_TARGET[t].hf_module_name for t in lora["targets"]), "bias": "none",
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
         "use_rslora": False, "use_dora": False, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
@@ -215,7 +202,7 @@ def import_peft(path: str | Path, config: LlamaConfig) -> tuple[dict[str, torch.
         raise ValueError(f"{cfg_file}: per-module rank_pattern/alpha_pattern are not supported")
     targets = cfg["target_modules"]
     targets = [targets] if isinstance(targets, str) else targets
-    unknown = sorted(set(targets) - set(_META_MODULE))
+    unknown = sorted(set(targets) - set(_TARGET_OF_HF))
     if unknown:
         raise ValueError(f"{cfg_file}: target_modules {unknown} have no LLaMA counterpart here")
     sd: dict[str, torch.Tensor] = {}
@@ -231,9 +218,9 @@ def import_peft(path: str | Path, config: LlamaConfig) -> tuple[dict[str, torch.
                 raise ValueError(f"{weights}: unexpected tensor {key!r} in a LoRA adapter")
             name = hf_key_to_meta(m.group(1) + ".weight").removesuffix("weight") + f"lora_{m.group(2).lower()}"
             t = f.get_tensor(key)
-            heads = hf_permuted_heads(name, config)
+            heads = rope_heads(name, config)
             sd[name] = t if heads is None else permute_from_hf(t, heads)
-    ours = {_META_MODULE[t] for t in targets}
+    ours = {_TARGET_OF_HF[t] for t in targets}
     lora = {"targets": [t for t in LORA_TARGETS if t in ours], "r": int(cfg["r"]), "alpha": float(cfg["lora_alpha"]),
             "dropout": float(cfg.get("lora_dropout", 0.0))}
     return sd, lora
@@ -248,7 +235,7 @@ def merged_weights(base: Mapping[str, torch.Tensor], adapter: Adapter, dtype: to
     is private (copy-on-write), so merging 7B holds the base in its dtype plus one layer, never a second copy.
     An adapter trained on an NF4 base is folded into the dequantized NF4 weights it was trained on.
     """
-    from .quant import quantize
+    from .quant import NF4Weight, quantize
 
     trained = adapter.tensors
     scaling = adapter.lora["alpha"] / adapter.lora["r"] if adapter.lora else None
@@ -260,8 +247,12 @@ def merged_weights(base: Mapping[str, torch.Tensor], adapter: Adapter, dtype: to
     for key in base:
         t = base[key]
         module = key.removesuffix(".weight")
-        nf4 = adapter.base_dtype == "nf4" and key.endswith(NF4_TARGETS)
-        full = quantize(t).dequantize(torch.float32) if nf4 else t.float()
+        nf4 = isinstance(t, NF4Weight) or (adapter.plan is not None and adapter.plan.quantization == "nf4"
+                                           and is_block_linear(key))
+        if nf4:  # the 4-bit weights the adapter trained on (a random NF4 base is rebuilt quantized already)
+            full = (t if isinstance(t, NF4Weight) else quantize(t)).dequantize(torch.float32)
+        else:
+            full = t.float()
         if scaling is not None and f"{module}.lora_a" in trained:
             a, b = trained[f"{module}.lora_a"].float(), trained[f"{module}.lora_b"].float()
             if (b.shape[0], a.shape[1]) != tuple(t.shape):
@@ -275,7 +266,7 @@ def merged_weights(base: Mapping[str, torch.Tensor], adapter: Adapter, dtype: to
         else:
             yield key, t.to(dtype or t.dtype)
             continue
-        if merged.dtype == t.dtype:
+        if merged.dtype == t.dtype and not isinstance(t, NF4Weight):
             merged = t.copy_(merged)
         yield key, merged
 
@@ -301,9 +292,8 @@ def merge_adapter(adapter: str, out_dir: str, format: Literal["hf", "meta"] = "h
         if config is None:
             raise ValueError("merge: the base is unknown; give checkpoint_dir (or a model preset)")
         hp = trained.hparams if trained else {}
-        init_dtype = DTYPES[trained.base_dtype if trained and trained.base_dtype else "fp32"]
-        seed = hp.get("init_seed", 0)
-        base: Mapping[str, torch.Tensor] = build_model(config, None, init_dtype, seed=seed).state_dict()
+        plan = trained.plan if trained is not None and trained.plan is not None else torch.float32
+        base: Mapping[str, torch.Tensor] = build_model(config, None, plan, seed=hp.get("init_seed", 0)).state_dict()
     else:
         base, _, config = open_checkpoint(checkpoint_dir, config)
     merged = dict(merged_weights(base, trained, DTYPES[base_dtype] if base_dtype else None))

@@ -209,7 +209,7 @@ class InstructionAccuracy(L.Callback):
         records, answers, loss_sum, n = self._records(), [], 0.0, 0
         was_training = pl_module.model.training
         pl_module.model.eval()
-        with trainer.precision_plugin.forward_context():  # the numerics training uses
+        with pl_module.plan.autocast_context():  # the numerics training uses
             for r in records:
                 prompt = tok.encode(format_prompt(r), bos=True)
                 out = pl_module.model.generate(prompt, self.max_new_tokens, temperature=0.0, eos_id=tok.eos_id)

@@ -1,5 +1,5 @@
-"""LLaMA-2 architecture settings (one dataclass, named presets, Meta and HF config readers), and the dtype names
-with the rule that picks the fastest correct one for the hardware at hand."""
+"""LLaMA architecture settings: one dataclass, named presets, Meta and HF config readers (the dtypes a run uses are
+the run plan's: plan.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
+from typing import Any
 
 
 @dataclass
@@ -176,70 +174,3 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Unit tests: grouped-query attention on, everything tiny.
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=176, max_seq_len=128),
 }
-
-
-# ----- dtypes: one table of names, and "auto" -----
-
-DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-DtypeName = Literal["auto", "bf16", "fp16", "fp32"]
-BaseDtypeName = Literal["auto", "bf16", "fp16", "fp32", "nf4"]  # nf4: QLoRA's 4-bit base (quant.py)
-PRECISION_OF = {"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32-true"}  # Lightning's name for compute in it
-# Measured on 2 cores with 1024 x 1024 matmuls (README): AVX2-only CPUs emulate bf16 and fp16.
-AVX2_GFLOPS = {"bf16": 1.0, "fp16": 0.9, "fp32": 147.0}
-
-
-def cpu_has_native_bf16() -> bool:
-    """True where the CPU computes bf16 matmuls natively (AVX-512 BF16 or AMX); AVX2-only CPUs emulate them."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def native_dtype(device: str | torch.device) -> tuple[str, str]:
-    """The fastest correct compute dtype on ``device`` ("bf16", "fp16" or "fp32"), and why, in words for the log.
-
-    CPU: bf16 where it is native, else fp32 (fp16 is never a CPU choice). CUDA: bf16 on Ampere or newer, else fp16.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        if torch.cuda.is_bf16_supported(including_emulation=False):
-            return "bf16", f"{name} computes bf16 natively"
-        return "fp16", f"{name} has no native bf16 (before Ampere): fp16 with a loss scaler"
-    if device.type == "cpu":
-        if cpu_has_native_bf16():
-            return "bf16", "this CPU computes bf16 natively (AVX-512 BF16 / AMX)"
-        return "fp32", (f"this CPU has no native bf16 (AVX2 only): bf16 matmuls are emulated at about "
-                        f"{AVX2_GFLOPS['bf16']:.0f} GFLOP/s, fp32 runs at about {AVX2_GFLOPS['fp32']:.0f}")
-    return "fp32", f"{device.type}: fp32"
-
-
-def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
-    """``name`` as a torch dtype; "auto" is ``native_dtype(device)``."""
-    return DTYPES[native_dtype(device)[0] if name == "auto" else name]
-
-
-def resolve_precision(precision: str, device: str | torch.device) -> str:
-    """A Lightning precision; "auto" is mixed precision in ``native_dtype(device)``, or 32-true where that is fp32."""
-    return PRECISION_OF[native_dtype(device)[0]] if precision == "auto" else precision
-
-
-def compute_dtype(precision: str) -> str:
-    """The dtype matmuls run in under a (resolved) Lightning precision: what model.base_dtype auto stores a frozen
-    base in, so that autocast has nothing to cast."""
-    return "bf16" if precision.startswith("bf16") else "fp16" if precision.startswith("16") else "fp32"
-
-
-def slow_precision_warning(precision: str, base_dtype: str, device: str | torch.device) -> str | None:
-    """A warning, with the measured alternative, for half-precision compute asked for explicitly on a CPU that only
-    emulates it; None when the choice is fine. On a CPU Lightning runs 16-mixed as bf16-mixed, so half precision
-    there means bf16, which AVX2-only CPUs emulate; fp16 compute (16-true) is emulated on every CPU."""
-    if torch.device(device).type != "cpu":
-        return None
-    native = cpu_has_native_bf16()
-    chosen = [x for x in (precision, base_dtype) if x == "16-true" or (not native and x in (
-        "bf16-mixed", "bf16-true", "16-mixed", "bf16", "fp16"))]
-    if not chosen:
-        return None
-    reason = "fp16 matmuls are emulated on every CPU" if native else native_dtype(device)[1]
-    return (f"{' and '.join(chosen)} on this CPU: {reason}, so a run can take 100x longer. Use trainer.precision auto "
-            f"and model.base_dtype auto ({native_dtype(device)[0]} here)")

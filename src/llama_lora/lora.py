@@ -10,12 +10,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
+from .layout import LORA_TARGETS
+
+
+@dataclass
+class LoRASettings:
+    """The LoRA settings of a run (``model.lora``), their defaults and their one check."""
+
+    targets: list[str] = field(default_factory=lambda: ["wq", "wv"])
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+
+    def __post_init__(self) -> None:
+        check_lora_settings(self.targets, self.r, self.dropout, key="model.lora")
 
 
 class LoRALinear(nn.Linear):
@@ -25,7 +39,7 @@ class LoRALinear(nn.Linear):
         out_features: int,
         r: int,
         alpha: float,
-        dropout: float = 0.0,
+        dropout: float,
         bias: bool = False,
         device=None,
         dtype=None,
@@ -45,7 +59,7 @@ class LoRALinear(nn.Linear):
         self.reset_lora_parameters()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+    def from_linear(cls, linear: nn.Linear, r: int, alpha: float, dropout: float,
                     lora_dtype: torch.dtype = torch.float32) -> LoRALinear:
         """Wrap an existing layer, sharing (not copying) its weight and bias tensors."""
         w = linear.weight
@@ -113,24 +127,18 @@ def init_lora_a(t: torch.Tensor) -> torch.Tensor:
     return nn.init.kaiming_uniform_(t, a=math.sqrt(5))
 
 
-def apply_lora(
-    model: nn.Module,
-    targets: Sequence[str] = ("wq", "wv"),
-    r: int = 8,
-    alpha: float = 16.0,
-    dropout: float = 0.0,
-    lora_dtype: torch.dtype = torch.float32,
-) -> nn.Module:
-    """Replace every ``nn.Linear`` whose attribute name is in ``targets`` by a ``LoRALinear`` sharing its weight."""
-    check_lora_settings(targets, r, dropout)
+def apply_lora(model: nn.Module, settings: LoRASettings, lora_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace every ``nn.Linear`` whose attribute name is in ``settings.targets`` by a ``LoRALinear`` sharing its
+    weight (LoRA weights in ``lora_dtype``: the run plan's)."""
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if name in targets and type(child) is nn.Linear:
-                setattr(parent, name, LoRALinear.from_linear(child, r, alpha, dropout, lora_dtype))
+            if name in settings.targets and type(child) is nn.Linear:
+                setattr(parent, name, LoRALinear.from_linear(child, settings.r, settings.alpha, settings.dropout,
+                                                             lora_dtype))
                 replaced += 1
     if replaced == 0:
-        raise ValueError(f"apply_lora: no nn.Linear named {list(targets)} found in {type(model).__name__}")
+        raise ValueError(f"apply_lora: no nn.Linear named {list(settings.targets)} found in {type(model).__name__}")
     return model
 
 

@@ -80,8 +80,7 @@ def token_loss_sum(model: Llama, input_ids: torch.Tensor, labels: torch.Tensor, 
     h, targets = h[:, :-1][keep], targets[keep]  # (N, dim), (N,)
     output = model.output
     if type(output) is torch.nn.Linear and type(output.weight) is torch.nn.Parameter and output.bias is None:
-        device = h.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else output.weight.dtype
+        dtype = model.plan.compute_dtype
         need_grad = torch.is_grad_enabled() and (h.requires_grad or output.weight.requires_grad)
         return _FusedLinearCrossEntropy.apply(h, output.weight, targets, chunk_size, dtype, need_grad), keep.sum()
 

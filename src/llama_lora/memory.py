@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .config import LlamaConfig
-from .quant import CHUNK_VALUES
+from .layout import BY_TARGET
+from .quant import BLOCK, CHUNK_VALUES, SCALE_GROUP
 
 GIB = 2**30
 _STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
@@ -35,17 +36,13 @@ def reset_peak_rss() -> bool:
 # ----- the analytic model: where a training step's memory goes -----
 
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
-NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # codes, int8 block scales, an fp32 factor per 256 scales (quant.py)
+NF4_BITS = 4 + 8 / BLOCK + 32 / (BLOCK * SCALE_GROUP)  # codes, int8 block scales, an fp32 factor per group
 
 
 def lora_param_count(config: LlamaConfig, targets: Sequence[str], r: int) -> int:
-    kv = config.n_kv_heads * config.head_dim
-    shapes = {"wq": (config.dim, config.dim), "wk": (config.dim, kv), "wv": (config.dim, kv),
-              "wo": (config.dim, config.dim), "w1": (config.dim, config.hidden_dim),
-              "w2": (config.hidden_dim, config.dim), "w3": (config.dim, config.hidden_dim)}
-    per_layer = sum(r * (shapes[t][0] + shapes[t][1]) for t in targets if t != "output")
-    output = r * (config.dim + config.vocab_size) if "output" in targets else 0
-    return config.n_layers * per_layer + output
+    """A and B of every targeted layer: r x (in + out) each, in every block (or once, for the output layer)."""
+    per = {t: r * sum(BY_TARGET[t].shape(config)) for t in targets}
+    return sum(n * (config.n_layers if BY_TARGET[t].in_block else 1) for t, n in per.items())
 
 
 def matmul_params(config: LlamaConfig) -> int:
@@ -65,8 +62,8 @@ def activation_bytes_per_token_per_layer(config: LlamaConfig, act_bytes: int, lo
     norms = 2 * 4 * d
     attention = act_bytes * (d + d + 2 * kv + d + d)  # normed input, q, k and v, SDPA output, wo input
     ffn = act_bytes * (d + 4 * hidden)  # normed input, w1 out, w3 out, silu out, w2 input
-    widths = {"wq": d, "wk": d, "wv": d, "wo": d, "w1": d, "w3": d, "w2": hidden}
-    lora = sum((4 + 2) * widths[t] for t in lora_targets if t in widths) if autocast else 0
+    widths = {t: BY_TARGET[t].shape(config)[1] for t in lora_targets if BY_TARGET[t].in_block}  # each input's width
+    lora = sum((4 + 2) * w for w in widths.values()) if autocast else 0
     return norms + attention + ffn + lora
 
 

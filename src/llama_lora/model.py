@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import LlamaConfig
+from .plan import RunPlan
 
 
 class RMSNorm(nn.Module):
@@ -177,8 +178,8 @@ class Segments:
 
     Padding positions get zeros: no target sits there and no token attends to them."""
 
-    def __init__(self, segment_ids: torch.Tensor) -> None:
-        self.segment_ids = segment_ids
+    def __init__(self, segment_ids: torch.Tensor, way: str = "spans") -> None:
+        self.segment_ids, self.way = segment_ids, way  # the run plan's packed_attention
         B, T = segment_ids.shape
         ids = segment_ids.tolist()
         self.spans: list[list[tuple[int, int]]] = []  # per row: (start, end) of each example
@@ -201,17 +202,10 @@ class Segments:
                 end = b * T + e
         self._mask: torch.Tensor | None = None
 
-    def way(self, q: torch.Tensor) -> str:
-        if q.device.type == "cpu":
-            return "spans"
-        if q.device.type == "cuda" and varlen_attn is not None and q.dtype in (torch.float16, torch.bfloat16):
-            return "varlen"
-        return "mask"
-
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
         """q (B, H, T, D), k and v (B, Hkv, T, D) -> (B, H, T, D)."""
         B, H, T, D = q.shape
-        way = self.way(q)
+        way = self.way
         if way == "mask":
             if self._mask is None:
                 self._mask = segment_mask(self.segment_ids)
@@ -243,11 +237,14 @@ def check_checkpoint_layers(value: int | None, n_layers: int, key: str = "checkp
 
 class Llama(nn.Module):
     def __init__(self, config: LlamaConfig, gradient_checkpointing: bool = False,
-                 checkpoint_layers: int | None = None) -> None:
+                 checkpoint_layers: int | None = None, plan: RunPlan | None = None) -> None:
         """``gradient_checkpointing`` recomputes blocks' activations in backward: all blocks, or only the first
-        ``checkpoint_layers`` of them (the rest keep their activations: less recomputation for some more memory)."""
+        ``checkpoint_layers`` of them (the rest keep their activations: less recomputation for some more memory).
+        ``plan`` says what activations, the KV cache and packed attention compute in (default: fp32 on a CPU);
+        ``checkpoints.build_model`` stores the weights as it says."""
         super().__init__()
         self.config = config
+        self.plan = plan or RunPlan()
         self.gradient_checkpointing = gradient_checkpointing
         check_checkpoint_layers(checkpoint_layers, config.n_layers)
         self.checkpoint_layers = config.n_layers if checkpoint_layers is None else checkpoint_layers
@@ -259,9 +256,6 @@ class Llama(nn.Module):
         # RoPE table, fp32. A plain attribute, not a buffer: model.to(bf16) must not round it, checkpoints
         # must not carry it, and meta-device construction must not leave it empty.
         self._rope: torch.Tensor | None = None
-        # The dtype activations start in, when the embedding is stored in another (an NF4 base computing in fp32
-        # keeps its embedding in bf16 and casts the rows it looks up).
-        self.compute_dtype: torch.dtype | None = None
 
     def tie_weights(self) -> None:
         """With ``config.tie_embeddings``, make the output layer's weight the embedding's (one parameter)."""
@@ -302,10 +296,11 @@ class Llama(nn.Module):
             )
         rope, segments = self.rope(tokens.device)[offset : offset + T], None
         if segment_ids is not None:
-            rope, segments = rope[segment_positions(segment_ids)], Segments(segment_ids)  # rope: (B, T, D/2, 2)
-        h = self.tok_embeddings(tokens)  # (B, T, dim)
-        if self.compute_dtype is not None:
-            h = h.to(self.compute_dtype)
+            rope = rope[segment_positions(segment_ids)]  # (B, T, D/2, 2)
+            segments = Segments(segment_ids, self.plan.packed_attention)
+        # (B, T, dim). An embedding stored in another dtype (an NF4 base computing in fp32 keeps it in bf16) is cast
+        # row by row, as looked up.
+        h = self.tok_embeddings(tokens).to(self.plan.activation_dtype)
         for i, layer in enumerate(self.layers):
             if (self.gradient_checkpointing and i < self.checkpoint_layers and self.training
                     and torch.is_grad_enabled()):
@@ -319,12 +314,11 @@ class Llama(nn.Module):
 
     def setup_cache(self, batch_size: int, max_seq_len: int | None = None) -> None:
         max_seq_len = max_seq_len or self.config.max_seq_len
-        p = self.tok_embeddings.weight
-        # Keys and values come out in the autocast dtype when autocast is on; the cache must match the queries.
-        dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
-        for layer in self.layers:
+        device = self.tok_embeddings.weight.device
+        for layer in self.layers:  # keys and values come out in the plan's compute dtype, as the queries do
             attn = layer.attention
-            attn.kv_cache = KVCache(batch_size, max_seq_len, attn.n_kv_heads, attn.head_dim, dtype, p.device)
+            attn.kv_cache = KVCache(batch_size, max_seq_len, attn.n_kv_heads, attn.head_dim, self.plan.kv_cache_dtype,
+                                    device)
 
     def clear_cache(self) -> None:
         for layer in self.layers:
@@ -355,12 +349,15 @@ class Llama(nn.Module):
         self.eval()
         device = self.tok_embeddings.weight.device
         tokens = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
+
+        def last_logits(x: torch.Tensor, start_pos: int | None) -> torch.Tensor:
+            with self.plan.autocast_context():  # around each forward only: the caller runs between the yields
+                return self(x, start_pos=start_pos)[:, -1]
+
         try:
             if use_cache:
                 self.setup_cache(1, total)
-                logits = self(tokens, start_pos=0)[:, -1]
-            else:
-                logits = self(tokens)[:, -1]
+            logits = last_logits(tokens, 0 if use_cache else None)
             for pos in range(len(prompt), total):
                 next_id = sample(logits.float(), temperature, top_k, top_p, generator)
                 if eos_id is not None and next_id == eos_id:
@@ -370,10 +367,10 @@ class Llama(nn.Module):
                     return
                 step = torch.tensor([[next_id]], device=device)
                 if use_cache:
-                    logits = self(step, start_pos=pos)[:, -1]
+                    logits = last_logits(step, pos)
                 else:
                     tokens = torch.cat([tokens, step], dim=1)
-                    logits = self(tokens)[:, -1]
+                    logits = last_logits(tokens, None)
         finally:
             if use_cache:
                 self.clear_cache()
@@ -395,14 +392,10 @@ def init_base_tensor(name: str, t: torch.Tensor, std: float = 0.02, generator: t
         t.copy_(torch.empty(t.shape, device=t.device).normal_(mean=0.0, std=std, generator=generator))
 
 
-def sample(
-    logits: torch.Tensor,
-    temperature: float = 0.6,
-    top_k: int | None = None,
-    top_p: float | None = 0.9,
-    generator: torch.Generator | None = None,
-) -> int:
-    """Draw one token from logits (1, vocab): temperature, then top-k, then nucleus (top-p) filtering."""
+def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+           generator: torch.Generator | None = None) -> int:
+    """Draw one token from logits (1, vocab): temperature, then top-k, then nucleus (top-p) filtering (the defaults
+    are ``Llama.generate_stream``'s)."""
     if temperature <= 0:
         return int(logits.argmax(dim=-1).item())
     logits = logits / temperature

@@ -3,10 +3,12 @@ adapter-only. Every default lives in ``LlamaLoRAModule.__init__``; YAML and the 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -16,35 +18,17 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
-from .config import (
-    DTYPE_NAMES,
-    DTYPES,
-    BaseDtypeName,
-    LlamaConfig,
-    compute_dtype,
-    native_dtype,
-    slow_precision_warning,
-)
-from .lora import apply_lora, check_lora_settings, mark_only_lora_as_trainable, trainable_summary
+from . import run_checkpoint
+from .checkpoints import WEIGHTS_HELP, build_model, check_state_dict, detect_format, fill_shards, open_checkpoint
+from .config import LlamaConfig
+from .lora import LoRASettings, apply_lora, mark_only_lora_as_trainable, trainable_summary
 from .loss import token_loss_sum
 from .model import Llama, check_checkpoint_layers
+from .plan import BaseDtypeName, RunPlan, make_plan
 from .quant import NF4Weight
 from .resilience import GracefulStop, NumericsGuard
-from .weights import WEIGHTS_HELP, build_model, check_state_dict, detect_format, fill_shards, open_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-
-@dataclass
-class LoRASettings:
-    targets: list[str] = field(default_factory=lambda: ["wq", "wv"])
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-
-    def __post_init__(self) -> None:
-        check_lora_settings(self.targets, self.r, self.dropout, key="model.lora")
 
 
 class WarmupCosineLR(LambdaLR):
@@ -67,28 +51,6 @@ class WarmupCosineLR(LambdaLR):
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def check_strategy(strategy: Any, nf4: bool = False) -> None:
-    """Refuse, before anything is built, the strategies that cannot train this module to the end.
-
-    - FSDP1 (``strategy: fsdp``): Lightning's FSDPPrecision refuses gradient clipping by norm, which every config uses.
-    - ModelParallelStrategy with ``save_distributed_checkpoint: true`` (its default): torch.distributed.checkpoint
-      reloads only the keys a checkpoint holds when told to, and Lightning does not tell it, so an adapter-only
-      checkpoint cannot be resumed. An adapter is a few MB: one gathered file is the right form anyway.
-    """
-    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-
-    if isinstance(strategy, FSDPStrategy):
-        raise ValueError("trainer.strategy: FSDP1 (fsdp) is not supported, it cannot clip gradients by norm; use "
-                         "ModelParallelStrategy (FSDP2) with save_distributed_checkpoint: false, or ddp")
-    if isinstance(strategy, ModelParallelStrategy) and nf4:
-        raise ValueError("trainer.strategy: ModelParallelStrategy (FSDP2) with model.base_dtype nf4 is not supported "
-                         "(its shards cannot hold 4-bit blocks); use ddp, where each rank quantizes its own copy")
-    if isinstance(strategy, ModelParallelStrategy) and strategy._save_distributed_checkpoint:
-        raise ValueError("trainer.strategy: ModelParallelStrategy needs save_distributed_checkpoint: false (its "
-                         "sharded checkpoints of an adapter-only state cannot be resumed); the adapter is gathered "
-                         "into one small file")
-
-
 class LlamaLoRAModule(L.LightningModule):
     def __init__(
         self,
@@ -103,6 +65,7 @@ class LlamaLoRAModule(L.LightningModule):
         scheduler: LRSchedulerCallable = WarmupCosineLR,
         loss_chunk_size: int | None = None,
         init_seed: int = 0,
+        init_adapter: str | None = None,
         compile: bool = False,
         max_nonfinite_steps: int = 3,
     ) -> None:
@@ -113,8 +76,7 @@ class LlamaLoRAModule(L.LightningModule):
             base_dtype: dtype of the frozen base weights; auto: the dtype the compute runs in (bf16 under bf16-mixed,
                 fp16 under 16-mixed, fp32 under 32-true), and fp32 for full fine-tuning, whose weights are trained.
                 nf4: QLoRA: the blocks' linear weights in 4-bit NormalFloat, dequantized to the compute dtype only
-                while used; embeddings, norms and the output layer in the compute dtype. LoRA weights and optimizer
-                state are always fp32.
+                while used. The run plan (plan.py) decides every dtype from this and trainer.precision.
             lora: LoRA settings; null means full fine-tuning.
             gradient_checkpointing: recompute each block's activations in backward (use_reentrant=False).
             checkpoint_layers: with gradient_checkpointing, recompute only the first this many blocks (None: all):
@@ -122,6 +84,9 @@ class LlamaLoRAModule(L.LightningModule):
             max_seq_len: longest training sequence (linked from data.max_seq_len).
             loss_chunk_size: target positions per output-layer chunk of the loss (None: 128 on CPU, 1024 on GPU).
             init_seed: seed of the random init when there is no checkpoint.
+            init_adapter: start a new run from an adapter's LoRA weights (a fit.py .ckpt or a PEFT folder with the
+                same targets and rank): new data, batch size and schedule, from step 0. To continue a run, use
+                --ckpt_path instead.
             compile: torch.compile each transformer block (fuses norms, RoPE, SwiGLU; pays on GPU for long runs).
             max_nonfinite_steps: stop the run when the loss is inf/NaN for this many optimizer steps in a row.
         """
@@ -133,16 +98,17 @@ class LlamaLoRAModule(L.LightningModule):
                 raise FileNotFoundError(f"model.checkpoint_dir {path} does not exist. {WEIGHTS_HELP}. "
                                         "Or set model.checkpoint_dir: null for random init")
             detect_format(path)  # fails now, before anything is allocated, if no weights are there
+        if init_adapter is not None and not Path(init_adapter).exists():
+            raise FileNotFoundError(f"model.init_adapter {init_adapter} does not exist; give a fit.py .ckpt or a "
+                                    "PEFT adapter folder")
+        if init_adapter is not None and lora is None:
+            raise ValueError("model.init_adapter starts from an adapter's LoRA weights: it needs model.lora")
+        if compile and base_dtype == "nf4":
+            raise ValueError("model.compile with model.base_dtype nf4 is not supported; set model.compile: false")
         self.lora = lora
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "lora"])
         self.hparams["lora"] = asdict(lora) if lora is not None else None  # plain types: weights_only loading
-        self.checkpoint_dir, self.base_dtype_name = checkpoint_dir, base_dtype
-        self.nf4 = base_dtype == "nf4"
-        if self.nf4 and lora is None:
-            raise ValueError("model.base_dtype nf4 quantizes a frozen base: it needs model.lora (QLoRA); full "
-                             "fine-tuning trains every weight, in fp32")
-        if self.nf4 and compile:
-            raise ValueError("model.compile with model.base_dtype nf4 is not supported; set model.compile: false")
+        self.checkpoint_dir, self.base_dtype_name, self.init_adapter = checkpoint_dir, base_dtype, init_adapter
         self.gradient_checkpointing, self.loss_chunk_size, self.init_seed = (
             gradient_checkpointing, loss_chunk_size, init_seed)
         check_checkpoint_layers(checkpoint_layers, self.config.n_layers, key="model.checkpoint_layers")
@@ -153,12 +119,27 @@ class LlamaLoRAModule(L.LightningModule):
             raise ValueError(f"model.max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
         self.max_nonfinite_steps = max_nonfinite_steps
         self.model: Llama | None = None
+        self.plan: RunPlan | None = None  # decided at start-up (plan_for), before anything is built
         # Checkpoints hold the trainable weights only; the frozen base comes from checkpoint_dir. Lightning's strict
         # check would reject that, so on_load_checkpoint checks the keys itself (misspelled keys still fail).
         self.strict_loading = False
         self.val_loss = MeanMetric()
         self._rng_to_restore: dict[str, Any] | None = None
+        self._resumed = False
+        self._configured_schedule: dict[str, Any] = {}
         self._base_released = False
+
+    # ----- the run plan -----
+
+    def plan_for(self, trainer: L.Trainer | None) -> RunPlan:
+        """The run plan of this module's settings under ``trainer`` (its device, precision and strategy). Without a
+        Trainer, the module builds on the CPU: the plan of "auto" there."""
+        if trainer is None:
+            return make_plan("cpu", "auto", self.base_dtype_name, lora=self.lora is not None)
+        plan = make_plan(trainer.strategy.root_device, trainer.precision, self.base_dtype_name,
+                         lora=self.lora is not None, strategy=trainer.strategy)
+        why = getattr(trainer, "precision_reason", "")  # Trainer(precision="auto") says why it chose
+        return dataclasses.replace(plan, reason=why) if why else plan
 
     # ----- building -----
 
@@ -169,39 +150,35 @@ class LlamaLoRAModule(L.LightningModule):
         if self.model is not None and not self._base_released:
             return
         trained = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad} if self.model else {}
+        if self.plan is None:
+            self.plan = self.plan_for(self._trainer)
         self._build()
         if trained:
             self.model.load_state_dict(trained, strict=False)
             self._base_released = False
 
-    @property
-    def base_dtype(self) -> torch.dtype:
-        """model.base_dtype, with auto resolved against the Trainer's precision (see __init__)."""
-        name = "auto" if self.nf4 else self.base_dtype_name  # nf4: the tensors it does not quantize
-        if name == "auto" and self.lora is None:
-            name = "fp32"  # full fine-tuning trains these weights: fp32 masters under any precision
-        elif name == "auto":
-            name = compute_dtype(str(self.trainer.precision)) if self._trainer is not None else native_dtype("cpu")[0]
-        return DTYPES[name]
-
     def _build(self) -> None:
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         mesh = self.device_mesh  # set by ModelParallelStrategy only
+        plan = self.plan
         if mesh is None:
-            self.model = build_model(self.config, self.checkpoint_dir, self.base_dtype, device, seed=self.init_seed,
+            self.model = build_model(self.config, self.checkpoint_dir, plan, device, seed=self.init_seed,
                                      gradient_checkpointing=self.gradient_checkpointing,
-                                     checkpoint_layers=self.checkpoint_layers, nf4=self.nf4)
+                                     checkpoint_layers=self.checkpoint_layers)
         else:  # built on the meta device, sharded, then each rank fills its own shards (below)
             sd, sources, _ = open_checkpoint(self.checkpoint_dir, self.config) if self.checkpoint_dir else (None,) * 3
-            with torch.device("meta"):
-                self.model = Llama(self.config, self.gradient_checkpointing, self.checkpoint_layers).to(self.base_dtype)
+            with torch.device("meta"):  # FSDP2 runs no quantized plan: every base tensor in one dtype
+                self.model = Llama(self.config, self.gradient_checkpointing, self.checkpoint_layers, plan).to(
+                    plan.norm_dtype)
             if sd is not None:
                 check_state_dict(self.model, sd, sources, what=f"model preset {self.hparams.model!r}")
         if self.lora is not None:
-            apply_lora(self.model, self.lora.targets, self.lora.r, self.lora.alpha, self.lora.dropout)
+            apply_lora(self.model, self.lora, plan.lora_dtype)
             mark_only_lora_as_trainable(self.model)
+            if self.init_adapter is not None and not (self._trainer is not None and self.trainer.ckpt_path):
+                self._load_init_adapter()
         log.info(trainable_summary(self.model))
-        if self.nf4:  # each DDP rank quantizes its own identical copy: nothing to broadcast (or to broadcast with)
+        if plan.quantization:  # each DDP rank quantizes its own identical copy: nothing to broadcast (or with)
             self._ddp_params_and_buffers_to_ignore = [n for n, p in self.named_parameters() if isinstance(p, NF4Weight)]
         if self.compile_blocks:
             self.model.compile_blocks()
@@ -218,32 +195,41 @@ class LlamaLoRAModule(L.LightningModule):
             self.model.to_empty(device=device)
             fill_shards(self.model, sd, seed=self.init_seed)
 
+    def _load_init_adapter(self) -> None:
+        """Copy an adapter's LoRA weights into this new run's (model.init_adapter). Same targets and rank; another
+        alpha is absorbed into B, so that the run starts from exactly the adapter's model."""
+        from .adapters import open_adapter
+
+        adapter = open_adapter(self.init_adapter, self.checkpoint_dir, self.hparams.model)
+        if not adapter.lora:
+            raise ValueError(f"model.init_adapter {self.init_adapter} holds no LoRA weights (trained with lora: null)")
+        for key in ("targets", "r"):
+            ours, theirs = getattr(self.lora, key), adapter.lora[key]
+            if (sorted(ours) if key == "targets" else ours) != (sorted(theirs) if key == "targets" else theirs):
+                raise ValueError(f"model.init_adapter {self.init_adapter} has lora.{key} {theirs}, this run "
+                                 f"{ours}; set model.lora.{key} to the adapter's")
+        rescale = (adapter.lora["alpha"] / adapter.lora["r"]) / (self.lora.alpha / self.lora.r)
+        own = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, t in adapter.tensors.items():
+                own[name].copy_(t * rescale if name.endswith("lora_b") else t)
+        log.info("Started from the LoRA weights of %s (a new run: step 0, this run's data and schedule)",
+                 self.init_adapter)
+
     def setup(self, stage: str) -> None:
-        check_strategy(self.trainer.strategy, self.nf4)
+        if self.plan is None:
+            self.plan = self.plan_for(self.trainer)
+            self.plan.log()
         interval, accumulate = self.trainer.val_check_interval, self.trainer.accumulate_grad_batches
         if stage == "fit" and isinstance(interval, int) and interval % accumulate:
             log.warning("trainer.val_check_interval counts micro-batches: %d with accumulate_grad_batches %d "
                         "validates every %.1f optimizer steps", interval, accumulate, interval / accumulate)
-        precision = str(self.trainer.precision)
-        warning = slow_precision_warning(precision, self.base_dtype_name, self.trainer.strategy.root_device)
-        if warning:
-            log.warning(warning)
-        if self.lora is None and self.base_dtype != torch.float32 and precision == "16-mixed":
-            raise ValueError("Full fine-tuning (lora: null) under 16-mixed needs base_dtype: fp32, since the "
-                             "GradScaler cannot unscale half-precision gradients")
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "load_tokenizer"):
             vocab = datamodule.load_tokenizer().vocab_size
             if vocab != self.config.vocab_size:
                 raise ValueError(f"The tokenizer has {vocab} pieces, model {self.hparams.model!r} has vocab "
                                  f"{self.config.vocab_size}; use the tokenizer that matches the model")
-
-    def on_fit_start(self) -> None:
-        auto = " (model.base_dtype auto)" if self.base_dtype_name == "auto" else ""
-        dtype = str(self.base_dtype).removeprefix("torch.")
-        base = f"NF4 (block linears; computed in {dtype})" if self.nf4 else dtype
-        log.info("Precision %s on %s, base weights %s%s, LoRA fp32", self.trainer.precision,
-                 self.trainer.strategy.root_device.type, base, auto)
 
     def on_train_end(self) -> None:
         # Called after every callback's on_train_end (checkpoints written, summary printed) and before Lightning's
@@ -284,6 +270,10 @@ class LlamaLoRAModule(L.LightningModule):
                  batch_size=int(n))
         return loss_sum * scale / window
 
+    def on_train_start(self) -> None:
+        if self._resumed:
+            self._apply_configured_schedule()
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # The RNG state is restored here, at the first batch after resuming, not in on_train_start: Lightning and
         # the DataLoader draw random numbers in between, which the uninterrupted run drew before saving.
@@ -309,26 +299,52 @@ class LlamaLoRAModule(L.LightningModule):
             # The optimizer steps of the whole run, also when it is set by max_epochs (max_steps -1).
             total = self.trainer.estimated_stepping_batches
             scheduler.max_steps = int(total) if math.isfinite(total) else None
+        # What this run's config asks for; a resumed checkpoint overwrites it in both objects (on_train_start).
+        self._configured_schedule = {
+            "groups": [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in optimizer.param_groups],
+            "scheduler": _schedule_settings(scheduler)}
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # ----- adapter-only checkpoints -----
+    def _apply_configured_schedule(self) -> None:
+        """After a resume: the restored optimizer and scheduler carry the old run's peak lr, warmup, length and floor.
+        This run's settings replace them from the restored step, with the restored AdamW moments, in one log line."""
+        optimizer, scheduler = self.trainer.optimizers[0], self.trainer.lr_scheduler_configs[0].scheduler
+        changes: dict[str, str] = {}  # setting -> "old -> new"
+        for group, wanted in zip(optimizer.param_groups, self._configured_schedule["groups"]):
+            for key, value in wanted.items():
+                if group.get(key) != value:
+                    changes.setdefault("lr" if key == "initial_lr" else key, f"{_g(group.get(key))} -> {_g(value)}")
+                    group[key] = value
+        for key, value in self._configured_schedule["scheduler"].items():
+            if getattr(scheduler, key) != value:
+                changes[key] = f"{_g(getattr(scheduler, key))} -> {_g(value)}"
+                setattr(scheduler, key, value)
+        if not changes:
+            return
+        scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+        with warnings.catch_warnings():  # get_lr outside step() warns; a closed-form schedule is what is wanted
+            warnings.simplefilter("ignore")
+            lrs = (scheduler._get_closed_form_lr() if hasattr(scheduler, "_get_closed_form_lr")
+                   else scheduler.get_lr())
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = list(lrs)
+        end = getattr(scheduler, "max_steps", None)
+        log.info("Resumed with this run's schedule: %s from step %d%s",
+                 ", ".join(f"{k} {v}" for k, v in changes.items()), self.trainer.global_step,
+                 f"; the schedule now ends at step {end}" if end else "")
 
-    def trainable_keys(self) -> set[str]:
-        return {n for n, p in self.named_parameters() if p.requires_grad}
+    # ----- adapter-only checkpoints (run_checkpoint.py says what they hold) -----
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep = self.trainable_keys()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["trainable_keys"] = sorted(checkpoint["state_dict"])  # still there if a strategy pops state_dict
+        run_checkpoint.save(checkpoint, self)
         checkpoint["rng"] = _get_rng_state()
-        checkpoint["model_config"] = asdict(self.config)
-        checkpoint["base_dtype"] = "nf4" if self.nf4 else DTYPE_NAMES[self.base_dtype]  # auto, resolved
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.model is None:  # loading outside a Trainer (e.g. for generation): build first
             self.configure_model()
         # ModelParallelStrategy loads and removes "state_dict" before this hook; the key list is kept beside it.
-        expected = self.trainable_keys()
+        expected = {n for n, p in self.named_parameters() if p.requires_grad}
         got = set(checkpoint["state_dict"]) if "state_dict" in checkpoint else set(checkpoint.get("trainable_keys", ()))
         missing, unexpected = sorted(expected - got), sorted(got - expected)
         if missing or unexpected:
@@ -337,6 +353,18 @@ class LlamaLoRAModule(L.LightningModule):
                 f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}); resume with the "
                 "same model preset and LoRA settings it was trained with")
         self._rng_to_restore = checkpoint.get("rng")
+        self._resumed = True
+
+
+def _g(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _schedule_settings(scheduler: Any) -> dict[str, Any]:
+    """A scheduler's own settings (WarmupCosineLR: warmup_steps, max_steps, min_lr_ratio), not its position."""
+    position = {"base_lrs", "last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "lr_lambdas",
+                "_is_initial", "verbose"}
+    return {k: v for k, v in scheduler.state_dict().items() if k not in position and not k.startswith("_")}
 
 
 def _get_rng_state() -> dict[str, Any]:

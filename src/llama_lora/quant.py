@@ -28,13 +28,13 @@ BLOCK, SCALE_GROUP = 64, 256
 LEVELS = torch.tensor([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
-    0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0])
+    0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], dtype=torch.float32)
 _MIDPOINTS = (LEVELS[1:] + LEVELS[:-1]) / 2
 # Nearest level by a 4096-bin grid over [-1, 1]: each bin's code at its left edge, plus one comparison with the one
 # midpoint a bin can hold (equal to torch.bucketize against the midpoints, with a third of the memory traffic).
 _BINS = 4096
-_BIN_CODE = torch.bucketize(-1 + torch.arange(_BINS) * (2 / _BINS), _MIDPOINTS).to(torch.uint8)
-_BIN_MIDPOINT = torch.full((_BINS,), float("inf")).index_put_(
+_BIN_CODE = torch.bucketize(-1 + torch.arange(_BINS, dtype=torch.float32) * (2 / _BINS), _MIDPOINTS).to(torch.uint8)
+_BIN_MIDPOINT = torch.full((_BINS,), float("inf"), dtype=torch.float32).index_put_(
     (((_MIDPOINTS + 1) * (_BINS / 2)).long(),), _MIDPOINTS)
 # Dequantization reads a byte (two codes) at once: its two levels as one 64-bit word (fp32) or 32-bit word (half).
 _PAIRS = torch.stack([LEVELS.repeat_interleave(16), LEVELS.repeat(16)], dim=1)  # byte b -> (LEVELS[b>>4], [b&15])
@@ -129,10 +129,9 @@ class _NF4Linear(torch.autograd.Function):
 
 
 def nf4_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for an NF4 weight, in the dtype the call computes in: autocast's when it is on, else the input's."""
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    return _NF4Linear.apply(x, weight, bias, dtype)
+    """F.linear for an NF4 weight, in the weight's dtype: the run plan's compute dtype, which the model was built
+    with (``RunPlan.linear_dtype``)."""
+    return _NF4Linear.apply(x, weight, bias, weight.dtype)
 
 
 class NF4Weight(torch.Tensor):

@@ -22,6 +22,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from . import run_checkpoint
+
 log = logging.getLogger(__name__)
 
 
@@ -238,8 +240,10 @@ def checkpoint_problem(path: str | Path) -> str | None:
         return f"truncated or corrupt ({first[:160]})"
     if not isinstance(ckpt, dict) or "loops" not in ckpt or "global_step" not in ckpt:
         return "not a training checkpoint of fit.py (no loop state)"
-    if "state_dict" not in ckpt and "trainable_keys" not in ckpt:
-        return "holds no weights"
+    try:
+        run_checkpoint.read(path, ckpt)  # this project's part: the trained weights, a version it can read
+    except ValueError as e:
+        return str(e).split(": ", 1)[-1]
     return None
 
 

@@ -1,17 +1,14 @@
-"""Lightning's Trainer, with ``precision: auto``: mixed precision in the dtype the hardware computes natively."""
+"""Lightning's Trainer, with ``precision: auto`` (resolved by the run plan) and the settings this project requires."""
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.fabric.connector import _PRECISION_INPUT
 
-from .config import native_dtype, resolve_precision
-
-log = logging.getLogger(__name__)
+from .plan import resolve_precision
 
 
 def accelerator_device(accelerator: Any) -> torch.device:
@@ -25,12 +22,17 @@ def accelerator_device(accelerator: Any) -> torch.device:
 
 class Trainer(L.Trainer):
     def __init__(self, *args: Any, precision: Literal["auto"] | _PRECISION_INPUT | None = "auto",
-                 accelerator: Any = "auto", **kwargs: Any) -> None:
-        """Lightning's Trainer; ``precision: auto`` is bf16-mixed where the hardware computes bf16 natively (Ampere
-        or newer GPUs, CPUs with AVX-512 BF16 or AMX), 16-mixed on older GPUs and 32-true on AVX2-only CPUs, where
-        bf16 matmuls are emulated about 150x slower than fp32. The choice and its reason are logged."""
-        if precision == "auto":
-            device = accelerator_device(accelerator)
-            precision = resolve_precision("auto", device)
-            log.info("trainer.precision auto: %s, because %s", precision, native_dtype(device)[1])
-        super().__init__(*args, precision=precision, accelerator=accelerator, **kwargs)
+                 accelerator: Any = "auto", use_distributed_sampler: bool = False, **kwargs: Any) -> None:
+        """Lightning's Trainer.
+
+        ``precision: auto`` is bf16-mixed where the hardware computes bf16 natively (Ampere or newer GPUs, CPUs with
+        AVX-512 BF16 or AMX), 16-mixed on older GPUs and 32-true on AVX2-only CPUs, where bf16 matmuls are emulated
+        about 150x slower than fp32 (``plan.resolve_precision``; the run plan logs the choice and its reason).
+        ``use_distributed_sampler`` must stay false: the data module shards batches across ranks itself (an exact,
+        resumable split of each global batch), which Lightning's DistributedSampler would replace.
+        """
+        if use_distributed_sampler:
+            raise ValueError("trainer.use_distributed_sampler must be false: the data module shards each global batch "
+                             "across ranks itself (exact and resumable); remove the setting")
+        precision, self.precision_reason = resolve_precision(precision, accelerator_device(accelerator))
+        super().__init__(*args, precision=precision, accelerator=accelerator, use_distributed_sampler=False, **kwargs)

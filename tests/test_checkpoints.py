@@ -3,16 +3,15 @@ import json
 import pytest
 import torch
 
-from llama_lora.weights import (
+from llama_lora.checkpoints import (
     build_model,
     detect_format,
     load_checkpoint,
-    permute_from_hf,
-    permute_to_hf,
     save_hf,
     save_llama2c,
     save_meta,
 )
+from llama_lora.layout import permute_from_hf, permute_to_hf
 
 
 @pytest.fixture
@@ -21,7 +20,7 @@ def sd(tiny_model):
 
 
 def load_logits(path, tokens, config=None):
-    return build_model(config, checkpoint=path, base_dtype=torch.float32)(tokens)
+    return build_model(config, checkpoint=path, plan=torch.float32)(tokens)
 
 
 def test_permutation_is_inverse_and_moves_pairs():
@@ -81,9 +80,9 @@ def test_sharded_meta_merge(tmp_path, tiny_config, sd, n_shards, tokens, tiny_mo
 def test_base_dtype_and_rope_freqs_ignored(tmp_path, tiny_config, sd, tokens):
     sd["rope.freqs"] = torch.zeros(8)  # Meta's files carry it; the model recomputes RoPE
     save_meta({k: v.bfloat16() for k, v in sd.items()}, tiny_config, tmp_path)
-    model = build_model(checkpoint=tmp_path, base_dtype=torch.bfloat16)
+    model = build_model(checkpoint=tmp_path, plan=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    model16 = build_model(checkpoint=tmp_path, base_dtype=torch.float16)
+    model16 = build_model(checkpoint=tmp_path, plan=torch.float16)
     assert model16.output.weight.dtype == torch.float16
 
 
@@ -223,7 +222,7 @@ def test_llama2c_shared_classifier_is_one_tied_parameter_written_once(tmp_path, 
 
     sd["output.weight"] = sd["tok_embeddings.weight"]
     save_llama2c(sd, tiny_config, tmp_path / "tied.bin")
-    model = build_model(checkpoint=tmp_path / "tied.bin", base_dtype=torch.float32)
+    model = build_model(checkpoint=tmp_path / "tied.bin", plan=torch.float32)
     assert model.output.weight is model.tok_embeddings.weight and model.config.tie_embeddings
     assert count_params(model)[1] == model.config.n_params == tiny_config.n_params - 512 * 64
     expected = model(tokens)
@@ -234,6 +233,6 @@ def test_llama2c_shared_classifier_is_one_tied_parameter_written_once(tmp_path, 
     save_llama2c(model.state_dict(), model.config, tmp_path / "again.bin")
     assert (tmp_path / "again.bin").stat().st_size == (tmp_path / "tied.bin").stat().st_size
     for path in (tmp_path / "hf", tmp_path / "meta", tmp_path / "again.bin"):
-        back = build_model(checkpoint=path, base_dtype=torch.float32)
+        back = build_model(checkpoint=path, plan=torch.float32)
         assert back.output.weight is back.tok_embeddings.weight, path
         assert torch.equal(back(tokens), expected), path

@@ -1,0 +1,128 @@
+"""Alpaca records from a local file or an https URL: read, validated, downloaded once into the cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from ..demo import default_cache_dir
+
+log = logging.getLogger(__name__)
+
+ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
+DOWNLOAD_TIMEOUT_S = 60
+DOWNLOAD_MAX_BYTES = 512 * 2**20
+
+class _HttpsOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if not newurl.startswith("https://"):
+            raise urllib.error.URLError(f"redirected to {newurl}, which is not https")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _open_url(url: str, timeout: float):
+    """The response for an https URL; redirects must stay on https."""
+    return urllib.request.build_opener(_HttpsOnlyRedirects).open(url, timeout=timeout)
+
+
+def download(url: str, cache_dir: str | Path | None = None) -> Path:
+    """Fetch an https URL once into the cache dir (atomic write, timeout, size cap) and return the local path."""
+    if not url.startswith("https://"):
+        raise ValueError(f"Only https URLs are downloaded, got {url!r}; pass a local path instead")
+    cache = Path(cache_dir or default_cache_dir())
+    target = cache / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{Path(url).name or 'data.json'}"
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    log.info("Downloading %s -> %s", url, target)
+    part = target.with_name(target.name + ".part")
+    try:
+        with _open_url(url, DOWNLOAD_TIMEOUT_S) as resp, open(part, "wb") as out:
+            size = 0
+            while chunk := resp.read(1 << 20):
+                size += len(chunk)
+                if size > DOWNLOAD_MAX_BYTES:
+                    raise ValueError(f"{url} is larger than {DOWNLOAD_MAX_BYTES >> 20} MiB; download it yourself")
+                out.write(chunk)
+        os.replace(part, target)  # atomic: the cache never holds a half-written file under the final name
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        raise ValueError(
+            f"Could not download {url} ({getattr(e, 'reason', e)}); download it by hand and set "
+            "data_path to the local file"
+        ) from None
+    finally:
+        part.unlink(missing_ok=True)
+    return target
+
+
+def load_records(path: str | Path, cache_dir: str | Path | None = None, format: str = "alpaca"
+                 ) -> list[dict[str, str]]:
+    """Read and validate records from a local file or an https URL.
+
+    - ``alpaca``: a .json list or a .jsonl file of {instruction, input, output} records.
+    - ``text``: a .txt file (documents separated by blank lines), or a .json list / .jsonl file of {"text": ...}
+      records or of strings; each document comes back as {"text": ...}.
+    """
+    if str(path).startswith(("http://", "https://")):
+        path = download(str(path), cache_dir)
+    path = Path(path)
+    kinds = ".txt, .json or .jsonl" if format == "text" else ".json/.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"Data file not found: {path}; give a local {kinds} file or an https URL")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        what = "text data is UTF-8" if format == "text" else "Alpaca data is a JSON list or JSON lines"
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); {what}") from None
+    if format == "text" and path.suffix not in (".json", ".jsonl"):
+        records: list = [{"text": doc.strip()} for doc in re.split(r"\n\s*\n", text) if doc.strip()]
+    elif path.suffix == ".jsonl":
+        records = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: invalid JSON on line {lineno}, column {e.colno}: {e.msg}") from None
+    else:
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: the top level is a JSON {type(records).__name__}, expected a list of records")
+    if format == "text":
+        records = [{"text": r} if isinstance(r, str) else r for r in records]
+    for i, rec in enumerate(records):
+        (validate_text if format == "text" else validate_record)(rec, i, path)
+    return records
+
+
+def validate_text(rec: Any, index: int, source: str | Path = "data") -> None:
+    if not isinstance(rec, dict):
+        raise ValueError(f"{source}: record {index} is a {type(rec).__name__}, expected a string or an object with "
+                         "'text'")
+    if "text" not in rec:
+        raise ValueError(f"{source}: record {index} has no 'text' field")
+    if not isinstance(rec["text"], str):
+        raise ValueError(f"{source}: record {index} field 'text' is a {type(rec['text']).__name__}, expected a string")
+
+
+def validate_record(rec: Any, index: int, source: str | Path = "data") -> None:
+    if not isinstance(rec, dict):
+        raise ValueError(f"{source}: record {index} is a {type(rec).__name__}, expected an object with "
+                         "'instruction', 'input' and 'output'")
+    for field in ("instruction", "output"):
+        if field not in rec:
+            raise ValueError(f"{source}: record {index} has no '{field}' field")
+    for field in ("instruction", "input", "output"):
+        if field in rec and not isinstance(rec[field], str):
+            raise ValueError(f"{source}: record {index} field '{field}' is a {type(rec[field]).__name__}, "
+                             "expected a string")

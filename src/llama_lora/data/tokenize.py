@@ -1,0 +1,80 @@
+"""Records to token ids and labels: Alpaca prompts masked (-100), EOS appended; raw text cut into blocks."""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..loss import IGNORE_INDEX
+from ..prompts import format_prompt
+from ..tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class PreprocessStats:
+    kept: int = 0
+    dropped: int = 0  # the prompt alone did not fit in max_seq_len
+    truncated: int = 0  # the response was cut to fit
+
+
+def tokenize_record(record: dict[str, str], tokenizer: Tokenizer, max_seq_len: int = 512,
+                    mask_prompt: bool = True) -> tuple[list[int], list[int], bool] | None:
+    """(input_ids, labels, truncated) for one record, or None when its prompt does not fit.
+
+    ids = BOS + prompt + response + EOS. The prompt and response are tokenized separately and concatenated, so the
+    prompt's tokens are exactly a prefix (SentencePiece would otherwise merge across the boundary).
+    """
+    prompt = tokenizer.encode(format_prompt(record), bos=True)
+    target = tokenizer.encode(record["output"], eos=True)  # an empty output still trains on EOS
+    if len(prompt) >= max_seq_len:
+        return None
+    truncated = len(prompt) + len(target) > max_seq_len
+    target = target[: max_seq_len - len(prompt)]  # a truncated response loses its EOS: it did not end there
+    ids = prompt + target
+    labels = ([IGNORE_INDEX] * len(prompt) if mask_prompt else [IGNORE_INDEX] + prompt[1:]) + target
+    return ids, labels, truncated
+
+
+def preprocess(records: Sequence[dict[str, str]], tokenizer: Tokenizer, max_seq_len: int = 512,
+               mask_prompt: bool = True, limit: int | None = None
+               ) -> tuple[list[dict[str, list[int]]], PreprocessStats]:
+    """Tokenized examples of ``records`` in order; with ``limit``, stop once that many are kept. Each example keeps the
+    position of its record in ``records`` as ``index``."""
+    examples, stats = [], PreprocessStats()
+    for i, rec in enumerate(records):
+        if limit is not None and len(examples) >= limit:
+            break
+        out = tokenize_record(rec, tokenizer, max_seq_len, mask_prompt)
+        if out is None:
+            stats.dropped += 1
+            continue
+        ids, labels, truncated = out
+        stats.truncated += truncated
+        examples.append({"input_ids": ids, "labels": labels, "index": i})
+    stats.kept = len(examples)
+    if stats.dropped or stats.truncated:
+        log.info("preprocess: kept %d records, dropped %d (prompt longer than max_seq_len=%d), truncated %d",
+                 stats.kept, stats.dropped, max_seq_len, stats.truncated)
+    return examples, stats
+
+
+def text_blocks(records: Sequence[dict[str, str]], tokenizer: Tokenizer, max_seq_len: int, limit: int | None = None
+                ) -> tuple[list[dict[str, list[int]]], PreprocessStats]:
+    """Continued pretraining on raw text: each document as BOS + text + EOS, concatenated and cut into blocks of
+    ``max_seq_len`` tokens (the last one shorter), every token a target. A block may span documents, as in GPT-style
+    pretraining; EOS marks where one ends. ``limit`` takes the first that many documents. Each block keeps the index
+    of the document it starts in."""
+    stream: list[int] = []
+    starts: list[int] = []  # first stream position of each document
+    for doc in records[:limit]:
+        starts.append(len(stream))
+        stream += tokenizer.encode(doc["text"], bos=True, eos=True)
+    examples = []
+    for begin in range(0, len(stream) - 1, max_seq_len):  # a block needs two tokens to hold a target
+        ids = stream[begin : begin + max_seq_len]
+        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] + ids[1:],
+                         "index": bisect.bisect_right(starts, begin) - 1})
+    return examples, PreprocessStats(kept=len(examples))

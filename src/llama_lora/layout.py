@@ -1,0 +1,109 @@
+"""The model's linear layers, once: each one's Meta name, HF name, LoRA target, shape, whether QLoRA quantizes it,
+how Meta's model-parallel shards split it, and whether HF permutes its rows for RoPE. LoRA, checkpoint I/O, the
+memory model and adapter export read this table; nothing else lists the layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import LlamaConfig
+
+
+@dataclass(frozen=True)
+class Linear:
+    target: str  # the LoRA target, and the module's attribute name: wq
+    meta: str  # the module in Meta's names (within a block, or at the top): attention.wq
+    hf: str  # the module in HF LlamaForCausalLM's names (within a block, or at the top): self_attn.q_proj
+    out_dim: str  # LlamaConfig attribute (or kv_dim) giving the weight's rows
+    in_dim: str  # and its columns
+    quantized: bool  # stored as NF4 under model.base_dtype nf4
+    split_dim: int  # Meta's shards: ColumnParallelLinear splits rows (0), RowParallelLinear columns (1)
+    rope_heads: str | None = None  # HF permutes the rows per head of this count (rotate-half RoPE): q and k
+    in_block: bool = True
+
+    def shape(self, config: LlamaConfig) -> tuple[int, int]:
+        """(out, in) of the weight."""
+        dims = {"dim": config.dim, "kv_dim": config.n_kv_heads * config.head_dim, "hidden": config.hidden_dim,
+                "vocab": config.vocab_size}
+        return dims[self.out_dim], dims[self.in_dim]
+
+    @property
+    def hf_module_name(self) -> str:
+        """The name PEFT's target_modules uses: q_proj, lm_head."""
+        return self.hf.rsplit(".", 1)[-1]
+
+
+LINEARS = (
+    Linear("wq", "attention.wq", "self_attn.q_proj", "dim", "dim", True, 0, rope_heads="n_heads"),
+    Linear("wk", "attention.wk", "self_attn.k_proj", "kv_dim", "dim", True, 0, rope_heads="n_kv_heads"),
+    Linear("wv", "attention.wv", "self_attn.v_proj", "kv_dim", "dim", True, 0),
+    Linear("wo", "attention.wo", "self_attn.o_proj", "dim", "dim", True, 1),
+    Linear("w1", "feed_forward.w1", "mlp.gate_proj", "hidden", "dim", True, 0),
+    Linear("w2", "feed_forward.w2", "mlp.down_proj", "dim", "hidden", True, 1),
+    Linear("w3", "feed_forward.w3", "mlp.up_proj", "hidden", "dim", True, 0),
+    Linear("output", "output", "lm_head", "vocab", "dim", False, 0, in_block=False),
+)
+BY_TARGET = {layer.target: layer for layer in LINEARS}
+LORA_TARGETS = tuple(BY_TARGET)
+BLOCK_LINEARS = tuple(layer for layer in LINEARS if layer.in_block)
+
+# The other tensors: the norms of a block (Meta -> HF name; replicated in Meta's shards), and the top-level ones
+# (Meta -> HF name, Meta's split dim: the embedding is a ParallelEmbedding, split on its columns).
+BLOCK_NORMS = {"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+TOP = {"tok_embeddings": ("model.embed_tokens", 1), "norm": ("model.norm", None)}
+
+
+def linear_of(key: str) -> Linear | None:
+    """The linear layer a Meta tensor name belongs to ('layers.3.attention.wq.weight', '....lora_b', 'output.weight'),
+    or None for embeddings and norms."""
+    module = key.rsplit(".", 1)[0]
+    for layer in LINEARS:
+        if module == layer.meta or module.endswith("." + layer.meta):
+            return layer
+    return None
+
+
+def is_block_linear(key: str) -> bool:
+    """A weight of one of the blocks' linear layers (the ones QLoRA quantizes)."""
+    layer = linear_of(key)
+    return layer is not None and layer.quantized and key.endswith(".weight")
+
+
+def split_dim(key: str) -> int | None:
+    """The dimension Meta's model-parallel shards split this tensor on; None for replicated tensors (norms)."""
+    layer = linear_of(key)
+    if layer is not None:
+        return layer.split_dim
+    top = TOP.get(key.rsplit(".", 1)[0])
+    return top[1] if top else None
+
+
+def rope_heads(key: str, config: LlamaConfig) -> int | None:
+    """The head count over which HF permutes this tensor's rows: q and k weights, and the LoRA B of q and k
+    (delta W = B A, so B's rows are W's rows). None for every other tensor."""
+    layer = linear_of(key)
+    kind = key.rsplit(".", 1)[-1]
+    if layer is None or layer.rope_heads is None or kind not in ("weight", "lora_b"):
+        return None
+    return getattr(config, layer.rope_heads)
+
+
+# ----- the row permutation between Meta's adjacent-pair RoPE and HF's rotate-half RoPE -----
+
+def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder q/k rows per head from Meta's (pair, 2) order to HF's (2, pair) order (HF's convert script)."""
+    out, inp = w.shape
+    return w.view(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def permute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of ``permute_to_hf``."""
+    out, inp = w.shape
+    return w.view(n_heads, 2, out // n_heads // 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def to_hf_layout(key: str, t: torch.Tensor, config: LlamaConfig) -> torch.Tensor:
+    heads = rope_heads(key, config)
+    return t if heads is None else permute_to_hf(t, heads).contiguous()

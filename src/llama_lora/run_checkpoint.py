@@ -1,0 +1,173 @@
+"""What a fit.py checkpoint (``.ckpt``) holds, in one place: written by the module, read by resume, the adapters and
+the scripts; versioned; and what a resume must match (the policy in docs/robustness.md).
+
+A checkpoint is Lightning's dict (loops, optimizer and scheduler states, callbacks, the data module's sampler state,
+``hyper_parameters``, ``datamodule_hyper_parameters``, ``global_step``) with:
+
+- ``state_dict``: the trained tensors only, under ``model.`` names (LoRA's, or every weight for full fine-tuning);
+- ``trainable_keys``: their names, kept when a strategy pops ``state_dict`` (FSDP2 loads it itself);
+- ``rng``: the Python and torch RNG states, restored at the first batch after resuming;
+- ``llama_lora``: ``{"version": 2, "plan": RunPlan.to_dict(), "run": the run's settings}`` (``SETTINGS``).
+
+Version 1 (checkpoints written before the run plan, 2026-12) has ``base_dtype`` ("nf4" or the resolved dtype name)
+instead of ``llama_lora``, and records neither accumulation nor devices: it still loads, and a resume from it checks
+what it records.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .plan import RunPlan, make_plan
+
+log = logging.getLogger(__name__)
+
+VERSION = 2
+KEY = "llama_lora"
+
+# A run's settings a resume compares, each with its kind:
+# - "state": what the trainable state is; a resume with another value cannot load it, and is refused.
+# - "step": what a step computes; another value would continue another run, and is refused, except for the number of
+#   devices with the same global batch (micro_batch_size x devices) and accumulation, where the sampler hands out the
+#   same examples per step and the run continues exactly.
+# Schedule settings (lr, warmup, max_steps / max_epochs, the floor) are not here: they may change on resume, and the
+# module applies them from the restored step (LlamaLoRAModule.on_train_start).
+SETTINGS: dict[str, str] = {
+    "model.model": "state", "model.lora": "state", "model.lora.r": "state", "model.lora.targets": "state",
+    "model.base_dtype": "state", "model.optimizer": "state",
+    "model.lora.alpha": "step", "model.lora.dropout": "step", "data.max_seq_len": "step",
+    "data.micro_batch_size": "step", "trainer.accumulate_grad_batches": "step", "trainer.devices": "step",
+    "data.data_path": "step", "data.format": "step", "data.num_samples": "step", "data.val_size": "step",
+    "data.seed": "step", "data.packing": "step", "data.mask_prompt": "step", "data.group_by_length": "step",
+    "data.demo_records": "step",
+}
+
+
+def run_settings(module: Any, datamodule: Any = None, trainer: Any = None) -> dict[str, Any]:
+    """The values of ``SETTINGS`` for a module (its hyperparameters and plan), data module and Trainer."""
+    hp, data = dict(module.hparams), dict(getattr(datamodule, "hparams", {}) or {})
+    optimizer = type(module.optimizer_factory([torch.nn.Parameter(torch.zeros(1))])).__name__  # its class: AdamW
+    return _settings(hp, data, module.plan.quantization, optimizer,
+                     trainer.accumulate_grad_batches if trainer is not None else None,
+                     trainer.world_size if trainer is not None else None)
+
+
+def _settings(hp: dict, data: dict, quantization: str | None, optimizer: str | None, accumulate: int | None,
+              devices: int | None) -> dict[str, Any]:
+    lora = hp.get("lora")
+    values = {"model.model": hp.get("model"), "model.lora": lora is not None,
+              "model.lora.r": lora and lora["r"], "model.lora.targets": lora and list(lora["targets"]),
+              "model.base_dtype": hp.get("base_dtype"), "model.optimizer": optimizer,
+              "model.lora.alpha": lora and float(lora["alpha"]), "model.lora.dropout": lora and float(lora["dropout"]),
+              "trainer.accumulate_grad_batches": accumulate, "trainer.devices": devices}
+    values.update({key: data.get(key.removeprefix("data.")) for key in SETTINGS if key.startswith("data.")})
+    values["quantization"] = quantization  # compared for model.base_dtype: another dtype of the same kind resumes
+    return values
+
+
+def save(checkpoint: dict[str, Any], module: Any) -> None:
+    """Write this project's part of a checkpoint (``on_save_checkpoint``): the trained tensors only, and the record."""
+    keep = {n for n, p in module.named_parameters() if p.requires_grad}
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+    checkpoint["trainable_keys"] = sorted(checkpoint["state_dict"])
+    trainer = module._trainer
+    checkpoint[KEY] = {"version": VERSION, "plan": module.plan.to_dict(),
+                       "run": run_settings(module, getattr(trainer, "datamodule", None), trainer)}
+
+
+@dataclass
+class RunRecord:
+    """A fit.py checkpoint, as read: the trained tensors (Meta names), the settings and the plan it was trained with."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    hparams: dict[str, Any]
+    datamodule_hparams: dict[str, Any]
+    plan: RunPlan
+    run: dict[str, Any] = field(default_factory=dict)  # the run's settings; {} for version 1
+    version: int = VERSION
+    global_step: int = 0
+
+
+def read(path: str | Path, checkpoint: dict[str, Any] | None = None) -> RunRecord:
+    """A fit.py checkpoint (weights only: no pickled code runs). ``checkpoint``: the dict, when it is already loaded."""
+    path = Path(path)
+    if checkpoint is None:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # noqa: BLE001 - whatever the reason, it is not a checkpoint we can read
+            raise ValueError(f"{path}: not a readable fit.py checkpoint ({str(e).splitlines()[0]})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint and "trainable_keys" not in checkpoint:
+        raise ValueError(f"{path}: no state_dict; is it a fit.py checkpoint?")
+    hp = dict(checkpoint.get("hyper_parameters", {}))
+    data = dict(checkpoint.get("datamodule_hyper_parameters", {}))
+    tensors = {k.removeprefix("model."): v for k, v in checkpoint.get("state_dict", {}).items()}
+    record = checkpoint.get(KEY)
+    if record is None:  # version 1: the resolved base dtype only
+        base = checkpoint.get("base_dtype") or "fp32"
+        plan = make_plan("cpu", "32-true", base, lora=hp.get("lora") is not None)
+        run = _settings(hp, data, plan.quantization, None, None, None)
+        return RunRecord(path, tensors, hp, data, plan, run, 1, checkpoint.get("global_step", 0))
+    if record.get("version", 0) > VERSION:
+        raise ValueError(f"{path}: written by a newer llama-lora (checkpoint version {record['version']}, this one "
+                         f"reads up to {VERSION}); upgrade llama-lora")
+    return RunRecord(path, tensors, hp, data, RunPlan.from_dict(record["plan"]), record["run"], record["version"],
+                     checkpoint.get("global_step", 0))
+
+
+# ----- the resume policy -----
+
+def _shown(key: str, value: Any) -> str:
+    """A setting's value in the config's own words."""
+    if key == "model.lora":
+        return "LoRA" if value else "null (full fine-tuning)"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return f"[{', '.join(map(str, value))}]"
+    return str(value)
+
+
+def check_resume(saved: RunRecord, now: dict[str, Any]) -> None:
+    """Refuse, in one line, a resume whose settings cannot continue the saved run (see ``SETTINGS``)."""
+    then = saved.run
+    fresh = ("start a new run from its weights instead: --model.init_adapter "
+             f"{saved.path} without --ckpt_path")
+    for key, kind in SETTINGS.items():
+        if key not in then or then[key] is None and key.startswith(("trainer.", "model.optimizer")):
+            continue  # not recorded (version 1)
+        old, new = then[key], now.get(key)
+        if key == "model.base_dtype":  # the base's quantization is part of what was trained on; its dtype is not
+            if then.get("quantization") == now.get("quantization"):
+                continue
+        if old == new:
+            continue
+        if key in ("data.micro_batch_size", "trainer.devices") and _same_global_batch(then, now):
+            continue
+        what = f"{key}: {_shown(key, old)} in the checkpoint, {_shown(key, new)} now"
+        if key in ("data.micro_batch_size", "trainer.devices"):
+            reason = ("a resume continues only with the same global batch (data.micro_batch_size x devices = "
+                      f"{then['data.micro_batch_size']} x {then.get('trainer.devices') or 1})")
+        elif kind == "state":
+            reason = "the checkpoint's trainable weights are of another kind or shape"
+        else:
+            reason = "the run would go on computing something else"
+        raise ValueError(f"cannot resume {saved.path}: {what}; {reason}. Resume with the checkpoint's value, or "
+                         f"{fresh}")
+    if saved.version == 1:
+        log.info("%s was written before checkpoints recorded accumulation and devices: those are not checked",
+                 saved.path)
+
+
+def _same_global_batch(then: dict[str, Any], now: dict[str, Any]) -> bool:
+    if then.get("trainer.devices") is None:
+        return False
+    return then["data.micro_batch_size"] * then["trainer.devices"] == now["data.micro_batch_size"] * now[
+        "trainer.devices"]
