@@ -1,0 +1,164 @@
+"""The combination matrix: a pairwise covering set over the knobs a user turns, each combination run end to end
+through the scripts as a user runs them: fit (validation, sample generations, held-out accuracy, checkpoints), a
+one-step resume, generate, evaluate, merge in both formats, export, and generate on the merged folder. Each
+combination passes every step, or is refused at start-up in one line.
+
+A fast slice runs in the default suite; the whole set is marked slow (``pytest -m slow tests/test_matrix.py``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT, write_tiny_config
+
+from llama_lora.checkpoints import build_model, save_hf, save_llama2c, save_meta
+from llama_lora.config import LlamaConfig
+
+KNOBS: dict[str, tuple] = {
+    "precision": ("32-true", "bf16-mixed", "bf16-true"),
+    "base_dtype": ("auto", "fp32", "bf16", "nf4"),
+    "source": ("random", "meta-bf16", "hf-fp16", "llama2c"),
+    "targets": ("attention", "all", "full"),
+    "packing": (False, True),
+    "gc": (False, True),
+    "accumulate": (1, 2),
+    "processes": (1, 2),
+}
+TARGETS = {"attention": ["wq", "wk", "wv", "wo"], "all": ["wq", "wk", "wv", "wo", "w1", "w2", "w3"], "full": None}
+
+
+def pairwise(knobs: dict[str, tuple], seed: int = 0, candidates: int = 50) -> list[dict]:
+    """A covering set of combinations in which every pair of values of every two knobs occurs at least once
+    (greedy, as AETG: each new combination is the best of ``candidates`` seeded draws at covering pairs not yet
+    covered). Deterministic for a seed."""
+    names = list(knobs)
+    uncovered = {((a, x), (b, y)) for a, b in itertools.combinations(names, 2) for x in knobs[a] for y in knobs[b]}
+    rng = random.Random(seed)
+    rows = []
+
+    def pairs(row: dict) -> set:
+        return {((a, row[a]), (b, row[b])) for a, b in itertools.combinations(names, 2)}
+
+    while uncovered:
+        (a, x), (b, y) = min(uncovered, key=repr)  # start from a pair still uncovered: every row makes progress
+        best = None
+        for _ in range(candidates):
+            row = {n: rng.choice(knobs[n]) for n in names} | {a: x, b: y}
+            if best is None or len(pairs(row) & uncovered) > len(pairs(best) & uncovered):
+                best = row
+        rows.append(best)
+        uncovered -= pairs(best)
+    return rows
+
+
+COMBINATIONS = pairwise(KNOBS)
+FAST = [0, 1]  # the slice in the default suite
+
+
+def test_the_combinations_cover_every_pair():
+    names = list(KNOBS)
+    for a, b in itertools.combinations(names, 2):
+        for x, y in itertools.product(KNOBS[a], KNOBS[b]):
+            assert any(row[a] == x and row[b] == y for row in COMBINATIONS), (a, x, b, y)
+    assert len(COMBINATIONS) <= 24
+
+
+def source_checkpoint(kind: str, folder: Path) -> str | None:
+    """The base as users download it: Meta's bf16 consolidated.00.pth, HF's fp16 safetensors, or a llama2.c .bin
+    (fp32, shared classifier)."""
+    if kind == "random":
+        return None
+    config = LlamaConfig.from_name("tiny", tie_embeddings=kind == "llama2c")
+    dtype = {"meta-bf16": torch.bfloat16, "hf-fp16": torch.float16, "llama2c": torch.float32}[kind]
+    sd = build_model(config, plan=dtype, seed=11).state_dict()
+    if kind == "llama2c":
+        return str(save_llama2c(sd, config, folder / "base.bin"))
+    return str((save_meta if kind == "meta-bf16" else save_hf)(sd, config, folder / "base"))
+
+
+def run(*argv: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout,
+                          env={**__import__("os").environ, "PYTHONWARNINGS": "ignore"})
+
+
+def passed(proc: subprocess.CompletedProcess, step: str, combination: dict) -> None:
+    assert proc.returncode == 0, f"{step} failed for {combination}:\n{proc.stderr[-4000:]}"
+
+
+def refused_in_one_line(proc: subprocess.CompletedProcess) -> str:
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    return errors[0]
+
+
+def run_combination(c: dict, tmp_path: Path, cache_dir: Path) -> None:
+    base = source_checkpoint(c["source"], tmp_path)
+    lora = {"targets": TARGETS[c["targets"]], "r": 4, "alpha": 8, "dropout": 0.0} if TARGETS[c["targets"]] else None
+    config = write_tiny_config(
+        tmp_path, cache_dir,
+        trainer={"precision": c["precision"], "max_steps": 2, "val_check_interval": 2 * c["accumulate"],
+                 "limit_val_batches": 1, "accumulate_grad_batches": c["accumulate"], "devices": c["processes"],
+                 **({"strategy": "ddp"} if c["processes"] > 1 else {})},
+        model={"base_dtype": c["base_dtype"], "checkpoint_dir": base, "lora": lora, "gradient_checkpointing": c["gc"]},
+        data={"packing": c["packing"], "micro_batch_size": 2})
+    cfg = yaml.safe_load(config.read_text())
+    cfg["model"]["scheduler"]["init_args"].pop("max_steps")  # the run's length, so the resume below stretches it
+    cfg["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 1
+    cfg["trainer"]["callbacks"] += [
+        {"class_path": "llama_lora.callbacks.SampleGenerations",
+         "init_args": {"prompts": ["Name a colour. Café, naïve, 東京 🚀"], "max_new_tokens": 4}},
+        {"class_path": "llama_lora.callbacks.InstructionAccuracy", "init_args": {"max_new_tokens": 2, "show": 1}}]
+    config.write_text(yaml.safe_dump(cfg))
+    fit = run(str(ROOT / "scripts" / "fit.py"), "--config", str(config))
+    if c["base_dtype"] == "nf4" and lora is None:  # a 4-bit base cannot be trained: refused before anything runs
+        assert "needs model.lora" in refused_in_one_line(fit)
+        return
+    passed(fit, "fit", c)
+    assert "Tuned model (after)" in fit.stdout and "Plan: cpu" in " ".join(fit.stderr.split())
+    ckpt = tmp_path / "ckpt" / "last.ckpt"
+    passed(run(str(ROOT / "scripts" / "fit.py"), "--config", str(config), "--ckpt_path", "last",
+               "--trainer.max_steps", "3"), "resume", c)
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 3
+    tokenizer = str(next(cache_dir.glob("demo-tokenizer-512-*.model")))
+    scripts = ROOT / "scripts"
+    prompt = "What colour is a lemon? Café 東京"
+    passed(run(str(scripts / "generate.py"), "--adapter", str(ckpt), "--greedy", "--max_new_tokens", "4",
+               "--precision", c["precision"], prompt), "generate", c)
+    passed(run(str(scripts / "evaluate.py"), "--adapter", str(ckpt), "--precision", c["precision"], "--out",
+               str(tmp_path / "eval.json")), "evaluate", c)
+    for fmt in ("meta", "hf"):
+        passed(run(str(scripts / "merge.py"), "--adapter", str(ckpt), "--out_dir", str(tmp_path / f"merged-{fmt}"),
+                   "--format", fmt), f"merge {fmt}", c)
+    export = run(str(scripts / "export_adapter.py"), "--adapter", str(ckpt), "--out_dir", str(tmp_path / "peft"))
+    if lora is None:  # a fully fine-tuned model has no adapter to export: refused in one line, merge is the way
+        assert "merge it instead" in refused_in_one_line(export)
+    else:
+        passed(export, "export", c)
+    for fmt in ("meta", "hf"):
+        passed(run(str(scripts / "generate.py"), "--checkpoint_dir", str(tmp_path / f"merged-{fmt}"),
+                   "--tokenizer_path", tokenizer, "--greedy", "--max_new_tokens", "4", prompt),
+               f"generate on the merged {fmt}", c)
+
+
+def _id(c: dict) -> str:
+    return "-".join(str(v) if not isinstance(v, bool) else (k if v else f"no{k}") for k, v in c.items())
+
+
+@pytest.mark.parametrize("index", FAST, ids=lambda i: _id(COMBINATIONS[i]))
+def test_a_fast_slice_of_the_matrix(index, tmp_path, cache_dir):
+    run_combination(COMBINATIONS[index], tmp_path, cache_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", [i for i in range(len(COMBINATIONS)) if i not in FAST],
+                         ids=lambda i: _id(COMBINATIONS[i]))
+def test_the_combination_matrix(index, tmp_path, cache_dir):
+    run_combination(COMBINATIONS[index], tmp_path, cache_dir)
