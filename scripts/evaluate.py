@@ -1,5 +1,5 @@
 """Validation loss and perplexity of a base + adapter on the held-out Alpaca split, through Trainer.validate:
-`python scripts/evaluate.py --adapter lightning_logs/demo/checkpoints/last.ckpt`. Prints a table, writes JSON.
+`python scripts/evaluate.py --adapter lightning_logs/demo`. Prints a table, writes JSON.
 
 With a fit.py checkpoint the data settings (file, tokenizer, seed, split) default to those of its training run,
 so the held-out records are the ones training never saw.
@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from llama_lora.adapters import adapter_plan, load_model, open_adapter, resolve_tokenizer
+from llama_lora.adapters import adapter_config, adapter_plan, load_model, open_adapter, resolve_tokenizer
 from llama_lora.cli import configure_logging, main_guard, script_arguments
 from llama_lora.data import AlpacaDataModule
 from llama_lora.module import LlamaLoRAModule
@@ -50,8 +50,9 @@ def evaluate(adapter: str | None = None, checkpoint_dir: str | None = None, mode
     plan = adapter_plan(trained, device, precision, base_dtype)
     plan.log()
     loaded = load_model(checkpoint_dir, adapter, model, plan, device)
-    module = LlamaLoRAModule(model=model or (trained.preset if trained else "llama2-7b"), max_seq_len=data.get(
-        "max_seq_len", 512), lora=None)
+    base, _ = adapter_config(trained, checkpoint_dir, model)
+    module = LlamaLoRAModule(model=model or (trained.preset if trained else None), checkpoint_dir=base,
+                             max_seq_len=data.get("max_seq_len", 512), lora=None)
     module.config, module.model, module.plan = loaded.config, loaded.model, plan  # built: configure_model keeps it
     datamodule = AlpacaDataModule(**data)
     results = trainer.validate(module, datamodule, verbose=False)[0]

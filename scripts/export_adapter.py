@@ -1,6 +1,6 @@
 """Export a fit.py LoRA checkpoint in HF PEFT's format (adapter_config.json + adapter_model.safetensors), which
 `PeftModel.from_pretrained` loads onto the HF-format base:
-`python scripts/export_adapter.py --adapter lightning_logs/lora_amp/checkpoints/last.ckpt --out_dir adapter`.
+`python scripts/export_adapter.py --adapter lightning_logs/lora_amp --out_dir adapter`.
 Reads the adapter only, no base weight.
 """
 

@@ -2,9 +2,11 @@
 
 With no --config, runs the embedded default, configs/demo.yaml (offline, CPU, a few minutes). Resume with
 `--ckpt_path last` (the newest intact checkpoint) or a checkpoint path. `--print_config` prints a config that runs
-as it is. A ModelCheckpoint without a dirpath writes into <logger save_dir>/<logger name>/checkpoints, the same
-folder every run of that name, so that `--ckpt_path last` finds it. SIGTERM or Ctrl-C saves last.ckpt at the end of
-the current optimizer step and exits with 128 + the signal number (docs/robustness.md).
+as it is. A ModelCheckpoint without a dirpath writes into the run's own folder,
+<logger save_dir>/<logger name>/version_N/checkpoints (Lightning's default): `--ckpt_path last` takes the newest intact
+checkpoint of every version of that name, and `--adapter lightning_logs/<name>` in the other scripts the newest one.
+SIGTERM or Ctrl-C saves last.ckpt at the end of the current optimizer step and exits with 128 + the signal number
+(docs/robustness.md).
 """
 
 import ast
@@ -18,13 +20,12 @@ from pathlib import Path
 
 import torch
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 import llama_lora
 from llama_lora import run_checkpoint
 from llama_lora.checkpoints import save_meta
-from llama_lora.cli import configure_logging, main_guard
+from llama_lora.cli import check_config_files, configure_logging, main_guard
 from llama_lora.data import AlpacaDataModule
 from llama_lora.demo import default_cache_dir
 from llama_lora.module import LlamaLoRAModule
@@ -93,15 +94,6 @@ def demo_base(cache_dir: str | None) -> Path:
     return folder
 
 
-def checkpoint_folders(trainer: Trainer) -> None:
-    """Give each ModelCheckpoint without a dirpath the run name's folder (Lightning's own default holds a new
-    version number each run, where `--ckpt_path last` would never look)."""
-    logger = trainer.logger
-    for cb in trainer.checkpoint_callbacks:
-        if isinstance(cb, ModelCheckpoint) and cb.dirpath is None and logger is not None and logger.save_dir:
-            cb.dirpath = str(Path(logger.save_dir) / logger.name / "checkpoints")
-
-
 def with_bases(argv: list[str]) -> list[str]:
     """Put the config each overlay ``extends`` (recursively) before it, so that an overlay runs alone:
     ``--config configs/qlora.yaml`` reads lora_amp.yaml, then qlora.yaml. ``--extends null`` after it keeps the
@@ -115,10 +107,8 @@ def with_bases(argv: list[str]) -> list[str]:
         path = Path(a.split("=", 1)[1] if "=" in a else next(args, ""))
         chain = [path]
         while chain[0].is_file() and len(chain) < 8:
-            try:
-                content = yaml.safe_load(chain[0].read_text())
-            except (yaml.YAMLError, UnicodeDecodeError):  # the CLI's parser reports it in one line
-                break
+            check_config_files(["--config", str(chain[0])])
+            content = yaml.safe_load(chain[0].read_text(encoding="utf-8"))
             parent = content.get("extends") if isinstance(content, dict) else None
             if not parent:
                 break
@@ -149,7 +139,6 @@ def run(argv: list[str]) -> FitCLI:
     trainer, model = cli.trainer, cli.model
     # Every dtype decided, and what cannot run refused, here: in one process, before any rank is started.
     model.plan = model.plan_for(trainer)
-    checkpoint_folders(trainer)
     ckpt_path = resolve_resume_checkpoint(trainer, cli.config.ckpt_path)  # before anything large is allocated
     if ckpt_path is not None and Path(ckpt_path).is_file():  # what a resume must match (docs/robustness.md)
         now = run_checkpoint.run_settings(model, cli.datamodule, trainer)

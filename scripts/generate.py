@@ -1,4 +1,4 @@
-"""Talk to a base model + adapter: `python scripts/generate.py --adapter lightning_logs/demo/checkpoints/last.ckpt
+"""Talk to a base model + adapter: `python scripts/generate.py --adapter lightning_logs/demo
 "What is 3 plus 5?"`. Prompts come from arguments, --file (one per line, or a JSON list) or stdin.
 
 --mode instruction wraps each prompt in the Alpaca template and prints only the response; --mode completion
@@ -6,6 +6,7 @@ continues raw text. --seed_prompts runs the original experiment's four completio
 --top_p, --top_k) defaults to Llama.generate's; --greedy takes the argmax.
 """
 
+import inspect
 import json
 import sys
 import time
@@ -17,11 +18,16 @@ import torch
 from llama_lora.adapters import adapter_plan, load_model, open_adapter, resolve_tokenizer
 from llama_lora.cli import configure_logging, main_guard, script_arguments
 from llama_lora.config import LlamaConfig
-from llama_lora.model import Llama
+from llama_lora.model import Llama, check_sampling
 from llama_lora.plan import BaseDtypeName, PrecisionName
 from llama_lora.prompts import SEED_PROMPTS, format_prompt
 
 SAMPLING = ("temperature", "top_k", "top_p")  # Llama.generate_stream's own defaults
+
+
+def _sampling_defaults() -> dict[str, Any]:
+    params = inspect.signature(Llama.generate_stream).parameters
+    return {name: params[name].default for name in SAMPLING}
 
 
 def read_prompts(prompts: list[str], file: str | None, seed_prompts: bool, input: str) -> list[dict[str, str]]:
@@ -48,6 +54,9 @@ def read_prompts(prompts: list[str], file: str | None, seed_prompts: bool, input
         else:
             texts = [line for line in raw.splitlines() if line.strip()]
     else:
+        if sys.stdin.isatty():  # a terminal, and no prompt given: say what is awaited rather than seem to hang
+            print("Reading prompts from the terminal, one per line; end with Ctrl-D (or give them as arguments, with "
+                  "--file or --seed_prompts)", file=sys.stderr, flush=True)
         texts = [line for line in sys.stdin.read().splitlines() if line.strip()]
     records = [t if isinstance(t, dict) else {"instruction": str(t), "input": input} for t in texts]
     if not records:
@@ -94,6 +103,8 @@ def generate(prompts: list[str] = [], adapter: str | None = None, checkpoint_dir
             trained on one; nf4: 4-bit blocks, the rest in the compute dtype.
         device: cuda or cpu (default: cuda when available).
     """
+    sampling = {**(sampling or {}), **({"temperature": 0.0} if greedy else {})}
+    check_sampling(max_new_tokens, **{k: sampling.get(k, v) for k, v in _sampling_defaults().items()})
     records = read_prompts(prompts, file, seed_prompts, input)
     mode = "completion" if seed_prompts else mode
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -113,18 +124,15 @@ def generate(prompts: list[str] = [], adapter: str | None = None, checkpoint_dir
                          "use the tokenizer that matches the model")
     check_prompt_lengths(ids, loaded.config.max_seq_len)
     generator = torch.Generator(device=device).manual_seed(seed)
-    sampling = {**(sampling or {}), **({"temperature": 0.0} if greedy else {})}
     for text, prompt in zip(texts, ids, strict=True):
         if mode == "completion":
             print(text, end="", flush=True)
         out: list[int] = []
-        shown, start = "", time.perf_counter()
-        for token in loaded.model.generate_stream(prompt, max_new_tokens, eos_id=tok.eos_id, generator=generator,
-                                                  **sampling):
-            out.append(token)
-            decoded = tok.decode(out)  # decode the whole reply: SentencePiece spaces depend on the neighbours
-            print(decoded[len(shown):], end="", flush=True)
-            shown = decoded
+        start = time.perf_counter()
+        tokens = loaded.model.generate_stream(prompt, max_new_tokens, eos_id=tok.eos_id, generator=generator,
+                                              **sampling)
+        for piece in tok.stream(out.append(t) or t for t in tokens):  # whole characters only, as they complete
+            print(piece, end="", flush=True)
         seconds = time.perf_counter() - start
         print(flush=True)
         print(f"[{len(out)} tokens, {len(out) / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr, flush=True)

@@ -1,5 +1,5 @@
 """Merge a LoRA adapter into its base and write a plain checkpoint:
-`python scripts/merge.py --adapter lightning_logs/lora_amp/checkpoints/last.ckpt --out_dir merged --format hf`.
+`python scripts/merge.py --adapter lightning_logs/lora_amp --out_dir merged --format hf`.
 
 Tensor by tensor from the memory-mapped base: each update in fp32, folded into its weight and cast once. The peak is
 the base in its dtype plus one layer.

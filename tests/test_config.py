@@ -34,7 +34,7 @@ def test_meta_params_json(tmp_path):
 
 def test_hf_config_json(tmp_path):
     c = LlamaConfig.from_name("llama2-7b")
-    (tmp_path / "config.json").write_text(json.dumps(c.to_hf_config()))
+    (tmp_path / "config.json").write_text(json.dumps(c.to_hf_config("float16")))
     assert LlamaConfig.from_hf_config(tmp_path / "config.json") == c
 
 

@@ -490,3 +490,36 @@ def test_packed_rows_keep_each_examples_tokens_labels_and_segment(demo_tok, mask
     batch = DataCollatorForSupervisedDataset(pad_id=0)([packed[0], packed[1]])
     assert batch["segment_ids"].shape == batch["input_ids"].shape
     assert batch["segment_ids"][batch["labels"] != -100].min() > 0  # every target inside an example
+
+
+# ----- data as users have it -----
+
+def test_data_as_users_have_it_is_read(tmp_path):
+    """A UTF-8 byte-order mark, "input": null, and JSON lines saved as .json are read, not refused."""
+    records = [{"instruction": "Say hi.", "input": None, "output": "Hi."}, {"instruction": "Add.", "input": "1 2",
+                                                                          "output": "3"}]
+    bom = tmp_path / "bom.json"
+    bom.write_bytes("\ufeff".encode() + json.dumps(records).encode())
+    lines = tmp_path / "lines.json"
+    lines.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    for path in (bom, lines):
+        got = load_records(path)
+        assert got[0]["input"] == "" and got[1] == records[1], path
+    assert format_prompt(load_records(bom)[0]) == format_prompt({"instruction": "Say hi.", "input": ""})
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
+    with pytest.raises(ValueError, match="invalid JSON on line 2"):
+        load_records(broken)
+
+
+def test_dropping_many_records_for_length_warns_with_the_length_that_keeps_them(demo_tok, caplog):
+    import logging
+
+    records = [{"instruction": "word " * 80, "input": "", "output": "x"}] * 3 + instruction_records(7)
+    fits = 2 + max(len(demo_tok.encode(format_prompt(r), bos=True)) for r in records[3:])
+    with caplog.at_level(logging.INFO):
+        examples, stats = preprocess(records, demo_tok, max_seq_len=fits)
+    longest = len(demo_tok.encode(format_prompt(records[0]), bos=True))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert stats.dropped == 3 and len(warnings) == 1
+    assert "3 of 10 records dropped" in warnings[0] and f"data.max_seq_len {longest + 1} keeps them all" in warnings[0]

@@ -110,6 +110,7 @@ def test_checkpoints_are_adapter_only_and_tensorboard_has_the_tags(tmp_path, cac
     for tag in ("train/loss_step", "val/loss", "val/ppl", "lr-AdamW", "memory/peak_rss_mb",
                 "throughput/tokens_per_s", "throughput/target_tokens_per_s"):
         assert tag in found, (tag, found)
+    assert "hp_metric" not in found and "train/loss_epoch" in found  # the tags the README names, no stray -1
 
 
 def trained_lora(tmp_path: Path, cache_dir: Path, name: str, **overrides) -> dict[str, torch.Tensor]:

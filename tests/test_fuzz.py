@@ -80,6 +80,12 @@ def demo_tokenizer(run: Path) -> Path:
     return next(cache.glob("demo-tokenizer-512-*.model"))
 
 
+def peft_folder(run: Path, tmp: Path) -> Path:
+    from llama_lora.adapters import export_adapter
+
+    return export_adapter(str(run / "ckpt" / "last.ckpt"), str(tmp / "peft"))
+
+
 def config_file(text: str) -> Callable[[Path, Path], list[str]]:
     def build(run: Path, tmp: Path) -> list[str]:
         (tmp / "extra.yaml").write_text(text)
@@ -161,12 +167,6 @@ def adapter(damage: Callable[[bytes, Path], bytes], *rest: str) -> Callable[[Pat
     return build
 
 
-def peft_folder(run: Path, tmp: Path) -> Path:
-    from llama_lora.adapters import export_adapter
-
-    return export_adapter(str(run / "ckpt" / "last.ckpt"), str(tmp / "peft"))
-
-
 def other_base(tmp: Path) -> Path:
     """A Meta checkpoint of another shape (the small preset's head count on tiny's size)."""
     sd, config = tiny_state()
@@ -208,7 +208,20 @@ CASES = {
                            "unrecognized arguments: --model.lora_rank"),
     "config-wrong-type": ("fit", lambda run, tmp: ["--trainer.max_steps", "ten"], argparse.ArgumentError,
                           "trainer.max_steps: Expected a <class 'int'>"),
-    "config-bad-yaml": ("fit", config_file("trainer: [max_steps: 3\n"), argparse.ArgumentError, "config"),
+    "config-bad-yaml": ("fit", config_file("trainer: [max_steps: 3\n"), ValueError,
+                        "extra.yaml: invalid YAML at line 2"),
+    "config-bad-yaml-script": ("generate", lambda run, tmp: (tmp / "g.yaml").write_text("prompts: [a\nb: c: d\n")
+                               and ["--config", str(tmp / "g.yaml")], ValueError, "g.yaml: invalid YAML at line"),
+    "prompt-no-new-tokens": ("generate", lambda run, tmp: ["--adapter", str(run / "ckpt" / "last.ckpt"),
+                                                           "--max_new_tokens", "0", "Hi"], ValueError,
+                             "max_new_tokens must be >= 1"),
+    "prompt-negative-temperature": ("generate", lambda run, tmp: ["--temperature", "-1", "Hi"], ValueError,
+                                    "temperature must be >= 0 (0: greedy)"),
+    "prompt-empty-nucleus": ("generate", lambda run, tmp: ["--top_p", "0", "Hi"], ValueError,
+                             "top_p must be in (0, 1]"),
+    "data-relative-missing": ("fit", lambda run, tmp: ["--data.data_path", "no/such.json", "--data.tokenizer_path",
+                                                       str(demo_tokenizer(run))], FileNotFoundError,
+                              "a relative path is read from the working directory"),
     "config-unknown-lora-target": ("fit", config_file("model:\n  lora:\n    targets: [wz]\n"), ValueError,
                                    "model.lora.targets: unknown ['wz']"),
     "config-lora-rank-zero": ("fit", lambda run, tmp: ["--model.lora.r", "0"], ValueError,
@@ -274,7 +287,7 @@ CASES = {
                                                                  "--val_size", "-3"], ValueError,
                                    "data.val_size must be >= 0"),
     "evaluate-peft-without-model": ("evaluate", lambda run, tmp: ["--adapter", str(peft_folder(run, tmp))],
-                                    ValueError, "a PEFT adapter needs the model"),
+                                    ValueError, "a PEFT adapter needs its base model: give --checkpoint_dir"),
     # merge
     "merge-missing-adapter": ("merge", lambda run, tmp: ["--adapter", str(tmp / "nope"), "--out_dir", str(tmp / "o")],
                               FileNotFoundError, "Adapter not found"),
@@ -296,7 +309,7 @@ CASES = {
                               "trained without LoRA"),
     "export-peft-folder": ("export_adapter", lambda run, tmp: ["--adapter", str(peft_folder(run, tmp)), "--out_dir",
                                                                str(tmp / "o")], ValueError,
-                           "a PEFT adapter needs the model"),
+                           "is already a PEFT adapter; export_adapter takes a fit.py .ckpt"),
 }
 
 

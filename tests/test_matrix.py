@@ -60,7 +60,7 @@ def pairwise(knobs: dict[str, tuple], seed: int = 0, candidates: int = 50) -> li
 
 
 COMBINATIONS = pairwise(KNOBS)
-FAST = [0, 1]  # the slice in the default suite
+FAST = [0]  # the slice in the default suite (NF4, bf16-mixed, packing, checkpointing)
 
 
 def test_the_combinations_cover_every_pair():

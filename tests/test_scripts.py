@@ -144,3 +144,144 @@ def test_no_default_is_stated_twice(script, sources):
     for node in ast.walk(ast.parse((ROOT / script).read_text())):
         if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
             raise AssertionError(f"{script}:{node.lineno} writes an option by hand")
+
+
+# ----- a merged folder is a model a user can pick up -----
+
+@pytest.fixture(scope="module")
+def based_run(tmp_path_factory):
+    """A tiny LoRA run on a bf16 Meta base folder (with its tokenizer beside it, as Meta ships it)."""
+    import shutil
+
+    from llama_lora.checkpoints import save_meta
+    from llama_lora.config import LlamaConfig
+
+    d = tmp_path_factory.mktemp("based")
+    cache = tmp_path_factory.mktemp("cache")
+    config = LlamaConfig.from_name("tiny")
+    save_meta(build_model(config, plan=torch.bfloat16, seed=2).state_dict(), config, d / "base")
+    fit(write_tiny_config(d, cache, trainer={"max_steps": 2, "limit_val_batches": 0},
+                          model={"checkpoint_dir": str(d / "base"), "base_dtype": "auto"}))
+    shutil.copyfile(next(cache.glob("demo-tokenizer-512-*.model")), d / "base" / "tokenizer.model")
+    return d
+
+
+@pytest.mark.parametrize("fmt, dtype, written", [
+    ("hf", None, "bfloat16"), pytest.param("hf", "fp32", "float32", marks=pytest.mark.slow),
+    pytest.param("meta", None, None, marks=pytest.mark.slow)])
+def test_a_merged_folder_runs_with_no_extra_flags(based_run, tmp_path, fmt, dtype, written):
+    """Merge, then generate, evaluate and fit on the merged folder as it is: the tokenizer is beside the weights, and
+    config.json names the dtype the shards hold (under "dtype" and "torch_dtype"); files get the user's umask."""
+    import json
+    import os
+    import stat
+
+    out = tmp_path / "merged"
+    proc = script("merge.py", "--adapter", str(based_run / "ckpt" / "last.ckpt"), "--out_dir", str(out), "--format",
+                  fmt, *(["--base_dtype", dtype] if dtype else []))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "tokenizer.model").is_file()
+    if written:
+        config = json.loads((out / "config.json").read_text())
+        assert config["dtype"] == config["torch_dtype"] == written
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in out.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f.name
+    proc = script("generate.py", "--checkpoint_dir", str(out), "--greedy", "--max_new_tokens", "3", "Hi")
+    assert proc.returncode == 0 and "tokens/s" in proc.stderr, proc.stderr[-2000:]
+    records = tmp_path / "data.json"
+    records.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(12)]))
+    proc = script("evaluate.py", "--checkpoint_dir", str(out), "--data_path", str(records), "--val_size", "4",
+                  "--out", str(tmp_path / "e.json"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (tmp_path / "fit").mkdir()
+    fit(write_tiny_config(tmp_path / "fit", tmp_path / "cache", trainer={"max_steps": 1, "limit_val_batches": 0}),
+        "--model.checkpoint_dir", str(out), "--model.model", "null", "--data.data_path", str(records),
+        "--data.tokenizer_path", str(out / "tokenizer.model"))
+
+
+def test_merge_into_the_bases_own_folder_is_refused(based_run):
+    before = sorted(p.name for p in (based_run / "base").iterdir())
+    proc = script("merge.py", "--adapter", str(based_run / "ckpt" / "last.ckpt"), "--out_dir",
+                  str(based_run / "base" / "."), "--format", "meta")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "is the base's own folder" in errors[0]
+    assert sorted(p.name for p in (based_run / "base").iterdir()) == before
+
+
+def test_export_names_the_base_the_adapter_was_trained_on(based_run, tmp_path):
+    import json
+
+    proc = script("export_adapter.py", "--adapter", str(based_run / "ckpt" / "last.ckpt"), "--out_dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((based_run / "base").resolve())
+
+
+# ----- configs that round-trip, and runs found by their folder -----
+
+@pytest.mark.parametrize("name", ["generate", "evaluate", "merge", "export_adapter"])
+def test_every_scripts_printed_config_runs_as_it_is(run_dir, tmp_path, name):
+    """`X.py ARGS --print_config > x.yaml`, then `X.py --config x.yaml`: the same run (fit.py: test_fit)."""
+    ckpt = str(run_dir / "ckpt" / "last.ckpt")
+    args = {"generate": ["--adapter", ckpt, "--greedy", "--max_new_tokens", "2", "Hi"],
+            "evaluate": ["--adapter", ckpt, "--out", str(tmp_path / "e.json")],
+            "merge": ["--adapter", ckpt, "--out_dir", str(tmp_path / "m")],
+            "export_adapter": ["--adapter", ckpt, "--out_dir", str(tmp_path / "p")]}[name]
+    printed = script(f"{name}.py", *args, "--print_config")
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    (tmp_path / "x.yaml").write_text(printed.stdout)
+    proc = script(f"{name}.py", "--config", str(tmp_path / "x.yaml"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    if name == "generate":
+        assert "tokens/s" in proc.stderr  # the prompt came from the config
+
+
+def test_generate_on_a_terminal_with_no_prompt_says_it_reads_the_terminal(run_dir):
+    import os
+    import pty
+
+    main, secondary = pty.openpty()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "generate.py"), "--adapter",
+                             str(run_dir / "ckpt" / "last.ckpt"), "--greedy", "--max_new_tokens", "2"],
+                            stdin=secondary, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    os.write(main, b"Hi\n\x04")
+    _, stderr = proc.communicate(timeout=300)
+    os.close(main), os.close(secondary)
+    assert proc.returncode == 0 and "Reading prompts from the terminal" in stderr and "tokens/s" in stderr, stderr
+
+
+def test_runs_keep_their_own_checkpoints_and_the_scripts_take_the_newest(tmp_path, cache_dir):
+    """Without a dirpath, each run writes into its own version folder (no last-v1.ckpt beside an earlier run's
+    last.ckpt); `--adapter <run folder>` and `--ckpt_path last` take the newest run's checkpoint."""
+    import yaml
+
+    config = write_tiny_config(tmp_path, cache_dir, trainer={"max_steps": 2, "limit_val_batches": 0})
+    cfg = yaml.safe_load(config.read_text())
+    cfg["trainer"]["callbacks"][0]["init_args"].pop("dirpath")
+    config.write_text(yaml.safe_dump(cfg))
+    fit(config)
+    fit(config, "--model.lora.r", "2")  # a second, different run of the same name
+    runs = tmp_path / "logs" / "tiny"
+    assert sorted(p.name for p in runs.glob("version_*/checkpoints/*.ckpt")) == sorted(
+        ["last.ckpt", "step00002.ckpt"] * 2)
+    adapter = read_adapter(runs)
+    assert adapter.lora["r"] == 2 and adapter.source.parent.parent.name == "version_1"
+    proc = script("generate.py", "--adapter", str(runs), "--greedy", "--max_new_tokens", "2", "Hi")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fit(config, "--model.lora.r", "2", "--ckpt_path", "last", "--trainer.max_steps", "3")  # resumes version_1
+    resumed = read_adapter(runs).source
+    assert resumed.parent.parent.name == "version_2" and torch.load(resumed, weights_only=True)["global_step"] == 3
+
+
+def test_evaluate_takes_a_peft_adapter_with_its_base_folder_alone(based_run, tmp_path):
+    """No --model: the preset is the base's own config (it was "Unknown model preset None")."""
+    peft = tmp_path / "peft"
+    assert script("export_adapter.py", "--adapter", str(based_run / "ckpt" / "last.ckpt"), "--out_dir",
+                  str(peft)).returncode == 0
+    records = tmp_path / "data.json"
+    records.write_text(__import__("json").dumps([{"instruction": f"Say {i}.", "output": str(i)} for i in range(12)]))
+    proc = script("evaluate.py", "--adapter", str(peft), "--checkpoint_dir", str(based_run / "base"), "--data_path",
+                  str(records), "--val_size", "4", "--out", str(tmp_path / "e.json"))
+    assert proc.returncode == 0, proc.stderr[-2000:]

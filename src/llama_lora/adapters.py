@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from safetensors.torch import save_file
 
 from . import run_checkpoint
 from .checkpoints import build_model, hf_key_to_meta, meta_key_to_hf, open_checkpoint, save_hf, save_meta
+from .checkpoints.tensors import publish
 from .config import LlamaConfig
 from .demo import demo_tokenizer_file
 from .layout import BY_TARGET, LORA_TARGETS, is_block_linear, permute_from_hf, rope_heads, to_hf_layout
@@ -62,15 +64,28 @@ class Adapter:
         return self.hparams.get("checkpoint_dir")
 
 
+def _is_peft(path: Path) -> bool:
+    return path.is_dir() and (path / "adapter_config.json").is_file()
+
+
 def read_adapter(path: str | Path, config: LlamaConfig | None = None) -> Adapter:
-    """A fit.py checkpoint (``.ckpt``) or a PEFT folder, without reading any base weight. A PEFT adapter needs the
-    model's ``config`` (its q/k rows are in HF's permuted order)."""
+    """A fit.py checkpoint (``.ckpt``), a fit.py run folder (its newest checkpoint: ``lightning_logs/demo``) or a PEFT
+    folder, without reading any base weight. A PEFT adapter needs the model's ``config`` (its q/k rows are in HF's
+    permuted order)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"Adapter not found: {path}; give a fit.py .ckpt or a PEFT adapter folder")
+        raise FileNotFoundError(f"Adapter not found: {path}; give a fit.py .ckpt or run folder, or a PEFT adapter "
+                                "folder")
+    if path.is_dir() and not _is_peft(path):
+        newest = run_checkpoint.newest_first([path])
+        if not newest and list(path.glob("*.safetensors")):
+            raise FileNotFoundError(f"{path / 'adapter_config.json'} is missing; a PEFT adapter folder holds "
+                                    "adapter_config.json and adapter_model.safetensors")
+        path = run_checkpoint.newest_readable(path)
+        log.info("Adapter: %s (the newest checkpoint of the run)", path)
     if path.is_dir():
         if config is None:
-            raise ValueError(f"{path}: a PEFT adapter needs the model: pass a model preset or checkpoint_dir")
+            raise ValueError(f"{path}: a PEFT adapter needs its base model: give --checkpoint_dir (or --model)")
         tensors, lora = import_peft(path, config)
         return Adapter(tensors, lora, path)
     record = run_checkpoint.read(path)
@@ -84,7 +99,7 @@ def open_adapter(adapter: str | Path | None, checkpoint_dir: str | Path | None =
     if adapter is None:
         return None
     path = Path(adapter)
-    if not path.is_dir():
+    if not _is_peft(path):
         return read_adapter(path)
     config = LlamaConfig.from_name(model) if model else None
     if config is None and checkpoint_dir is not None:
@@ -157,7 +172,7 @@ def _peft_name(meta_module: str) -> str:
 
 
 def export_peft(lora_tensors: dict[str, torch.Tensor], config: LlamaConfig, lora: dict[str, Any],
-                out_dir: str | Path, base_model: str) -> Path:
+                out_dir: str | Path, base_model: str | None) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` as HF PEFT does for a LLaMA model, from the
     LoRA tensors in Meta names (``lora_state_dict(model)`` or ``read_adapter(...).tensors``): no base weight needed.
 
@@ -174,7 +189,9 @@ def export_peft(lora_tensors: dict[str, torch.Tensor], config: LlamaConfig, lora
     if not tensors:
         raise ValueError("export_peft: no LoRA tensors (was the adapter trained with lora: null?)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    tmp = out_dir / "adapter_model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    publish(tmp, out_dir / "adapter_model.safetensors")
     adapter_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": lora["r"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"],
@@ -273,9 +290,10 @@ def merged_weights(base: Mapping[str, torch.Tensor], adapter: Adapter, dtype: to
 
 def merge_adapter(adapter: str, out_dir: str, format: Literal["hf", "meta"] = "hf", checkpoint_dir: str | None = None,
                   model: str | None = None, base_dtype: Literal["bf16", "fp16", "fp32"] | None = None,
-                  max_shard_bytes: int = 5 * 10**9) -> Path:
+                  max_shard_bytes: int = 5 * 10**9, tokenizer_path: str | None = None) -> Path:
     """Fold an adapter into its base and write a plain checkpoint, tensor by tensor from the memory-mapped base: the
-    peak is the base in its dtype plus one layer. Each update is computed in fp32 and folded in before one cast.
+    peak is the base in its dtype plus one layer. Each update is computed in fp32 and folded in before one cast. The
+    tokenizer goes beside the weights, so the folder is a model the scripts (and HF loaders) take as it is.
 
     Args:
         adapter: a fit.py .ckpt or a PEFT adapter folder.
@@ -285,9 +303,22 @@ def merge_adapter(adapter: str, out_dir: str, format: Literal["hf", "meta"] = "h
         model: the preset (default: the adapter's).
         base_dtype: the dtype of the written weights (default: the base's own).
         max_shard_bytes: the largest HF shard.
+        tokenizer_path: the tokenizer.model to copy beside the weights (default: the adapter's, or the base's).
     """
     trained = open_adapter(adapter, checkpoint_dir, model)
     checkpoint_dir, config = adapter_config(trained, checkpoint_dir, model)
+    if checkpoint_dir is not None:
+        base_folder = Path(checkpoint_dir) if Path(checkpoint_dir).is_dir() else Path(checkpoint_dir).parent
+        if Path(out_dir).resolve() == base_folder.resolve():
+            raise ValueError(f"merge: --out_dir {out_dir} is the base's own folder: the merged weights would replace "
+                             "the base (and an adapter pointing at it would be applied twice); write them elsewhere")
+    try:
+        tokenizer = resolve_tokenizer(tokenizer_path, trained, checkpoint_dir).path
+    except (ValueError, FileNotFoundError) as e:
+        if tokenizer_path is not None:
+            raise
+        tokenizer = None
+        log.warning("merge: no tokenizer to copy beside the weights (%s); pass --tokenizer_path", e)
     if checkpoint_dir is None:  # the random init a fit.py run started from (demo and test presets)
         if config is None:
             raise ValueError("merge: the base is unknown; give checkpoint_dir (or a model preset)")
@@ -298,21 +329,30 @@ def merge_adapter(adapter: str, out_dir: str, format: Literal["hf", "meta"] = "h
         base, _, config = open_checkpoint(checkpoint_dir, config)
     merged = dict(merged_weights(base, trained, DTYPES[base_dtype] if base_dtype else None))
     if format == "meta":
-        return save_meta(merged, config, out_dir)
-    return save_hf(merged, config, out_dir, max_shard_bytes=max_shard_bytes)
+        save_meta(merged, config, out_dir)
+    else:
+        save_hf(merged, config, out_dir, max_shard_bytes=max_shard_bytes)
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, Path(out_dir) / "tokenizer.model")
+    return Path(out_dir)
 
 
-def export_adapter(adapter: str, out_dir: str, base_model: str = "meta-llama/Llama-2-7b-hf") -> Path:
+def export_adapter(adapter: str, out_dir: str, base_model: str | None = None) -> Path:
     """Write a fit.py LoRA checkpoint in HF PEFT's format, reading the adapter only (no base weight).
 
     Args:
         adapter: a fit.py .ckpt trained with LoRA.
         out_dir: the folder to write (adapter_config.json + adapter_model.safetensors).
-        base_model: base_model_name_or_path in adapter_config.json.
+        base_model: base_model_name_or_path in adapter_config.json (default: the folder of the base the adapter was
+            trained on, as an absolute path; null for a random base).
     """
+    if _is_peft(Path(adapter)):
+        raise ValueError(f"{adapter} is already a PEFT adapter; export_adapter takes a fit.py .ckpt or run folder")
     trained = read_adapter(adapter)
     if not trained.lora:
         raise ValueError(f"{adapter} was trained without LoRA (lora: null); merge it instead (scripts/merge.py)")
+    if base_model is None and trained.checkpoint_dir is not None:
+        base_model = str(Path(trained.checkpoint_dir).resolve())
     # The preset gives the head counts that HF's q/k permutation needs.
     return export_peft(trained.tensors, LlamaConfig.from_name(trained.preset), trained.lora, out_dir, base_model)
 

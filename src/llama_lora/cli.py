@@ -8,9 +8,11 @@ import logging
 import re
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import docstring_parser
+import yaml
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 from rich.console import Console
 from rich.logging import RichHandler
@@ -29,12 +31,14 @@ def script_arguments(function: Callable[..., Any], argv: Sequence[str], descript
     functions, classes or methods, e.g. ``((Llama, "generate_stream"), ["temperature", "top_p"])``: their defaults then
     live in the library alone, and they come back in the result beside the function's own.
     """
+    check_config_files(argv)
     parser = ArgumentParser(description=description, exit_on_error=False,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options (see --print_config)")
     if positional is not None:
-        # No default here: jsonargparse before 4.40 refuses one on a positional; the function's comes back below.
-        parser.add_argument(positional, nargs="*", type=str)
+        # SUPPRESS: with none on the command line, the positional is absent (an empty list would replace the one a
+        # --config file gives); the function's default comes back below.
+        parser.add_argument(positional, nargs="*", type=str, default=argparse.SUPPRESS)
     # Booleans are flags (--greedy, --no_greedy): jsonargparse's own take an optional value, which would swallow
     # the prompt in `--greedy "What is 3 plus 5?"`.
     params = inspect.signature(function).parameters
@@ -58,6 +62,25 @@ def script_arguments(function: Callable[..., Any], argv: Sequence[str], descript
     if positional is not None and not args.get(positional):
         args[positional] = list(inspect.signature(function).parameters[positional].default)
     return args
+
+
+def check_config_files(argv: Sequence[str]) -> None:
+    """Each ``--config`` file is valid YAML, or one line names the file, the line and the problem (jsonargparse says
+    only "Problems parsing config"). Relative paths inside a config (data, tokenizer, weights, logs) are read from the
+    working directory; ``extends:`` (fit.py) from the config file's own folder."""
+    args = iter(argv)
+    for a in args:
+        path = next(args, None) if a == "--config" else a.split("=", 1)[1] if a.startswith("--config=") else None
+        if path is None or not Path(path).is_file():
+            continue
+        try:
+            yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except yaml.MarkedYAMLError as e:
+            mark = e.problem_mark
+            raise ValueError(f"{path}: invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {e.problem}"
+                             ) from None
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a YAML config ({str(e).splitlines()[0]})") from None
 
 
 def configure_logging(level: int = logging.INFO) -> None:

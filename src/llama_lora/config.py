@@ -127,7 +127,11 @@ class LlamaConfig:
             "tie_embeddings": self.tie_embeddings,  # not Meta's either: llama2.c models converted to this layout
         }
 
-    def to_hf_config(self) -> dict[str, Any]:
+    def to_hf_config(self, dtype: Any) -> dict[str, Any]:
+        """HF's config.json, with ``dtype`` (a torch dtype or its name) that of the weights written beside it: under
+        "dtype", which transformers reads since 4.56, and "torch_dtype", which older versions read (both, so that
+        ``torch_dtype="auto"`` keeps the written dtype in either)."""
+        dtype = str(dtype).removeprefix("torch.")
         return {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -144,7 +148,8 @@ class LlamaConfig:
             "tie_word_embeddings": self.tie_embeddings,
             "bos_token_id": 1,
             "eos_token_id": 2,
-            "torch_dtype": "float16",
+            "dtype": dtype,
+            "torch_dtype": dtype,
         }
 
 

@@ -336,7 +336,10 @@ class Llama(nn.Module):
         use_cache: bool = True,
         generator: torch.Generator | None = None,
     ) -> Iterator[int]:
-        """Yield new token ids one at a time for one prompt; temperature 0 means greedy. Stops at EOS (not yielded)."""
+        """Yield new token ids one at a time for one prompt; temperature 0 means greedy. Stops at EOS (not yielded).
+        ``top_k`` keeps the k likeliest tokens (None: all), ``top_p`` the smallest set holding that much probability
+        (None or 1: all)."""
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
         if not prompt:
             raise ValueError("generate: the prompt is empty; give at least one token (e.g. BOS)")
         total = min(len(prompt) + max_new_tokens, self.config.max_seq_len)
@@ -390,6 +393,18 @@ def init_base_tensor(name: str, t: torch.Tensor, std: float = 0.02, generator: t
         t.normal_(mean=0.0, std=std, generator=generator)
     else:
         t.copy_(torch.empty(t.shape, device=t.device).normal_(mean=0.0, std=std, generator=generator))
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Refuse sampling settings that mean nothing (a negative temperature, a nucleus of no mass), in one line."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, or null for no top-k filtering, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], or null for no nucleus filtering, got {top_p}")
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,

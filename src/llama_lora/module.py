@@ -54,7 +54,7 @@ class WarmupCosineLR(LambdaLR):
 class LlamaLoRAModule(L.LightningModule):
     def __init__(
         self,
-        model: str = "llama2-7b",
+        model: str | None = "llama2-7b",
         checkpoint_dir: str | None = None,
         base_dtype: BaseDtypeName = "auto",
         lora: LoRASettings | None = LoRASettings(),
@@ -72,6 +72,7 @@ class LlamaLoRAModule(L.LightningModule):
         """
         Args:
             model: preset name (llama2-7b, llama2-13b, llama2-70b, small, demo, tiny); the checkpoint must match it.
+                null: the checkpoint's own config (its params.json or config.json).
             checkpoint_dir: Meta or HF checkpoint dir (or llama2.c .bin); None for random init (demo, benchmarks).
             base_dtype: dtype of the frozen base weights; auto: the dtype the compute runs in (bf16 under bf16-mixed,
                 fp16 under 16-mixed, fp32 under 32-true), and fp32 for full fine-tuning, whose weights are trained.
@@ -91,13 +92,17 @@ class LlamaLoRAModule(L.LightningModule):
             max_nonfinite_steps: stop the run when the loss is inf/NaN for this many optimizer steps in a row.
         """
         super().__init__()
-        self.config = LlamaConfig.from_name(model, max_seq_len=max_seq_len)
         if checkpoint_dir is not None:
             path = Path(checkpoint_dir)
             if not path.exists():
                 raise FileNotFoundError(f"model.checkpoint_dir {path} does not exist. {WEIGHTS_HELP}. "
                                         "Or set model.checkpoint_dir: null for random init")
             detect_format(path)  # fails now, before anything is allocated, if no weights are there
+        if model is None and checkpoint_dir is None:
+            raise ValueError("model.model: give a preset name, or model.checkpoint_dir to take the model's own config "
+                             "from its params.json / config.json")
+        self.config = LlamaConfig.from_name(model, max_seq_len=max_seq_len) if model is not None else (
+            dataclasses.replace(open_checkpoint(checkpoint_dir)[2], max_seq_len=max_seq_len))
         if init_adapter is not None and not Path(init_adapter).exists():
             raise FileNotFoundError(f"model.init_adapter {init_adapter} does not exist; give a fit.py .ckpt or a "
                                     "PEFT adapter folder")
@@ -171,7 +176,7 @@ class LlamaLoRAModule(L.LightningModule):
                 self.model = Llama(self.config, self.gradient_checkpointing, self.checkpoint_layers, plan).to(
                     plan.norm_dtype)
             if sd is not None:
-                check_state_dict(self.model, sd, sources, what=f"model preset {self.hparams.model!r}")
+                check_state_dict(self.model, sd, sources, what=f"model {self.hparams.model or self.checkpoint_dir!r}")
         if self.lora is not None:
             apply_lora(self.model, self.lora, plan.lora_dtype)
             mark_only_lora_as_trainable(self.model)

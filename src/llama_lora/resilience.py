@@ -247,19 +247,31 @@ def checkpoint_problem(path: str | Path) -> str | None:
     return None
 
 
+def checkpoint_folders(trainer: L.Trainer) -> list[Path]:
+    """Where a run's checkpoints are: each ModelCheckpoint's dirpath, or, without one, the run's folder
+    ``<save_dir>/<name>``, whose versions each keep their own (``version_N/checkpoints``, Lightning's default: a new
+    run never mixes its files with an earlier run's)."""
+    folders = []
+    logger = trainer.logger
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath is not None:
+            folders.append(Path(cb.dirpath))
+        elif isinstance(cb, ModelCheckpoint) and logger is not None and logger.save_dir:
+            folders.append(Path(logger.save_dir) / str(logger.name))
+    return folders
+
+
 def resolve_resume_checkpoint(trainer: L.Trainer, ckpt_path: str | None) -> str | None:
     """The checkpoint ``trainer.fit`` should resume from.
 
-    ``last`` means the newest intact ``*.ckpt`` in the ModelCheckpoint folder (last.ckpt or a step file); damaged
+    ``last`` means the newest intact ``*.ckpt`` of the run (``checkpoint_folders``: last.ckpt or a step file); damaged
     ones are skipped with a warning. None when there is nothing to resume from yet (a first run with ``last`` set).
     A named path that is missing or damaged raises ValueError naming an intact alternative, if any.
     """
     if ckpt_path is None or ckpt_path in ("best", "hpc"):
         return ckpt_path  # Lightning's other names: resolved by Lightning itself
-    folders = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks
-               if isinstance(cb, ModelCheckpoint) and cb.dirpath is not None]
-    candidates = sorted({p for d in folders if d.is_dir() for p in d.glob("*.ckpt")},
-                        key=lambda p: p.stat().st_mtime, reverse=True)
+    folders = checkpoint_folders(trainer)
+    candidates = run_checkpoint.newest_first(folders)
     if ckpt_path == "last":
         for path in candidates:
             problem = checkpoint_problem(path)

@@ -120,6 +120,28 @@ def read(path: str | Path, checkpoint: dict[str, Any] | None = None) -> RunRecor
                      checkpoint.get("global_step", 0))
 
 
+def newest_first(folders: list[Path]) -> list[Path]:
+    """The ``.ckpt`` files in these folders (and in the ``checkpoints`` folders of a run folder's versions), the newest
+    first."""
+    found = set()
+    for folder in folders:
+        if folder.is_dir():
+            found |= set(folder.glob("*.ckpt")) | set(folder.glob("*/checkpoints/*.ckpt")) | set(
+                folder.glob("checkpoints/*.ckpt"))
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def newest_readable(folder: Path) -> Path:
+    """The newest checkpoint of a run folder (or a checkpoints folder) that reads: what ``--adapter FOLDER`` means."""
+    for path in newest_first([folder]):
+        try:
+            read(path)
+            return path
+        except ValueError as e:
+            log.warning("Skipping %s: %s", path, e)
+    raise FileNotFoundError(f"{folder} holds no readable fit.py checkpoint (*.ckpt, or version_*/checkpoints/*.ckpt)")
+
+
 # ----- the resume policy -----
 
 def _shown(key: str, value: Any) -> str:

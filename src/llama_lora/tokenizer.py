@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import sentencepiece as spm
 
 log = logging.getLogger(__name__)
+
+_REPLACEMENT = "\ufffd"  # what a byte sequence that is not (yet) valid UTF-8 decodes to
 
 
 class Tokenizer:
@@ -44,6 +46,24 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.DecodeIds([int(i) for i in ids])
+
+    def stream(self, ids: Iterable[int]) -> Iterator[str]:
+        """The text of ``ids`` piece by piece as they come, for printing while generating: joined, the pieces equal
+        ``decode`` of all the ids. The whole reply is decoded each time (SentencePiece's spaces depend on the
+        neighbours), and text ending in an unfinished UTF-8 character (byte-fallback pieces still to come decode to
+        U+FFFD) is held back until the character is complete."""
+        out: list[int] = []
+        shown = ""
+        for i in ids:
+            out.append(int(i))
+            text = self.decode(out)
+            ready = text.rstrip(_REPLACEMENT)
+            if ready.startswith(shown) and len(ready) > len(shown):
+                yield ready[len(shown):]
+                shown = ready
+        text = self.decode(out)
+        if text != shown:  # the end: what is left (an invalid byte sequence stays U+FFFD, as decode gives it)
+            yield text[len(shown):] if text.startswith(shown) else text
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.IdToPiece(int(i))

@@ -75,33 +75,44 @@ def load_records(path: str | Path, cache_dir: str | Path | None = None, format: 
     path = Path(path)
     kinds = ".txt, .json or .jsonl" if format == "text" else ".json/.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"Data file not found: {path}; give a local {kinds} file or an https URL")
+        where = "" if path.is_absolute() else f" (a relative path is read from the working directory, {Path.cwd()})"
+        raise FileNotFoundError(f"Data file not found: {path}{where}; give a local {kinds} file or an https URL")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a UTF-8 byte-order mark (Windows editors write one) is dropped
     except UnicodeDecodeError as e:
         what = "text data is UTF-8" if format == "text" else "Alpaca data is a JSON list or JSON lines"
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); {what}") from None
     if format == "text" and path.suffix not in (".json", ".jsonl"):
         records: list = [{"text": doc.strip()} for doc in re.split(r"\n\s*\n", text) if doc.strip()]
     elif path.suffix == ".jsonl":
-        records = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: invalid JSON on line {lineno}, column {e.colno}: {e.msg}") from None
+        records = _json_lines(text, path)
     else:
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+            if e.msg != "Extra data":
+                raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+            records = _json_lines(text, path)  # JSON lines saved as .json: one object per line
+            log.info("%s holds JSON lines (one record per line): read as such", path)
         if not isinstance(records, list):
             raise ValueError(f"{path}: the top level is a JSON {type(records).__name__}, expected a list of records")
     if format == "text":
         records = [{"text": r} if isinstance(r, str) else r for r in records]
     for i, rec in enumerate(records):
         (validate_text if format == "text" else validate_record)(rec, i, path)
+        if format != "text" and rec.get("input") is None:
+            rec["input"] = ""  # "input": null or none at all: the no-input template (as alpaca-lora's prompter)
+    return records
+
+
+def _json_lines(text: str, path: Path) -> list:
+    records = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: invalid JSON on line {lineno}, column {e.colno}: {e.msg}") from None
     return records
 
 
@@ -123,6 +134,6 @@ def validate_record(rec: Any, index: int, source: str | Path = "data") -> None:
         if field not in rec:
             raise ValueError(f"{source}: record {index} has no '{field}' field")
     for field in ("instruction", "input", "output"):
-        if field in rec and not isinstance(rec[field], str):
+        if field in rec and not isinstance(rec[field], str) and not (field == "input" and rec[field] is None):
             raise ValueError(f"{source}: record {index} field '{field}' is a {type(rec[field]).__name__}, "
                              "expected a string")

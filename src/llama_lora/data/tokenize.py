@@ -13,10 +13,13 @@ from ..tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
+DROP_WARNING = 0.1  # more than this share of records dropped for length is a warning, not a note
+
 @dataclass
 class PreprocessStats:
     kept: int = 0
     dropped: int = 0  # the prompt alone did not fit in max_seq_len
+    longest_dropped: int = 0  # the longest prompt dropped, in tokens: max_seq_len above it keeps every record
     truncated: int = 0  # the response was cut to fit
 
 
@@ -50,12 +53,16 @@ def preprocess(records: Sequence[dict[str, str]], tokenizer: Tokenizer, max_seq_
         out = tokenize_record(rec, tokenizer, max_seq_len, mask_prompt)
         if out is None:
             stats.dropped += 1
+            stats.longest_dropped = max(stats.longest_dropped, len(tokenizer.encode(format_prompt(rec), bos=True)))
             continue
         ids, labels, truncated = out
         stats.truncated += truncated
         examples.append({"input_ids": ids, "labels": labels, "index": i})
     stats.kept = len(examples)
-    if stats.dropped or stats.truncated:
+    if stats.dropped > DROP_WARNING * (stats.kept + stats.dropped):
+        log.warning("%d of %d records dropped: their prompt alone is longer than max_seq_len=%d; data.max_seq_len %d "
+                    "keeps them all", stats.dropped, stats.kept + stats.dropped, max_seq_len, stats.longest_dropped + 1)
+    elif stats.dropped or stats.truncated:
         log.info("preprocess: kept %d records, dropped %d (prompt longer than max_seq_len=%d), truncated %d",
                  stats.kept, stats.dropped, max_seq_len, stats.truncated)
     return examples, stats
