@@ -1,5 +1,6 @@
 """Our PEFT export against HF's own stack. Skipped unless transformers and peft are installed (they are not
-dependencies): `pip install "transformers<5" peft` in a scratch environment to run it."""
+dependencies): `pip install transformers peft` in a scratch environment to run it (checked 2026-12-03 with
+transformers 5.24.0 and peft 0.21.2)."""
 
 import pytest
 import torch
@@ -34,3 +35,16 @@ def test_peft_model_from_pretrained_gives_our_logits(tmp_path, tiny_config, toke
     sd, lora = import_peft(tmp_path / "resaved", tiny_config)
     own = model.state_dict()
     assert lora == LORA and all(torch.equal(v, own[k]) for k, v in sd.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_transformers_auto_dtype_keeps_the_written_dtype(tmp_path, tiny_config, tokens, dtype):
+    """A folder we write (merge.py's HF format) loads in transformers with dtype "auto" in the dtype of its shards,
+    with our logits."""
+    model = build_model(tiny_config, plan=dtype, seed=0)
+    save_hf(model.state_dict(), tiny_config, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, torch_dtype="auto")
+    assert hf.dtype == dtype
+    if dtype == torch.float32:
+        with torch.no_grad():
+            torch.testing.assert_close(hf(input_ids=tokens).logits, model(tokens), rtol=1e-4, atol=1e-4)
