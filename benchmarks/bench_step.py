@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from llama_lora.checkpoints import build_model, save_meta
 from llama_lora.config import LlamaConfig
 from llama_lora.lora import LoRASettings, apply_lora, mark_only_lora_as_trainable, trainable_summary
 from llama_lora.loss import token_loss_sum
 from llama_lora.memory import GIB, peak_rss_bytes
 from llama_lora.memory import matmul_params as _matmul_params
 from llama_lora.plan import DTYPES, make_plan, native_precision
+from llama_lora.weights import build_model, save_meta
 
 SHAPES = {"small": (4, 256), "llama2-7b": (1, 128), "llama2-70b": (1, 512)}  # (micro-batch, tokens)
 DEFAULT_SHAPES = ("small", "llama2-7b")  # without --shape; 70B only when asked for (QLoRA on a GPU)

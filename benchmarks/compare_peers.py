@@ -75,11 +75,11 @@ def peak_rss_gib() -> float:
 def build_llama_lora(dtype):
     import torch
 
-    from llama_lora.checkpoints import build_model
     from llama_lora.config import LlamaConfig
     from llama_lora.lora import LoRASettings, apply_lora, mark_only_lora_as_trainable
     from llama_lora.loss import token_loss_sum
     from llama_lora.plan import make_plan
+    from llama_lora.weights import build_model
 
     precision = "bf16-mixed" if dtype == torch.bfloat16 else "32-true"  # the tools' common setting, as a run plan
     model = build_model(LlamaConfig.from_name("small"), plan=make_plan("cpu", precision), seed=0)

@@ -24,7 +24,6 @@ from lightning.pytorch.cli import LightningCLI
 
 import llama_lora
 from llama_lora import run_checkpoint
-from llama_lora.checkpoints import save_meta
 from llama_lora.cli import check_config_files, configure_logging, main_guard
 from llama_lora.data import AlpacaDataModule
 from llama_lora.demo import default_cache_dir
@@ -32,6 +31,7 @@ from llama_lora.module import LlamaLoRAModule
 from llama_lora.plan import make_plan
 from llama_lora.resilience import GracefulStop, OutOfMemory, oom_advice, resolve_resume_checkpoint
 from llama_lora.trainer import Trainer
+from llama_lora.weights import save_meta
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEMO, DEMO_BASE = CONFIGS / "demo.yaml", CONFIGS / "demo_base.yaml"
@@ -54,7 +54,7 @@ class FitCLI(LightningCLI):
 
 # The package's code that decides the demo base's weights: its model, data, loss, training step and plan.
 DEMO_BASE_CODE = ("config", "plan", "layout", "model", "lora", "loss", "module", "trainer", "resilience", "demo",
-                  "tokenizer", "prompts", "data", "checkpoints")
+                  "tokenizer", "prompts", "data", "weights")
 
 
 def demo_base_key(package: Path = Path(llama_lora.__file__).parent) -> str:

@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 
-from llama_lora.checkpoints import build_model
 from llama_lora.config import LlamaConfig
+from llama_lora.weights import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 FIT = ROOT / "scripts" / "fit.py"

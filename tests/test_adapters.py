@@ -5,8 +5,8 @@ import torch
 from safetensors.torch import load_file
 
 from llama_lora.adapters import Adapter, export_peft, import_peft, load_model, merged_weights
-from llama_lora.checkpoints import build_model, save_hf, save_meta
 from llama_lora.lora import LoRASettings, apply_lora, lora_state_dict
+from llama_lora.weights import build_model, save_hf, save_meta
 
 LORA = {"targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"], "r": 4, "alpha": 8.0, "dropout": 0.0}
 
@@ -103,8 +103,8 @@ def test_streamed_merge_of_a_half_precision_base_is_bit_identical_to_an_fp32_mer
     import hashlib
 
     from llama_lora.adapters import merge_adapter
-    from llama_lora.checkpoints import load_checkpoint
     from llama_lora.lora import merge_lora
+    from llama_lora.weights import load_checkpoint
 
     save_meta({k: v.detach().bfloat16() for k, v in lora_model.state_dict().items() if "lora_" not in k},
               tiny_config, tmp_path / "base")

@@ -15,8 +15,8 @@ import torch
 import yaml
 from conftest import ROOT, fit, scalars, write_tiny_config
 
-from llama_lora.checkpoints import build_model
 from llama_lora.config import LlamaConfig
+from llama_lora.weights import build_model
 
 
 def test_demo_world_is_deterministic_and_heldout_facts_are_never_asked_in_training():

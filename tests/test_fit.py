@@ -245,7 +245,7 @@ class ShardReport(L.Callback):
 
     def setup(self, trainer, pl_module, stage) -> None:
         # Before configure_model: count the checkpoint tensors this process reads whole (rather than by rows).
-        from llama_lora.checkpoints import LazyStateDict
+        from llama_lora.weights import LazyStateDict
 
         read = LazyStateDict.__getitem__
 
@@ -276,8 +276,8 @@ def test_fsdp2_two_processes_loads_shards_checkpoints_and_resumes(tmp_path, cach
     model is built on the meta device and each rank reads only its rows (about half the parameter bytes on each),
     its logits equal the single process's, and a run stopped at step 4 and resumed to 6 ends with the weights of one
     uninterrupted process with the same global batch."""
-    from llama_lora.checkpoints import build_model, save_meta
     from llama_lora.config import LlamaConfig
+    from llama_lora.weights import build_model, save_meta
 
     config_ = LlamaConfig.from_name("tiny")
     save_meta(build_model(config_, plan=torch.float32, seed=3).state_dict(), config_, tmp_path / "base", 2)

@@ -25,9 +25,9 @@ import torch
 import yaml
 from conftest import ROOT, fit, write_tiny_config
 
-from llama_lora.checkpoints import build_model, save_hf, save_meta
 from llama_lora.cli import main_guard
 from llama_lora.config import LlamaConfig
+from llama_lora.weights import build_model, save_hf, save_meta
 
 
 def load_script(name: str):

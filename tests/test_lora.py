@@ -97,7 +97,7 @@ def test_merge_is_idempotent_and_equals_unmerged(tiny_model, tokens):
 
 
 def test_lora_weights_stay_fp32_over_half_base(tiny_config, tokens):
-    from llama_lora.checkpoints import build_model
+    from llama_lora.weights import build_model
 
     model = build_model(tiny_config, plan=torch.bfloat16, seed=0)
     apply_lora(model, LoRASettings(["wq", "wv"], r=4, alpha=8, dropout=0.0))

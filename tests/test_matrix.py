@@ -19,8 +19,8 @@ import torch
 import yaml
 from conftest import ROOT, write_tiny_config
 
-from llama_lora.checkpoints import build_model, save_hf, save_llama2c, save_meta
 from llama_lora.config import LlamaConfig
+from llama_lora.weights import build_model, save_hf, save_llama2c, save_meta
 
 KNOBS: dict[str, tuple] = {
     "precision": ("32-true", "bf16-mixed", "bf16-true"),

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama_lora.checkpoints import build_model
 from llama_lora.model import apply_rope, rope_cache, sample
+from llama_lora.weights import build_model
 
 
 def meta_freqs_cis(head_dim, end, theta=10000.0):  # Meta llama/model.py precompute_freqs_cis

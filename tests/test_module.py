@@ -2,10 +2,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama_lora.checkpoints import build_model
 from llama_lora.lora import apply_lora, mark_only_lora_as_trainable
 from llama_lora.loss import token_loss_sum
 from llama_lora.module import LoRASettings, WarmupCosineLR
+from llama_lora.weights import build_model
 
 
 def reference_loss(model, input_ids, labels):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from llama_lora.adapters import export_peft, import_peft
-from llama_lora.checkpoints import build_model, save_hf
 from llama_lora.lora import LoRASettings, apply_lora, lora_state_dict
+from llama_lora.weights import build_model, save_hf
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

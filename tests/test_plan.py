@@ -12,8 +12,8 @@ import torch
 import yaml
 from conftest import ROOT, fit, write_tiny_config
 
-from llama_lora.checkpoints import build_model, save_hf, save_meta
 from llama_lora.config import LlamaConfig
+from llama_lora.weights import build_model, save_hf, save_meta
 
 AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}  # oneDNN and ATen as on an AVX2-only CPU
 
@@ -214,6 +214,6 @@ def test_the_package_has_no_import_circles():
     for name in graph:
         if name not in state:
             visit(name, [])
-    for name in ("llama_lora.plan", "llama_lora.layout", "llama_lora.checkpoints", "llama_lora.data"):  # leaves
+    for name in ("llama_lora.plan", "llama_lora.layout", "llama_lora.weights", "llama_lora.data"):  # leaves
         proc = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True)
         assert proc.returncode == 0, (name, proc.stderr[-1000:])

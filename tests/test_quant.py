@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import ROOT, fit, lora_weights, scalars, write_tiny_config
 
-from llama_lora.checkpoints import build_model, save_meta
 from llama_lora.layout import is_block_linear
 from llama_lora.lora import LoRASettings, apply_lora, mark_only_lora_as_trainable
 from llama_lora.loss import token_loss_sum
 from llama_lora.plan import make_plan
 from llama_lora.quant import BLOCK, LEVELS, NF4Weight, quantize
+from llama_lora.weights import build_model, save_meta
 
 
 def reference(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,8 +8,8 @@ import torch
 from conftest import ROOT, fit, write_tiny_config
 
 from llama_lora.adapters import load_model, read_adapter, resolve_tokenizer
-from llama_lora.checkpoints import build_model
 from llama_lora.prompts import format_prompt
+from llama_lora.weights import build_model
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +153,8 @@ def based_run(tmp_path_factory):
     """A tiny LoRA run on a bf16 Meta base folder (with its tokenizer beside it, as Meta ships it)."""
     import shutil
 
-    from llama_lora.checkpoints import save_meta
     from llama_lora.config import LlamaConfig
+    from llama_lora.weights import save_meta
 
     d = tmp_path_factory.mktemp("based")
     cache = tmp_path_factory.mktemp("cache")

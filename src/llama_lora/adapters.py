@@ -20,8 +20,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import run_checkpoint
-from .checkpoints import build_model, hf_key_to_meta, meta_key_to_hf, open_checkpoint, save_hf, save_meta
-from .checkpoints.tensors import publish
 from .config import LlamaConfig
 from .demo import demo_tokenizer_file
 from .layout import BY_TARGET, LORA_TARGETS, is_block_linear, permute_from_hf, rope_heads, to_hf_layout
@@ -29,6 +27,8 @@ from .lora import LoRASettings, apply_lora
 from .model import Llama
 from .plan import DTYPES, RunPlan, make_plan
 from .tokenizer import Tokenizer
+from .weights import build_model, hf_key_to_meta, meta_key_to_hf, open_checkpoint, save_hf, save_meta
+from .weights.tensors import publish
 
 _TARGET_OF_HF = {layer.hf_module_name: target for target, layer in BY_TARGET.items()}  # PEFT's target_modules -> ours
 

@@ -241,7 +241,7 @@ class Llama(nn.Module):
         """``gradient_checkpointing`` recomputes blocks' activations in backward: all blocks, or only the first
         ``checkpoint_layers`` of them (the rest keep their activations: less recomputation for some more memory).
         ``plan`` says what activations, the KV cache and packed attention compute in (default: fp32 on a CPU);
-        ``checkpoints.build_model`` stores the weights as it says."""
+        ``weights.build_model`` stores the weights as it says."""
         super().__init__()
         self.config = config
         self.plan = plan or RunPlan()

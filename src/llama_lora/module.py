@@ -19,7 +19,6 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
 from . import run_checkpoint
-from .checkpoints import WEIGHTS_HELP, build_model, check_state_dict, detect_format, fill_shards, open_checkpoint
 from .config import LlamaConfig
 from .lora import LoRASettings, apply_lora, mark_only_lora_as_trainable, trainable_summary
 from .loss import token_loss_sum
@@ -27,6 +26,7 @@ from .model import Llama, check_checkpoint_layers
 from .plan import BaseDtypeName, RunPlan, make_plan
 from .quant import NF4Weight
 from .resilience import GracefulStop, NumericsGuard
+from .weights import WEIGHTS_HELP, build_model, check_state_dict, detect_format, fill_shards, open_checkpoint
 
 log = logging.getLogger(__name__)
 

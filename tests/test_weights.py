@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from llama_lora.checkpoints import (
+from llama_lora.layout import permute_from_hf, permute_to_hf
+from llama_lora.weights import (
     build_model,
     detect_format,
     load_checkpoint,
@@ -11,7 +12,6 @@ from llama_lora.checkpoints import (
     save_llama2c,
     save_meta,
 )
-from llama_lora.layout import permute_from_hf, permute_to_hf
 
 
 @pytest.fixture

@@ -1,0 +1,125 @@
+"""A ready model from a checkpoint (or a seeded random init), stored as the run plan says: built on the meta device,
+each tensor placed with no second copy, NF4 blocks quantized as they are read; and, under FSDP2, each rank's shards
+filled from its own rows of the checkpoint."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import torch
+
+from ..config import LlamaConfig
+from ..layout import is_block_linear
+from ..model import Llama, init_base_tensor
+from ..plan import RunPlan
+from .source import check_state_dict, open_checkpoint
+from .tensors import LazyStateDict
+
+
+def build_model(
+    config: LlamaConfig | None = None,
+    checkpoint: str | Path | None = None,
+    plan: RunPlan | torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    seed: int | None = None,
+    gradient_checkpointing: bool = False,
+    checkpoint_layers: int | None = None,
+) -> Llama:
+    """A ready Llama: random (seeded) when ``checkpoint`` is None, else filled from the checkpoint with no copy.
+
+    Each tensor is stored as ``plan`` says (a dtype: every tensor in it, ``RunPlan.uniform``). Under an NF4 plan the
+    blocks' linear weights are quantized as they are read, and their pages of the memory-mapped checkpoint are
+    dropped, so the half-precision model never exists in memory. With both ``config`` and ``checkpoint`` given, the
+    checkpoint must match the config's shapes.
+    """
+    from ..quant import quantize
+
+    plan = plan if isinstance(plan, RunPlan) else RunPlan.uniform(plan, device)
+    sd = sources = None
+    if checkpoint is not None:
+        sd, sources, config = open_checkpoint(checkpoint, config)
+    if config is None:
+        raise ValueError("build_model needs a config (preset) or a checkpoint")
+    with torch.device("meta"):
+        model = Llama(config, gradient_checkpointing=gradient_checkpointing, checkpoint_layers=checkpoint_layers,
+                      plan=plan)
+    tied = config.tie_embeddings
+    quantized = plan.quantization == "nf4"
+    tensors = {}
+    if sd is None:  # random init, tensor by tensor in the order init_weights draws them
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        for name, p in model.named_parameters():
+            t = torch.empty(p.shape, dtype=plan.dtype_of(name, tied), device=device)
+            init_base_tensor(name, t, generator=generator)
+            tensors[name] = quantize(t, dtype=plan.linear_dtype) if quantized and is_block_linear(name) else t
+    else:
+        check_state_dict(model, sd, sources, what=f"a {config.n_layers}-layer, dim-{config.dim} LLaMA")
+        for k in sd:  # one tensor at a time: an mmapped tensor already in its dtype on CPU is placed as is
+            if quantized and is_block_linear(k):
+                source = sd[k]
+                tensors[k] = quantize(source.to(device), dtype=plan.linear_dtype)
+                _drop_pages(source)
+            else:
+                tensors[k] = sd[k].to(device=device, dtype=plan.dtype_of(k, tied))
+    model.load_state_dict(tensors, assign=True, strict=sd is not None)
+    model.tie_weights()  # assign=True placed the shared tensor as two parameters
+    return model
+
+
+def _drop_pages(t: torch.Tensor) -> None:
+    """Let the kernel drop the pages of a memory-mapped checkpoint tensor that has been read (Linux, CPU): its
+    mapping is private and unmodified, or modified only for this read, so nothing is lost, and RSS does not grow to
+    the checkpoint's size while a model is quantized from it."""
+    if t.device.type != "cpu" or not hasattr(_libc, "madvise"):
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    first, last = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
+    if last > first:
+        _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
+
+
+try:
+    _libc = ctypes.CDLL(None)
+except OSError:  # pragma: no cover - no C library to call
+    _libc = None
+
+
+@torch.no_grad()
+def fill_shards(model: torch.nn.Module, sd: LazyStateDict | None, seed: int | None = None) -> None:
+    """Fill the local shards of a model that ``fully_shard`` split on dim 0 after it was built on the meta device
+    (and ``to_empty``-ed): each rank reads only its own rows of the memory-mapped checkpoint, or, without one, draws
+    the single-process random init (every full tensor in turn, same generator) and keeps its rows. LoRA weights are
+    drawn as LoRALinear draws them. Device memory per rank is about 1/W of the base; no rank holds a whole tensor
+    read from the checkpoint."""
+    from torch.distributed.tensor import DTensor
+
+    from ..lora import init_lora_a
+
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed) if sd is None and seed is not None else None
+    base = [(n, p) for n, p in model.named_parameters() if "lora_" not in n]
+    lora = [(n, p) for n, m in model.named_modules() if hasattr(m, "lora_a") for n, p in
+            ((f"{n}.lora_a", m.lora_a), (f"{n}.lora_b", m.lora_b))]  # in the order LoRALinear draws them
+    for name, p in base + lora:
+        local = p.to_local() if isinstance(p, DTensor) else p
+        start = _first_local_row(p) if isinstance(p, DTensor) else 0
+        stop = start + local.shape[0]
+        if name.endswith("lora_b"):
+            local.zero_()
+        elif sd is not None and "lora_" not in name:
+            local.copy_(sd.rows(name, start, stop))
+        else:
+            full = torch.empty(p.shape, dtype=p.dtype, device=device)
+            init_lora_a(full) if name.endswith("lora_a") else init_base_tensor(name, full, generator=generator)
+            local.copy_(full[start:stop])
+
+
+def _first_local_row(p) -> int:
+    """First row of this rank's shard of a DTensor sharded on dim 0 over a 1-D mesh (torch.chunk's split)."""
+    (placement,) = p.placements
+    assert placement.is_shard(0), f"expected a dim-0 shard, got {placement}"
+    world, rank = p.device_mesh.size(), p.device_mesh.get_local_rank()
+    return min(rank * -(-p.shape[0] // world), p.shape[0])
