@@ -1,4 +1,5 @@
-# One command each, on a fresh machine with Python >= 3.10 and make: `make demo`, `make test`.
+# One command each, on a fresh machine with Python >= 3.10 and make: `make demo`, `make test` (the whole suite, slow
+# tests included; `.venv/bin/pytest` alone runs the default suite).
 # Each creates .venv (VENV=...) with torch and the project exactly as the README's long form does, once: later runs
 # only run. TORCH=... picks another torch, e.g. the CUDA build for your driver (TORCH="torch==2.13.0 --index-url
 # https://download.pytorch.org/whl/cu128"); the default is the CPU build.
@@ -14,7 +15,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
-	$(BIN)/pytest
+	$(BIN)/pytest -m ""
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -173,6 +173,15 @@ def test_bf16_base_forward_under_autocast(tiny_config, tokens):
     torch.testing.assert_close(out.float(), ref(tokens), rtol=0.1, atol=0.1)
 
 
+def _inductor_vectorizes_with_avx2() -> bool:
+    from torch._inductor import cpu_vec_isa
+
+    return str(cpu_vec_isa.pick_vec_isa()) == "avx2"
+
+
+@pytest.mark.xfail(_inductor_vectorizes_with_avx2(), strict=False,
+                   reason="torch 2.13's inductor: its AVX2-vectorized code gives this model a NaN loss (eager, and "
+                          "inductor with cpp.simdlen=1, do not); see docs/performance.md")
 def test_compiled_blocks_match_eager(tiny_config, tokens):
     eager = build_model(tiny_config, plan=torch.float32, seed=0)
     compiled = build_model(tiny_config, plan=torch.float32, seed=0, gradient_checkpointing=True)
