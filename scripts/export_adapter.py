@@ -1,7 +1,7 @@
 """Export a fit.py LoRA checkpoint in HF PEFT's format (adapter_config.json + adapter_model.safetensors), which
 `PeftModel.from_pretrained` loads onto the HF-format base:
 `python scripts/export_adapter.py --adapter lightning_logs/lora_amp --out_dir adapter`.
-Reads the adapter only, no base weight.
+Reads the adapter only, no base weight. `--format gguf` writes adapter.gguf, a llama.cpp LoRA adapter instead.
 """
 
 import sys
@@ -11,8 +11,9 @@ from llama_lora.cli import configure_logging, main_guard, script_arguments
 
 
 def main(argv: list[str]) -> None:
-    out = export_adapter(**script_arguments(export_adapter, argv, __doc__))
-    print(f"wrote a PEFT adapter to {out}")
+    args = script_arguments(export_adapter, argv, __doc__)
+    out = export_adapter(**args)
+    print(f"wrote a {'llama.cpp LoRA GGUF' if args['format'] == 'gguf' else 'PEFT adapter'} to {out}")
 
 
 if __name__ == "__main__":

@@ -95,6 +95,22 @@ def fit(config: Path, *args: str, check: bool = True) -> subprocess.CompletedPro
     return proc
 
 
+def run_on_meta_base(factory, name: str, seed: int, **model) -> Path:
+    """A tiny run (``model`` overrides: LoRA settings, ...) of 2 steps on a bf16 Meta base folder, with the demo
+    tokenizer it trained with beside the weights, as Meta ships its tokenizer.model: ``<dir>/base``, ``<dir>/ckpt``."""
+    import shutil
+
+    from llama_lora.weights import save_meta
+
+    d, cache = factory.mktemp(name), factory.mktemp("cache")
+    config = LlamaConfig.from_name("tiny")
+    save_meta(build_model(config, plan=torch.bfloat16, seed=seed).state_dict(), config, d / "base")
+    fit(write_tiny_config(d, cache, trainer={"max_steps": 2, "limit_val_batches": 0},
+                          model={"checkpoint_dir": str(d / "base"), "base_dtype": "auto", **model}))
+    shutil.copyfile(next(cache.glob("demo-tokenizer-512-*.model")), d / "base" / "tokenizer.model")
+    return d
+
+
 def scalars(log_dir: Path, tag: str) -> dict[int, float]:
     """{step: value} of one TensorBoard tag over every run (version) under log_dir; later runs win."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -110,7 +110,8 @@ def test_streamed_merge_of_a_half_precision_base_is_bit_identical_to_an_fp32_mer
               tiny_config, tmp_path / "base")
     export_peft(lora_state_dict(lora_model), tiny_config, LORA, tmp_path / "adapter", "base")
     digest = hashlib.sha256((tmp_path / "base" / "consolidated.00.pth").read_bytes()).hexdigest()
-    merge_adapter(tmp_path / "adapter", tmp_path / "merged", fmt, checkpoint_dir=tmp_path / "base", model="tiny")
+    merge_adapter(tmp_path / "adapter", out_dir=tmp_path / "merged", format=fmt, checkpoint_dir=tmp_path / "base",
+                  model="tiny")
     reference = load_model(tmp_path / "base", tmp_path / "adapter", plan=torch.float32).model
     merge_lora(reference, unload=True)
     merged, _, _ = load_checkpoint(tmp_path / "merged")

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, fit, write_tiny_config
+from conftest import ROOT, fit, run_on_meta_base, write_tiny_config
 
 from llama_lora.adapters import load_model, read_adapter, resolve_tokenizer
 from llama_lora.prompts import format_prompt
@@ -151,19 +151,7 @@ def test_no_default_is_stated_twice(script, sources):
 @pytest.fixture(scope="module")
 def based_run(tmp_path_factory):
     """A tiny LoRA run on a bf16 Meta base folder (with its tokenizer beside it, as Meta ships it)."""
-    import shutil
-
-    from llama_lora.config import LlamaConfig
-    from llama_lora.weights import save_meta
-
-    d = tmp_path_factory.mktemp("based")
-    cache = tmp_path_factory.mktemp("cache")
-    config = LlamaConfig.from_name("tiny")
-    save_meta(build_model(config, plan=torch.bfloat16, seed=2).state_dict(), config, d / "base")
-    fit(write_tiny_config(d, cache, trainer={"max_steps": 2, "limit_val_batches": 0},
-                          model={"checkpoint_dir": str(d / "base"), "base_dtype": "auto"}))
-    shutil.copyfile(next(cache.glob("demo-tokenizer-512-*.model")), d / "base" / "tokenizer.model")
-    return d
+    return run_on_meta_base(tmp_path_factory, "based", seed=2)
 
 
 @pytest.mark.parametrize("fmt, dtype, written", [

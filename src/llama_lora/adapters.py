@@ -22,13 +22,14 @@ from safetensors.torch import save_file
 from . import run_checkpoint
 from .config import LlamaConfig
 from .demo import demo_tokenizer_file
+from .gguf_files import GGUFType, alpaca_chat_template, write_lora, write_model, write_modelfile
 from .layout import BY_TARGET, LORA_TARGETS, is_block_linear, permute_from_hf, rope_heads, to_hf_layout
 from .lora import LoRASettings, apply_lora
 from .model import Llama
 from .plan import DTYPES, RunPlan, make_plan
 from .tokenizer import Tokenizer
 from .weights import build_model, hf_key_to_meta, meta_key_to_hf, open_checkpoint, save_hf, save_meta
-from .weights.tensors import publish
+from .weights.tensors import LazyStateDict, publish
 
 _TARGET_OF_HF = {layer.hf_module_name: target for target, layer in BY_TARGET.items()}  # PEFT's target_modules -> ours
 
@@ -243,9 +244,10 @@ def import_peft(path: str | Path, config: LlamaConfig) -> tuple[dict[str, torch.
     return sd, lora
 
 
-def merged_weights(base: Mapping[str, torch.Tensor], adapter: Adapter, dtype: torch.dtype | None = None
+def merged_weights(base: Mapping[str, torch.Tensor], adapter: Adapter | None, dtype: torch.dtype | None = None
                    ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The base's tensors with the adapter folded in, one at a time, in ``dtype`` (None: each tensor's own).
+    """The base's tensors with the adapter folded in (None: the base as it is), one at a time, in ``dtype`` (None:
+    each tensor's own).
 
     Each LoRA update is computed in fp32, added to the fp32 upcast of its weight and cast once, as
     ``LoRALinear.merge`` does. A tensor whose dtype stays is rewritten in place: a memory-mapped checkpoint's mapping
@@ -254,9 +256,9 @@ def merged_weights(base: Mapping[str, torch.Tensor], adapter: Adapter, dtype: to
     """
     from .quant import NF4Weight, quantize
 
-    trained = adapter.tensors
-    scaling = adapter.lora["alpha"] / adapter.lora["r"] if adapter.lora else None
-    unknown = sorted({k.rsplit(".", 1)[0] + ".weight" for k in trained} - set(base)) if adapter.lora else sorted(
+    trained = adapter.tensors if adapter is not None else {}
+    scaling = adapter.lora["alpha"] / adapter.lora["r"] if adapter is not None and adapter.lora else None
+    unknown = sorted({k.rsplit(".", 1)[0] + ".weight" for k in trained} - set(base)) if scaling else sorted(
         set(trained) - set(base))
     if unknown:
         raise ValueError(f"{adapter.source}: the adapter changes {unknown[0]!r} ({len(unknown)} in all), which the "
@@ -264,8 +266,8 @@ def merged_weights(base: Mapping[str, torch.Tensor], adapter: Adapter, dtype: to
     for key in base:
         t = base[key]
         module = key.removesuffix(".weight")
-        nf4 = isinstance(t, NF4Weight) or (adapter.plan is not None and adapter.plan.quantization == "nf4"
-                                           and is_block_linear(key))
+        nf4 = isinstance(t, NF4Weight) or (adapter is not None and adapter.plan is not None
+                                           and adapter.plan.quantization == "nf4" and is_block_linear(key))
         if nf4:  # the 4-bit weights the adapter trained on (a random NF4 base is rebuilt quantized already)
             full = (t if isinstance(t, NF4Weight) else quantize(t)).dequantize(torch.float32)
         else:
@@ -288,23 +290,34 @@ def merged_weights(base: Mapping[str, torch.Tensor], adapter: Adapter, dtype: to
         yield key, merged
 
 
-def merge_adapter(adapter: str, out_dir: str, format: Literal["hf", "meta"] = "hf", checkpoint_dir: str | None = None,
-                  model: str | None = None, base_dtype: Literal["bf16", "fp16", "fp32"] | None = None,
+def merge_adapter(adapter: str | None = None, *, out_dir: str, format: Literal["hf", "meta", "gguf"] = "hf",
+                  checkpoint_dir: str | None = None, model: str | None = None,
+                  base_dtype: Literal["bf16", "fp16", "fp32"] | None = None, gguf_type: GGUFType = "f16",
                   max_shard_bytes: int = 5 * 10**9, tokenizer_path: str | None = None) -> Path:
     """Fold an adapter into its base and write a plain checkpoint, tensor by tensor from the memory-mapped base: the
     peak is the base in its dtype plus one layer. Each update is computed in fp32 and folded in before one cast. The
-    tokenizer goes beside the weights, so the folder is a model the scripts (and HF loaders) take as it is.
+    tokenizer goes beside the weights, so the folder is a model the scripts (and HF loaders) take as it is. With no
+    adapter, the base alone is converted (a base GGUF for llama.cpp's --lora, say).
 
     Args:
-        adapter: a fit.py .ckpt or a PEFT adapter folder.
+        adapter: a fit.py .ckpt, a run folder or a PEFT adapter folder (null: convert checkpoint_dir as it is).
         out_dir: the folder to write.
-        format: hf (safetensors shards + config.json) or meta (consolidated.00.pth + params.json).
+        format: hf (safetensors shards + config.json), meta (consolidated.00.pth + params.json) or gguf (one
+            model-<gguf_type>.gguf with the tokenizer inside, for llama.cpp, and an Ollama Modelfile beside it).
         checkpoint_dir: the base (default: the one the adapter was trained on).
         model: the preset (default: the adapter's).
-        base_dtype: the dtype of the written weights (default: the base's own).
+        base_dtype: the dtype of the written weights (default: the base's own); hf and meta.
+        gguf_type: the GGUF's type: f32, f16, bf16, q8_0, or q5_1, q5_0, q4_1, q4_0 (llama.cpp's llama-quantize
+            makes the k-quants, e.g. Q4_K_M, from the f16 file).
         max_shard_bytes: the largest HF shard.
         tokenizer_path: the tokenizer.model to copy beside the weights (default: the adapter's, or the base's).
     """
+    if adapter is None and checkpoint_dir is None:
+        raise ValueError("merge: give --adapter (a fit.py checkpoint or a PEFT folder), or --checkpoint_dir alone to "
+                         "convert a base")
+    if format == "gguf" and base_dtype is not None:
+        raise ValueError(f"merge: --base_dtype is for the hf and meta formats; a GGUF's type is --gguf_type "
+                         f"(f32, f16, bf16, q8_0, ...), not --base_dtype {base_dtype}")
     trained = open_adapter(adapter, checkpoint_dir, model)
     checkpoint_dir, config = adapter_config(trained, checkpoint_dir, model)
     if checkpoint_dir is not None:
@@ -317,6 +330,9 @@ def merge_adapter(adapter: str, out_dir: str, format: Literal["hf", "meta"] = "h
     except (ValueError, FileNotFoundError) as e:
         if tokenizer_path is not None:
             raise
+        if format == "gguf":
+            raise ValueError(f"merge --format gguf embeds the tokenizer and found none ({e}); pass --tokenizer_path"
+                             ) from None
         tokenizer = None
         log.warning("merge: no tokenizer to copy beside the weights (%s); pass --tokenizer_path", e)
     if checkpoint_dir is None:  # the random init a fit.py run started from (demo and test presets)
@@ -327,6 +343,23 @@ def merge_adapter(adapter: str, out_dir: str, format: Literal["hf", "meta"] = "h
         base: Mapping[str, torch.Tensor] = build_model(config, None, plan, seed=hp.get("init_seed", 0)).state_dict()
     else:
         base, _, config = open_checkpoint(checkpoint_dir, config)
+    if format == "gguf":  # streamed: each merged tensor is encoded and written before the next is made
+        lazy = isinstance(base, LazyStateDict)
+        shapes = {k: tuple(base.shape(k) if lazy else base[k].shape) for k in base}
+
+        def written_once() -> Iterator[tuple[str, torch.Tensor]]:
+            for key, t in merged_weights(base, trained, torch.float32):
+                yield key, t
+                if lazy:  # written by now: its pages of the mapped base can go, and RSS stays near one layer
+                    base.release(key)
+
+        path = Path(out_dir) / f"model-{gguf_type}.gguf"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_model(path, config, shapes, written_once(), Tokenizer(tokenizer), gguf_type, name=Path(out_dir).name,
+                    chat_template=alpaca_chat_template() if trained is not None else None)
+        if trained is not None:  # a base converted alone was not trained on Alpaca's prompt
+            write_modelfile(path)
+        return Path(out_dir)
     merged = dict(merged_weights(base, trained, DTYPES[base_dtype] if base_dtype else None))
     if format == "meta":
         save_meta(merged, config, out_dir)
@@ -337,12 +370,15 @@ def merge_adapter(adapter: str, out_dir: str, format: Literal["hf", "meta"] = "h
     return Path(out_dir)
 
 
-def export_adapter(adapter: str, out_dir: str, base_model: str | None = None) -> Path:
-    """Write a fit.py LoRA checkpoint in HF PEFT's format, reading the adapter only (no base weight).
+def export_adapter(adapter: str, out_dir: str, base_model: str | None = None,
+                   format: Literal["peft", "gguf"] = "peft") -> Path:
+    """Write a fit.py LoRA checkpoint in HF PEFT's format, or as a llama.cpp LoRA GGUF, reading the adapter only (no
+    base weight).
 
     Args:
         adapter: a fit.py .ckpt trained with LoRA.
-        out_dir: the folder to write (adapter_config.json + adapter_model.safetensors).
+        out_dir: the folder to write (adapter_config.json + adapter_model.safetensors; or adapter.gguf, which
+            `llama-cli -m base.gguf --lora adapter.gguf` applies to the base's own GGUF).
         base_model: base_model_name_or_path in adapter_config.json (default: the folder of the base the adapter was
             trained on, as an absolute path; null for a random base).
     """
@@ -353,8 +389,19 @@ def export_adapter(adapter: str, out_dir: str, base_model: str | None = None) ->
         raise ValueError(f"{adapter} was trained without LoRA (lora: null); merge it instead (scripts/merge.py)")
     if base_model is None and trained.checkpoint_dir is not None:
         base_model = str(Path(trained.checkpoint_dir).resolve())
-    # The preset gives the head counts that HF's q/k permutation needs.
-    return export_peft(trained.tensors, LlamaConfig.from_name(trained.preset), trained.lora, out_dir, base_model)
+    # The model's shape (HF's q/k permutation needs its head counts): the preset, or the base folder's own config
+    # for a run with model: null (its header only; no weight is read).
+    checkpoint_dir, config = adapter_config(trained, None, None)
+    if config is None:
+        if checkpoint_dir is None:
+            raise ValueError(f"{adapter}: the run names neither a preset nor a base folder to take the model's shape "
+                             "from")
+        _, _, config = open_checkpoint(checkpoint_dir)
+    if format == "gguf":
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        write_lora(Path(out_dir) / "adapter.gguf", config, trained.lora, trained.tensors)
+        return Path(out_dir)
+    return export_peft(trained.tensors, config, trained.lora, out_dir, base_model)
 
 
 def resolve_tokenizer(tokenizer_path: str | Path | None = None, adapter: Adapter | None = None,

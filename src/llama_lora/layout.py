@@ -1,6 +1,7 @@
-"""The model's linear layers, once: each one's Meta name, HF name, LoRA target, shape, whether QLoRA quantizes it,
-how Meta's model-parallel shards split it, and whether HF permutes its rows for RoPE. LoRA, checkpoint I/O, the
-memory model and adapter export read this table; nothing else lists the layers."""
+"""The model's tensors, once: each linear layer's Meta name, HF name, llama.cpp (GGUF) name, LoRA target, shape,
+whether QLoRA quantizes it, how Meta's model-parallel shards split it, and whether HF permutes its rows for RoPE; and
+the names of the norms and embeddings in each format. LoRA, checkpoint I/O, the memory model, adapter export and GGUF
+export read this table; nothing else lists the layers."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ class Linear:
     target: str  # the LoRA target, and the module's attribute name: wq
     meta: str  # the module in Meta's names (within a block, or at the top): attention.wq
     hf: str  # the module in HF LlamaForCausalLM's names (within a block, or at the top): self_attn.q_proj
+    gguf: str  # the tensor in llama.cpp's names (blk.N.<this>.weight, or at the top): attn_q
     out_dim: str  # LlamaConfig attribute (or kv_dim) giving the weight's rows
     in_dim: str  # and its columns
     quantized: bool  # stored as NF4 under model.base_dtype nf4
@@ -36,23 +38,25 @@ class Linear:
 
 
 LINEARS = (
-    Linear("wq", "attention.wq", "self_attn.q_proj", "dim", "dim", True, 0, rope_heads="n_heads"),
-    Linear("wk", "attention.wk", "self_attn.k_proj", "kv_dim", "dim", True, 0, rope_heads="n_kv_heads"),
-    Linear("wv", "attention.wv", "self_attn.v_proj", "kv_dim", "dim", True, 0),
-    Linear("wo", "attention.wo", "self_attn.o_proj", "dim", "dim", True, 1),
-    Linear("w1", "feed_forward.w1", "mlp.gate_proj", "hidden", "dim", True, 0),
-    Linear("w2", "feed_forward.w2", "mlp.down_proj", "dim", "hidden", True, 1),
-    Linear("w3", "feed_forward.w3", "mlp.up_proj", "hidden", "dim", True, 0),
-    Linear("output", "output", "lm_head", "vocab", "dim", False, 0, in_block=False),
+    Linear("wq", "attention.wq", "self_attn.q_proj", "attn_q", "dim", "dim", True, 0, rope_heads="n_heads"),
+    Linear("wk", "attention.wk", "self_attn.k_proj", "attn_k", "kv_dim", "dim", True, 0, rope_heads="n_kv_heads"),
+    Linear("wv", "attention.wv", "self_attn.v_proj", "attn_v", "kv_dim", "dim", True, 0),
+    Linear("wo", "attention.wo", "self_attn.o_proj", "attn_output", "dim", "dim", True, 1),
+    Linear("w1", "feed_forward.w1", "mlp.gate_proj", "ffn_gate", "hidden", "dim", True, 0),
+    Linear("w2", "feed_forward.w2", "mlp.down_proj", "ffn_down", "dim", "hidden", True, 1),
+    Linear("w3", "feed_forward.w3", "mlp.up_proj", "ffn_up", "hidden", "dim", True, 0),
+    Linear("output", "output", "lm_head", "output", "vocab", "dim", False, 0, in_block=False),
 )
 BY_TARGET = {layer.target: layer for layer in LINEARS}
 LORA_TARGETS = tuple(BY_TARGET)
 BLOCK_LINEARS = tuple(layer for layer in LINEARS if layer.in_block)
 
 # The other tensors: the norms of a block (Meta -> HF name; replicated in Meta's shards), and the top-level ones
-# (Meta -> HF name, Meta's split dim: the embedding is a ParallelEmbedding, split on its columns).
+# (Meta -> HF name, Meta's split dim: the embedding is a ParallelEmbedding, split on its columns); and their GGUF names.
 BLOCK_NORMS = {"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 TOP = {"tok_embeddings": ("model.embed_tokens", 1), "norm": ("model.norm", None)}
+GGUF_OTHERS = {"attention_norm": "attn_norm", "ffn_norm": "ffn_norm", "tok_embeddings": "token_embd",
+               "norm": "output_norm"}
 
 
 def linear_of(key: str) -> Linear | None:
@@ -88,6 +92,22 @@ def rope_heads(key: str, config: LlamaConfig) -> int | None:
     if layer is None or layer.rope_heads is None or kind not in ("weight", "lora_b"):
         return None
     return getattr(config, layer.rope_heads)
+
+
+def gguf_name(key: str) -> str:
+    """A Meta tensor name (``layers.3.attention.wq.weight``, ``....lora_a``) in llama.cpp's names
+    (``blk.3.attn_q.weight``, ``blk.3.attn_q.weight.lora_a``). llama.cpp's RoPE pairs adjacent channels as Meta's does:
+    no row is permuted."""
+    module, _, kind = key.rpartition(".")
+    suffix = "weight" if kind == "weight" else f"weight.{kind}"
+    parts = module.split(".")
+    block = f"blk.{parts[1]}." if parts[0] == "layers" else ""
+    inner = ".".join(parts[2:] if parts[0] == "layers" else parts)
+    layer = next((x for x in LINEARS if x.meta == inner), None)
+    name = layer.gguf if layer is not None else GGUF_OTHERS.get(inner)
+    if name is None:
+        raise ValueError(f"No GGUF name for tensor {key!r}")
+    return f"{block}{name}.{suffix}"
 
 
 # ----- the row permutation between Meta's adjacent-pair RoPE and HF's rotate-half RoPE -----

@@ -4,8 +4,6 @@ filled from its own rows of the checkpoint."""
 
 from __future__ import annotations
 
-import ctypes
-import os
 from pathlib import Path
 
 import torch
@@ -58,33 +56,13 @@ def build_model(
         check_state_dict(model, sd, sources, what=f"a {config.n_layers}-layer, dim-{config.dim} LLaMA")
         for k in sd:  # one tensor at a time: an mmapped tensor already in its dtype on CPU is placed as is
             if quantized and is_block_linear(k):
-                source = sd[k]
-                tensors[k] = quantize(source.to(device), dtype=plan.linear_dtype)
-                _drop_pages(source)
+                tensors[k] = quantize(sd[k].to(device), dtype=plan.linear_dtype)
+                sd.release(k)
             else:
                 tensors[k] = sd[k].to(device=device, dtype=plan.dtype_of(k, tied))
     model.load_state_dict(tensors, assign=True, strict=sd is not None)
     model.tie_weights()  # assign=True placed the shared tensor as two parameters
     return model
-
-
-def _drop_pages(t: torch.Tensor) -> None:
-    """Let the kernel drop the pages of a memory-mapped checkpoint tensor that has been read (Linux, CPU): its
-    mapping is private and unmodified, or modified only for this read, so nothing is lost, and RSS does not grow to
-    the checkpoint's size while a model is quantized from it."""
-    if t.device.type != "cpu" or not hasattr(_libc, "madvise"):
-        return
-    page = os.sysconf("SC_PAGE_SIZE")
-    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-    first, last = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
-    if last > first:
-        _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
-
-
-try:
-    _libc = ctypes.CDLL(None)
-except OSError:  # pragma: no cover - no C library to call
-    _libc = None
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@ and written atomically."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -61,6 +62,13 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
         if heads is not None:
             _permute_in_place(parts[0], heads)
         return parts[0]
+
+    def release(self, key: str) -> None:
+        """Let the kernel drop the pages of a tensor that has been read and is not needed again (its mapping is
+        private and unmodified, or modified only for the read: nothing is lost), so that RSS does not grow to the
+        checkpoint's size while it is streamed through, as quantizing or writing a GGUF does."""
+        for part in self._parts[key][0]:
+            _drop_pages(part)
 
     def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         """Rows start..stop of the tensor (its first dimension) without reading the others."""
@@ -121,3 +129,20 @@ def plain(sd: Mapping[str, torch.Tensor]) -> StateDict:
     if lora:
         raise ValueError(f"State dict holds LoRA tensors ({lora[0]}, ...): merge_lora(model, unload=True) first")
     return {k: v.detach().contiguous() for k, v in sd.items()}
+
+
+def _drop_pages(t: torch.Tensor) -> None:
+    """MADV_DONTNEED on the whole pages of a memory-mapped CPU tensor (Linux; elsewhere nothing)."""
+    if t.device.type != "cpu" or not hasattr(_libc, "madvise"):
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    first, last = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
+    if last > first:
+        _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
+
+
+try:
+    _libc = ctypes.CDLL(None)
+except OSError:  # pragma: no cover - no C library to call
+    _libc = None
