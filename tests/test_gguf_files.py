@@ -268,6 +268,15 @@ def test_a_base_converted_alone_is_the_base(run, tmp_path):
     assert proc.returncode != 0 and "--checkpoint_dir alone" in proc.stderr, proc.stderr
 
 
+def test_llama3_rope_scaling_is_refused_not_dropped(tmp_path, cache_dir):
+    from llama_lora.gguf_files import write_model
+
+    config = LlamaConfig.from_name("tiny", rope_scaling={"factor": 8.0, "low_freq_factor": 1.0,
+                                                         "high_freq_factor": 4.0, "original_max_seq_len": 8192})
+    with pytest.raises(ValueError, match="RoPE scaling is not implemented yet"):
+        write_model(tmp_path / "m.gguf", config, {}, iter(()), Tokenizer(demo_tokenizer_file(512, cache_dir)))
+
+
 def test_without_the_gguf_package_one_line_says_what_to_install(monkeypatch):
     from llama_lora.gguf_files import gguf_package
 

@@ -71,3 +71,14 @@ def test_sharded_breakdown_splits_the_states_and_adds_two_gathered_blocks():
     block = 2 * (8192 * 8192 + 2 * 8192 * 1024 + 8192 * 8192 + 3 * 8192 * 28672) + 2 * 8192 * 2  # fp16 q k v o ffn
     assert eight["gathered"] == 2 * block
     assert eight["total"] == sum(v for k, v in eight.items() if k != "total")
+
+
+def test_a_tied_output_layer_is_still_a_matmul():
+    """Llama 3.2's output layer is its embedding: one parameter fewer to store, but as many weights multiplied (the
+    autocast cache and the FLOPs count it)."""
+    from llama_lora.memory import matmul_params
+
+    tied = LlamaConfig.from_name("llama3.2-1b")
+    untied = LlamaConfig.from_name("llama3.2-1b", tie_embeddings=False)
+    assert matmul_params(tied) == matmul_params(untied)
+    assert untied.n_params - tied.n_params == tied.vocab_size * tied.dim

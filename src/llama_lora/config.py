@@ -23,7 +23,10 @@ class LlamaConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
-    tie_embeddings: bool = False  # the output layer is the embedding matrix (llama2.c's shared classifier)
+    tie_embeddings: bool = False  # the output layer is the embedding matrix (llama2.c's, Llama 3.2 1B/3B)
+    # Llama 3.1's RoPE frequency scaling (``model.llama3_scaled``): factor, low_freq_factor, high_freq_factor,
+    # original_max_seq_len; None: plain RoPE.
+    rope_scaling: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -49,6 +52,14 @@ class LlamaConfig:
             raise ValueError(f"LlamaConfig.ffn_dim_multiplier must be > 0 or None, got {self.ffn_dim_multiplier}")
         if self.norm_eps <= 0 or self.rope_theta <= 0:
             raise ValueError("LlamaConfig: norm_eps and rope_theta must be > 0")
+        if self.rope_scaling is not None:
+            self.rope_scaling = dict(self.rope_scaling)  # its own: presets share theirs
+            if set(self.rope_scaling) != set(LLAMA3_ROPE) or not all(
+                    isinstance(v, int | float) and v > 0 for v in self.rope_scaling.values()):
+                raise ValueError(f"LlamaConfig.rope_scaling needs positive {', '.join(LLAMA3_ROPE)}; got "
+                                 f"{self.rope_scaling}")
+            if self.rope_scaling["high_freq_factor"] <= self.rope_scaling["low_freq_factor"]:
+                raise ValueError("LlamaConfig.rope_scaling: high_freq_factor must exceed low_freq_factor")
         if self.hidden_dim is None:
             # Meta's rule (llama/model.py FeedForward): 2/3 of 4*dim for SwiGLU, scaled, rounded up to multiple_of.
             hidden = int(2 * (4 * self.dim) / 3)
@@ -83,7 +94,17 @@ class LlamaConfig:
         """Read a Meta ``params.json``. Meta ships ``vocab_size: -1`` (taken from the tokenizer); pass the real one."""
         params = _read_json(path)
         known = {f.name for f in dataclasses.fields(cls)}
+        meta_rope = {"use_scaled_rope", "rope_scaling_factor", "rope_high_freq_factor"}
+        unknown = sorted(set(params) - known - meta_rope - {"max_batch_size"})
+        if unknown:
+            raise ValueError(f"{path}: {', '.join(unknown)} not implemented here; this is not a LLaMA model this "
+                             "project computes exactly")
         kwargs = {k: v for k, v in params.items() if k in known}
+        if params.get("use_scaled_rope") and kwargs.get("rope_scaling") is None:
+            # Meta's reference (llama-models, llama3/model.py apply_scaling): factor 8, 1 and 4, original 8192
+            kwargs["rope_scaling"] = {"factor": float(params.get("rope_scaling_factor", 8.0)), "low_freq_factor": 1.0,
+                                      "high_freq_factor": float(params.get("rope_high_freq_factor", 4.0)),
+                                      "original_max_seq_len": 8192}
         if vocab_size is not None:
             kwargs["vocab_size"] = vocab_size
         elif kwargs.get("vocab_size", -1) <= 0:
@@ -98,6 +119,25 @@ class LlamaConfig:
         missing = [k for k in required if k not in cfg]
         if missing:
             raise ValueError(f"{path}: not a LLaMA config.json, missing {', '.join(missing)}")
+        heads = cfg["num_attention_heads"]
+        unsupported = {"model_type": cfg.get("model_type", "llama") != "llama",
+                       "attention_bias": bool(cfg.get("attention_bias")), "mlp_bias": bool(cfg.get("mlp_bias")),
+                       "hidden_act": cfg.get("hidden_act", "silu") != "silu",
+                       "head_dim": cfg.get("head_dim") not in (None, cfg["hidden_size"] // heads),
+                       "sliding_window": cfg.get("sliding_window") is not None}
+        refused = [f"{k}: {cfg.get(k, 'llama')!r}" for k, bad in unsupported.items() if bad]
+        if refused:
+            raise ValueError(f"{path}: {'; '.join(refused)} is not implemented here (LLaMA: no biases, SiLU, "
+                             "head_dim = hidden_size / heads, full attention)")
+        # transformers 5 keeps theta and the scaling in rope_parameters; 4.x has rope_theta and rope_scaling.
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in ("default", "llama3"):
+            raise ValueError(f"{path}: rope_type {kind!r} is not implemented here (default and llama3 are)")
+        scaling = None if kind == "default" else {
+            "factor": float(rope["factor"]), "low_freq_factor": float(rope["low_freq_factor"]),
+            "high_freq_factor": float(rope["high_freq_factor"]),
+            "original_max_seq_len": int(rope["original_max_position_embeddings"])}
         return cls(
             dim=cfg["hidden_size"],
             n_layers=cfg["num_hidden_layers"],
@@ -106,9 +146,10 @@ class LlamaConfig:
             vocab_size=cfg["vocab_size"],
             hidden_dim=cfg["intermediate_size"],
             norm_eps=cfg.get("rms_norm_eps", 1e-5),
-            rope_theta=cfg.get("rope_theta", 10000.0),
+            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
             max_seq_len=cfg.get("max_position_embeddings", 4096),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            rope_scaling=scaling,
         )
 
     def to_meta_params(self) -> dict[str, Any]:
@@ -125,6 +166,10 @@ class LlamaConfig:
             "rope_theta": self.rope_theta,
             "max_seq_len": self.max_seq_len,
             "tie_embeddings": self.tie_embeddings,  # not Meta's either: llama2.c models converted to this layout
+            # Meta's flag (its reference then scales as use_scaled_rope says), and the exact settings, read back first
+            **({"use_scaled_rope": True, "rope_scaling_factor": self.rope_scaling["factor"],
+                "rope_high_freq_factor": self.rope_scaling["high_freq_factor"], "rope_scaling": self.rope_scaling}
+               if self.rope_scaling else {}),
         }
 
     def to_hf_config(self, dtype: Any) -> dict[str, Any]:
@@ -142,7 +187,10 @@ class LlamaConfig:
             "num_key_value_heads": self.n_kv_heads,
             "vocab_size": self.vocab_size,
             "rms_norm_eps": self.norm_eps,
+            # transformers 5 reads rope_parameters; 4.x reads rope_theta and rope_scaling
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta, **self._hf_rope_scaling()},
             "rope_theta": self.rope_theta,
+            "rope_scaling": {"rope_type": "llama3", **self._hf_rope_scaling()} if self.rope_scaling else None,
             "max_position_embeddings": self.max_seq_len,
             "hidden_act": "silu",
             "tie_word_embeddings": self.tie_embeddings,
@@ -151,6 +199,18 @@ class LlamaConfig:
             "dtype": dtype,
             "torch_dtype": dtype,
         }
+
+
+    def _hf_rope_scaling(self) -> dict[str, Any]:
+        if self.rope_scaling is None:
+            return {}
+        r = self.rope_scaling
+        return {"rope_type": "llama3", "factor": r["factor"], "low_freq_factor": r["low_freq_factor"],
+                "high_freq_factor": r["high_freq_factor"],
+                "original_max_position_embeddings": int(r["original_max_seq_len"])}
+
+
+LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len")
 
 
 def _read_json(path: str | Path) -> dict[str, Any]:
@@ -166,11 +226,28 @@ def _read_json(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _llama3_rope(factor: float) -> dict[str, float]:
+    return {"factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_seq_len": 8192}
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),
     "llama2-13b": dict(dim=5120, n_layers=40, n_heads=40, vocab_size=32000),
     "llama2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000, ffn_dim_multiplier=1.3,
                        multiple_of=4096),
+    # Llama 3.1 and 3.2, from Meta's original/params.json of each (dims, ffn_dim_multiplier, multiple_of, heads,
+    # rope_theta 500000, use_scaled_rope) and vocab 128256; the scaling settings of their HF config.json (3.1:
+    # factor 8, 3.2: factor 32; Meta's reference code applies 8 to both). Context 131072.
+    "llama3.1-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, ffn_dim_multiplier=1.3,
+                        multiple_of=1024, rope_theta=500000.0, max_seq_len=131072, rope_scaling=_llama3_rope(8.0)),
+    "llama3.1-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=128256, ffn_dim_multiplier=1.3,
+                         multiple_of=4096, rope_theta=500000.0, max_seq_len=131072, rope_scaling=_llama3_rope(8.0)),
+    "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, ffn_dim_multiplier=1.5,
+                        multiple_of=256, rope_theta=500000.0, max_seq_len=131072, rope_scaling=_llama3_rope(32.0),
+                        tie_embeddings=True),
+    "llama3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, vocab_size=128256, ffn_dim_multiplier=1.0,
+                        multiple_of=256, rope_theta=500000.0, max_seq_len=131072, rope_scaling=_llama3_rope(32.0),
+                        tie_embeddings=True),
     # The benchmark shape shared with LitGPT/torchtune comparisons: dim 512, 8 layers, ffn 1376.
     "small": dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000, hidden_dim=1376, max_seq_len=2048),
     # Embedded demo: 2M parameters (learns the synthetic world's facts in two minutes on 2 CPU cores), vocab of the

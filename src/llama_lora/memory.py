@@ -46,8 +46,10 @@ def lora_param_count(config: LlamaConfig, targets: Sequence[str], r: int) -> int
 
 
 def matmul_params(config: LlamaConfig) -> int:
-    """Parameters of the transformer blocks' linear layers and the output layer (not embeddings, not norms)."""
-    return config.n_params - config.vocab_size * config.dim - config.dim * (2 * config.n_layers + 1)
+    """Parameters of the transformer blocks' linear layers and the output layer (not embeddings, not norms). A tied
+    output layer (Llama 3.2 1B/3B) is the embedding, stored once and multiplied all the same."""
+    embedding = 0 if config.tie_embeddings else config.vocab_size * config.dim
+    return config.n_params - embedding - config.dim * (2 * config.n_layers + 1)
 
 
 def activation_bytes_per_token_per_layer(config: LlamaConfig, act_bytes: int, lora_targets: Sequence[str],

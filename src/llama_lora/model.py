@@ -7,6 +7,7 @@ with grouped-query heads handled by SDPA, RoPE uses real cos/sin arithmetic on a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -31,10 +32,26 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
-def rope_cache(head_dim: int, max_seq_len: int, theta: float = 10000.0, device=None) -> torch.Tensor:
-    """cos and sin of the rotation angles, fp32: (max_seq_len, head_dim // 2, 2)."""
+def llama3_scaled(freqs: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+                  original_max_seq_len: int) -> torch.Tensor:
+    """Llama 3.1's RoPE frequency scaling (Meta's ``apply_scaling``, HF's ``rope_type: llama3``): wavelengths
+    shorter than original / high_freq_factor stay, those longer than original / low_freq_factor are divided by
+    ``factor``, and the band between is interpolated smoothly."""
+    wavelen = 2 * math.pi / freqs
+    low_wavelen, high_wavelen = original_max_seq_len / low_freq_factor, original_max_seq_len / high_freq_factor
+    smooth = (original_max_seq_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    mid = (1 - smooth) * freqs / factor + smooth * freqs
+    return torch.where(wavelen < high_wavelen, freqs, torch.where(wavelen > low_wavelen, freqs / factor, mid))
+
+
+def rope_cache(head_dim: int, max_seq_len: int, theta: float = 10000.0, device=None,
+               scaling: dict[str, float] | None = None) -> torch.Tensor:
+    """cos and sin of the rotation angles, fp32: (max_seq_len, head_dim // 2, 2). ``scaling``: Llama 3.1's
+    (``LlamaConfig.rope_scaling``), or None."""
     exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)[: head_dim // 2] / head_dim
     freqs = 1.0 / (theta**exponents)
+    if scaling is not None:
+        freqs = llama3_scaled(freqs, **scaling)
     angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), freqs)
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
@@ -265,7 +282,7 @@ class Llama(nn.Module):
     def rope(self, device: torch.device) -> torch.Tensor:
         if self._rope is None or self._rope.device != device:
             c = self.config
-            self._rope = rope_cache(c.head_dim, c.max_seq_len, c.rope_theta, device=device)
+            self._rope = rope_cache(c.head_dim, c.max_seq_len, c.rope_theta, device=device, scaling=c.rope_scaling)
         return self._rope
 
     def compile_blocks(self) -> None:

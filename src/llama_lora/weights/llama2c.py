@@ -64,6 +64,9 @@ def load_llama2c(path: Path) -> tuple[LazyStateDict, dict[str, str], LlamaConfig
 def save_llama2c(sd: StateDict, config: LlamaConfig, path: str | Path) -> Path:
     """Write llama2.c's version-0 .bin."""
     path = Path(path)
+    if config.rope_theta != 10000.0 or config.rope_scaling is not None:
+        raise ValueError("llama2.c's format has no RoPE settings (run.c computes theta 10000, unscaled); write this "
+                         "model as meta or hf")
     path.parent.mkdir(parents=True, exist_ok=True)
     sd = plain(sd)
     shared = torch.equal(sd["tok_embeddings.weight"], sd["output.weight"])
