@@ -8,6 +8,7 @@ continues raw text. --seed_prompts runs the original experiment's four completio
 
 import inspect
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -15,14 +16,16 @@ from typing import Any, Literal
 
 import torch
 
-from llama_lora.adapters import adapter_plan, load_model, open_adapter, resolve_tokenizer
+from llama_lora.adapters import adapter_plan, load_model, open_adapter, resolve_chat_template, resolve_tokenizer
 from llama_lora.cli import configure_logging, main_guard, script_arguments
 from llama_lora.config import LlamaConfig
 from llama_lora.model import Llama, check_sampling
 from llama_lora.plan import BaseDtypeName, PrecisionName
-from llama_lora.prompts import SEED_PROMPTS, format_prompt
+from llama_lora.prompts import SEED_PROMPTS, alpaca_as_chat, chat_tokens, end_of_turn, format_prompt
 
 SAMPLING = ("temperature", "top_k", "top_p")  # Llama.generate_stream's own defaults
+
+log = logging.getLogger("generate")
 
 
 def _sampling_defaults() -> dict[str, Any]:
@@ -79,6 +82,7 @@ def check_prompt_lengths(prompts: list[list[int]], context: int) -> None:
 def generate(prompts: list[str] = [], adapter: str | None = None, checkpoint_dir: str | None = None,  # noqa: B006
              model: str | None = None, tokenizer_path: str | None = None,
              mode: Literal["instruction", "completion"] = "instruction", input: str = "", file: str | None = None,
+             chat_template: Literal["llama3", "llama2"] | None = None, system: str | None = None,
              seed_prompts: bool = False, max_new_tokens: int = 128, greedy: bool = False, seed: int = 1234,
              precision: PrecisionName = "auto", base_dtype: BaseDtypeName = "auto", device: str | None = None,
              sampling: dict[str, Any] | None = None) -> None:
@@ -90,8 +94,11 @@ def generate(prompts: list[str] = [], adapter: str | None = None, checkpoint_dir
         checkpoint_dir: base weights (default: the ones the adapter was trained on).
         model: preset (default: the adapter's, or the checkpoint's own config).
         tokenizer_path: tokenizer.model (default: the adapter's, or the one beside the base weights).
-        mode: instruction (Alpaca template, response only) or completion (raw text).
-        input: the Alpaca 'input' field for every instruction.
+        mode: instruction (Alpaca template, or a chat template; the response only) or completion (raw text).
+        input: the Alpaca 'input' field for every instruction (in a chat template: after it, in the user's turn).
+        chat_template: llama3 or llama2: each prompt a user turn in that template, the response ending at its end of
+            turn (default: the template the adapter trained in, if any; else Alpaca's prompt).
+        system: a system message before each prompt (chat templates).
         file: prompts: one per line, or a JSON list of strings or {instruction, input} records.
         seed_prompts: the original experiment's four completion prompts.
         max_new_tokens: the longest response.
@@ -111,8 +118,19 @@ def generate(prompts: list[str] = [], adapter: str | None = None, checkpoint_dir
     # The tokenizer and the prompts' lengths are checked before the base model is loaded.
     trained = open_adapter(adapter, checkpoint_dir, model)
     tok = resolve_tokenizer(tokenizer_path, trained, checkpoint_dir)
+    template = resolve_chat_template(chat_template, trained, tok) if mode == "instruction" else None
+    if system is not None and template is None:
+        raise ValueError("--system is a chat template's system message; give --chat_template llama3 or llama2")
+    eos_id = end_of_turn(tok, template) if template else tok.eos_id
+    if mode == "instruction":
+        log.info("Prompt format: %s", f"the {template} chat template" if template else "Stanford Alpaca's prompt")
     texts = [format_prompt(r) if mode == "instruction" else r["instruction"] for r in records]
-    ids = [tok.encode(text, bos=True) for text in texts]
+    if template:
+        head = [{"role": "system", "content": system}] if system is not None else []
+        ids = [chat_tokens(head + alpaca_as_chat({**r, "output": ""})[:1], tok, template, add_generation_prompt=True)[0]
+               for r in records]
+    else:
+        ids = [tok.encode(text, bos=True) for text in texts]
     preset = model or (trained.preset if trained else None)
     if preset:
         check_prompt_lengths(ids, LlamaConfig.from_name(preset).max_seq_len)
@@ -129,7 +147,7 @@ def generate(prompts: list[str] = [], adapter: str | None = None, checkpoint_dir
             print(text, end="", flush=True)
         out: list[int] = []
         start = time.perf_counter()
-        tokens = loaded.model.generate_stream(prompt, max_new_tokens, eos_id=tok.eos_id, generator=generator,
+        tokens = loaded.model.generate_stream(prompt, max_new_tokens, eos_id=eos_id, generator=generator,
                                               **sampling)
         for piece in tok.stream(out.append(t) or t for t in tokens):  # whole characters only, as they complete
             print(piece, end="", flush=True)

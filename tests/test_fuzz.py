@@ -292,7 +292,7 @@ CASES = {
     "merge-missing-adapter": ("merge", lambda run, tmp: ["--adapter", str(tmp / "nope"), "--out_dir", str(tmp / "o")],
                               FileNotFoundError, "Adapter not found"),
     "merge-bad-format": ("merge", lambda run, tmp: ["--adapter", str(run / "ckpt" / "last.ckpt"), "--out_dir",
-                                                    str(tmp / "o"), "--format", "gguf"], argparse.ArgumentError,
+                                                    str(tmp / "o"), "--format", "onnx"], argparse.ArgumentError,
                          "format"),
     "merge-adapter-of-another-model": ("merge", lambda run, tmp: ["--adapter", str(run / "ckpt" / "last.ckpt"),
                                                                   "--out_dir", str(tmp / "o"), "--checkpoint_dir",

@@ -176,3 +176,22 @@ def test_transformers_reads_the_llama3_folder_we_write(tmp_path):
     with torch.no_grad():
         theirs, mine = hf(input_ids=tokens).logits, ours(tokens)
     assert (mine - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+
+
+def test_metas_llama32_folder_without_an_output_layer_is_tied(tmp_path):
+    """Meta's Llama 3.2 consolidated.00.pth holds no output.weight and its params.json says nothing of tying (only
+    use_scaled_rope): the output layer is the embedding."""
+    config = LlamaConfig.from_name("tiny", rope_theta=500000.0, tie_embeddings=True,
+                                   rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                 "original_max_seq_len": 8192})
+    model = build_model(config, plan=torch.float32, seed=5).eval()
+    sd = {k: v for k, v in model.state_dict().items() if k != "output.weight"}
+    torch.save(sd, tmp_path / "consolidated.00.pth")
+    params = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512, "multiple_of": 16,
+              "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True}
+    (tmp_path / "params.json").write_text(json.dumps({**params, "hidden_dim": 176}))
+    back = build_model(checkpoint=tmp_path, plan=torch.float32).eval()
+    assert back.config.tie_embeddings and back.output.weight is back.tok_embeddings.weight
+    tokens = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(back(tokens), model(tokens))

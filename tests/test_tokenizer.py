@@ -25,7 +25,7 @@ def test_missing_or_bad_tokenizer(tmp_path):
     with pytest.raises(FileNotFoundError, match="Tokenizer not found"):
         Tokenizer(tmp_path / "nope.model")
     (tmp_path / "bad.model").write_bytes(b"not a model")
-    with pytest.raises(ValueError, match="not a SentencePiece model"):
+    with pytest.raises(ValueError, match="neither a SentencePiece model .* nor a tiktoken BPE file"):
         Tokenizer(tmp_path / "bad.model")
 
 
@@ -60,3 +60,91 @@ def test_an_invalid_byte_sequence_streams_as_decode_gives_it(demo_tok):
     byte = tok.sp.PieceToId("<0xE6>")  # the first byte of a 3-byte character, alone
     ids = tok.encode("abc") + [byte]
     assert "".join(tok.stream(ids)) == tok.decode(ids)
+
+
+# ----- Llama 3's tiktoken BPE file -----
+
+# Meta's split pattern, written out again here (llama-models, llama3/tokenizer.py), for the independent reference.
+META_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+BPE_TEXTS = ["Hello world! It's 2026, isn't it?", "  leading spaces\tand tabs\n\nnewlines", "Bonjour café 🚀 我爱你 ❤️",
+         "digits 1234567 and <|eot_id|> as plain text", "", "x" * 50 + " " * 30 + "y"]
+
+
+def write_bpe_file(path, text: str, merges: int) -> dict[bytes, int]:
+    """A small byte-level BPE in tiktoken's file format (base64 token, space, rank; the 256 bytes first), trained on
+    ``text`` pre-split by Meta's pattern: the format of Llama 3's original/tokenizer.model, 128,000 ranks smaller."""
+    import base64
+    from collections import Counter
+
+    import regex
+
+    ranks = {bytes([b]): b for b in range(256)}
+    words = [[bytes([b]) for b in w.encode()] for w in regex.findall(META_PATTERN, text)]
+    for _ in range(merges):
+        pairs = Counter((a, b) for w in words for a, b in zip(w, w[1:]))
+        if not pairs:
+            break
+        (a, b), _ = pairs.most_common(1)[0]
+        ranks[a + b] = len(ranks)
+        for w in words:
+            i = 0
+            while i < len(w) - 1:
+                if w[i] == a and w[i + 1] == b:
+                    w[i:i + 2] = [a + b]
+                i += 1
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    return ranks
+
+
+@pytest.fixture
+def bpe(tmp_path):
+    pytest.importorskip("tiktoken", reason="Llama 3's tokenizer needs tiktoken (pip install -e '.[llama3]')")
+    corpus = " ".join(BPE_TEXTS * 20) + " the quick brown fox jumps over the lazy dog " * 40
+    path = tmp_path / "tokenizer.model"  # Meta's own name: the content, not the name, says what it is
+    return path, write_bpe_file(path, corpus, merges=120)
+
+
+def test_a_tiktoken_file_is_read_as_llama3s_tokenizer_against_tiktoken_itself(bpe):
+    import tiktoken
+    import tiktoken.load
+
+    from llama_lora.tokenizer import TiktokenTokenizer
+
+    path, ranks = bpe
+    tok = Tokenizer(path)
+    assert isinstance(tok, TiktokenTokenizer) and len(ranks) == 376
+    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+             "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
+             "<|eot_id|>", "<|python_tag|>"] + [f"<|reserved_special_token_{i}|>" for i in range(2, 247)]
+    special = {name: len(ranks) + i for i, name in enumerate(names)}
+    reference = tiktoken.Encoding("ref", pat_str=META_PATTERN, mergeable_ranks=tiktoken.load.load_tiktoken_bpe(
+        str(path)), special_tokens=special)
+    assert tok.vocab_size == len(ranks) + 256 == reference.n_vocab
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (len(ranks), len(ranks) + 1, len(ranks) + 4)
+    assert tok.special == {"bos": len(ranks), "eos": len(ranks) + 1, "eot": len(ranks) + 9, "eom": len(ranks) + 8,
+                           "start_header": len(ranks) + 6, "end_header": len(ranks) + 7}
+    for text in BPE_TEXTS:
+        ids = reference.encode(text, disallowed_special=())
+        assert tok.encode(text) == ids and tok.encode(text, bos=True, eos=True) == [tok.bos_id, *ids, tok.eos_id]
+        assert tok.decode(ids) == text == "".join(tok.stream(ids))
+    assert len(tok.encode("the quick brown fox")) < len(b"the quick brown fox")  # the merges apply
+    assert special["<|eot_id|>"] not in tok.encode(BPE_TEXTS[3])  # special strings in data stay text
+    assert tok.decode([special["<|eot_id|>"]]) == "<|eot_id|>"
+
+
+def test_a_sentencepiece_model_under_any_name_is_sentencepiece(tmp_path, assets):
+    import shutil
+
+    from llama_lora.tokenizer import SentencePieceTokenizer
+
+    shutil.copyfile(assets / "tokenizer.model", tmp_path / "tokenizer.tiktoken")
+    assert isinstance(Tokenizer(tmp_path / "tokenizer.tiktoken"), SentencePieceTokenizer)
+
+
+def test_without_tiktoken_one_line_says_what_to_install(bpe, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tiktoken", None)
+    with pytest.raises(ValueError, match=r'pip install -e "\.\[llama3\]"'):
+        Tokenizer(bpe[0])

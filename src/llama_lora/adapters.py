@@ -27,6 +27,7 @@ from .layout import BY_TARGET, LORA_TARGETS, is_block_linear, permute_from_hf, r
 from .lora import LoRASettings, apply_lora
 from .model import Llama
 from .plan import DTYPES, RunPlan, make_plan
+from .prompts import default_chat_template
 from .tokenizer import Tokenizer
 from .weights import build_model, hf_key_to_meta, meta_key_to_hf, open_checkpoint, save_hf, save_meta
 from .weights.tensors import LazyStateDict, publish
@@ -402,6 +403,16 @@ def export_adapter(adapter: str, out_dir: str, base_model: str | None = None,
         write_lora(Path(out_dir) / "adapter.gguf", config, trained.lora, trained.tensors)
         return Path(out_dir)
     return export_peft(trained.tensors, config, trained.lora, out_dir, base_model)
+
+
+def resolve_chat_template(chat_template: str | None, adapter: Adapter | None, tokenizer: Tokenizer) -> str | None:
+    """The chat template to prompt in: the one given, else the one the adapter's run trained in (its
+    data.chat_template, or for chat data its tokenizer family's), else None: Alpaca's prompt."""
+    data = adapter.datamodule_hparams if adapter is not None else {}
+    chosen = chat_template or data.get("chat_template")
+    if chosen is None and data.get("format") == "chat":
+        chosen = default_chat_template(tokenizer)
+    return chosen
 
 
 def resolve_tokenizer(tokenizer_path: str | Path | None = None, adapter: Adapter | None = None,

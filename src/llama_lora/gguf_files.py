@@ -141,6 +141,9 @@ def write_model(path: str | Path, config: LlamaConfig, shapes: Mapping[str, tupl
     if config.rope_scaling is not None:  # llama.cpp takes it as a rope_freqs.weight tensor of per-pair factors
         raise ValueError("GGUF export of Llama 3.1-style RoPE scaling is not implemented yet; merge to --format hf "
                          "and convert that with llama.cpp's convert_hf_to_gguf.py")
+    if tokenizer.kind != "sentencepiece":
+        raise ValueError("GGUF export of Llama 3's tiktoken tokenizer is not implemented yet; merge to --format hf and "
+                         "convert that with llama.cpp's convert_hf_to_gguf.py")
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(f"GGUF: the tokenizer has {tokenizer.vocab_size} pieces, the model {config.vocab_size}; "
                          "give the tokenizer the model was trained with")

@@ -44,7 +44,7 @@ SETTINGS: dict[str, str] = {
     "data.micro_batch_size": "step", "trainer.accumulate_grad_batches": "step", "trainer.devices": "step",
     "data.data_path": "step", "data.format": "step", "data.num_samples": "step", "data.val_size": "step",
     "data.seed": "step", "data.packing": "step", "data.mask_prompt": "step", "data.group_by_length": "step",
-    "data.demo_records": "step",
+    "data.demo_records": "step", "data.chat_template": "step",
 }
 
 

@@ -49,18 +49,20 @@ class Batch(TypedDict, total=False):
 
 class SupervisedDataset(Dataset):
     """Tokenized examples: dicts of ``input_ids`` and ``labels`` (lists of ints, same length): Alpaca records with
-    the prompt masked, or, with ``format="text"``, blocks of raw text (see ``text_blocks``).
+    the prompt masked, conversations with the assistant turns alone trained (``chat_template``: ``prompts.py``), or,
+    with ``format="text"``, blocks of raw text (see ``text_blocks``).
 
     ``indices[i]`` is the position in ``records`` of the record example i came from (``record_ids`` maps them to the
     caller's own numbering, e.g. positions in the data file). ``limit`` keeps the first that many examples."""
 
     def __init__(self, records: Sequence[dict[str, str]], tokenizer: Tokenizer, max_seq_len: int = 512,
                  mask_prompt: bool = True, source: str = "data", limit: int | None = None,
-                 record_ids: Sequence[int] | None = None, format: str = "alpaca") -> None:
+                 record_ids: Sequence[int] | None = None, format: str = "alpaca",
+                 chat_template: str | None = None) -> None:
         if format == "text":
             examples, self.stats = text_blocks(records, tokenizer, max_seq_len, limit)
         else:
-            examples, self.stats = preprocess(records, tokenizer, max_seq_len, mask_prompt, limit)
+            examples, self.stats = preprocess(records, tokenizer, max_seq_len, mask_prompt, limit, chat_template)
         ids = record_ids if record_ids is not None else range(len(records))
         self.indices = [ids[e.pop("index")] for e in examples]
         self.examples = examples

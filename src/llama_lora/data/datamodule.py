@@ -44,7 +44,10 @@ class AlpacaDataModule(L.LightningDataModule):
 
     ``data_path``: a local file, an https URL (downloaded once into ``cache_dir``), or ``"demo"`` for the offline
     synthetic world (its instructions, or with ``format: text`` its prose). ``format``: ``alpaca`` records
-    ({instruction, input, output}, prompt masked) or ``text`` for continued pretraining (.txt, or JSON/JSONL with a
+    ({instruction, input, output}, prompt masked), ``chat`` conversations (``messages`` with role/content, or
+    ShareGPT's ``conversations`` with from/value; the loss on the assistant turns, in ``chat_template``: llama3 or
+    llama2, by default the tokenizer's family's; a chat template chosen for Alpaca records makes each a two-turn
+    conversation) or ``text`` for continued pretraining (.txt, or JSON/JSONL with a
     ``text`` field; see ``text_blocks``). ``tokenizer_path``: a SentencePiece model; None with the demo data trains
     the demo's own tokenizer (``demo_vocab_size`` pieces, cached). ``num_samples``: the number of training records
     (documents for text), taken after a seeded shuffle (200 reproduces the seed experiment; None takes all).
@@ -56,7 +59,8 @@ class AlpacaDataModule(L.LightningDataModule):
     def __init__(
         self,
         data_path: str = ALPACA_URL,
-        format: Literal["alpaca", "text"] = "alpaca",
+        format: Literal["alpaca", "chat", "text"] = "alpaca",
+        chat_template: Literal["llama3", "llama2"] | None = None,
         tokenizer_path: str | None = "checkpoints/Llama-2-7b/tokenizer.model",
         num_samples: int | None = None,
         val_size: int = 100,
@@ -84,7 +88,9 @@ class AlpacaDataModule(L.LightningDataModule):
             raise ValueError("data.tokenizer_path is required unless data_path is 'demo'; point it at the "
                              "tokenizer.model that comes with the LLaMA-2 weights")
         self.save_hyperparameters()
-        self.data_path, self.format = data_path, format
+        if format == "text" and chat_template is not None:
+            raise ValueError("data.chat_template is for instruction and chat data; format text trains on raw text")
+        self.data_path, self.format, self.chat_template = data_path, format, chat_template
         self.tokenizer_path, self.num_samples = tokenizer_path, num_samples
         self.val_size, self.seed, self.max_seq_len = val_size, seed, max_seq_len
         self.micro_batch_size, self.num_workers, self.mask_prompt = micro_batch_size, num_workers, mask_prompt
@@ -130,9 +136,10 @@ class AlpacaDataModule(L.LightningDataModule):
         # The training set is the first num_samples records of the shuffled order that fit max_seq_len.
         self.train_set = SupervisedDataset([records[i] for i in train_ids], tokenizer, self.max_seq_len,
                                            self.mask_prompt, source, limit=self.num_samples, record_ids=train_ids,
-                                           format=self.format)
+                                           format=self.format, chat_template=self.chat_template)
         self.val_set = SupervisedDataset([records[i] for i in val_ids], tokenizer, self.max_seq_len, self.mask_prompt,
-                                         source, record_ids=val_ids, format=self.format) if val_ids else None
+                                         source, record_ids=val_ids, format=self.format,
+                                         chat_template=self.chat_template) if val_ids else None
         if self.packing:  # rows of up to max_seq_len tokens, several examples each
             examples = len(self.train_set)
             self.train_set = PackedDataset(self.train_set, self.max_seq_len)

@@ -98,11 +98,40 @@ def load_records(path: str | Path, cache_dir: str | Path | None = None, format: 
             raise ValueError(f"{path}: the top level is a JSON {type(records).__name__}, expected a list of records")
     if format == "text":
         records = [{"text": r} if isinstance(r, str) else r for r in records]
+    if format == "chat":
+        return [chat_record(rec, i, path) for i, rec in enumerate(records)]
     for i, rec in enumerate(records):
         (validate_text if format == "text" else validate_record)(rec, i, path)
         if format != "text" and rec.get("input") is None:
             rec["input"] = ""  # "input": null or none at all: the no-input template (as alpaca-lora's prompter)
     return records
+
+
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def chat_record(rec: Any, index: int, source: str | Path = "data") -> dict[str, list[dict[str, str]]]:
+    """A conversation as {"messages": [{"role", "content"}, ...]}: from the messages form (OpenAI's, TRL's) or the
+    ShareGPT form ({"conversations": [{"from": human/gpt/system, "value"}]}), checked turn by turn."""
+    from ..prompts import check_conversation
+
+    where = f"{source}: record {index}"
+    if isinstance(rec, dict) and isinstance(rec.get("messages"), list):
+        turns, role_key, text_key, roles = rec["messages"], "role", "content", {r: r for r in ("system", "user",
+                                                                                              "assistant")}
+    elif isinstance(rec, dict) and isinstance(rec.get("conversations"), list):
+        turns, role_key, text_key, roles = rec["conversations"], "from", "value", SHAREGPT_ROLES
+    else:
+        raise ValueError(f"{where} has neither 'messages' (a list of role/content turns) nor 'conversations' "
+                         "(ShareGPT's from/value turns)")
+    messages = []
+    for n, turn in enumerate(turns):
+        if not isinstance(turn, dict) or turn.get(role_key) not in roles or not isinstance(turn.get(text_key), str):
+            raise ValueError(f"{where}, turn {n}: expected {{'{role_key}': one of {sorted(roles)}, '{text_key}': a "
+                             f"string}}, got {turn!r:.80}")
+        messages.append({"role": roles[turn[role_key]], "content": turn[text_key]})
+    check_conversation(messages, where)
+    return {"messages": messages}
 
 
 def _json_lines(text: str, path: Path) -> list:

@@ -3,6 +3,7 @@ params.json."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -33,6 +34,12 @@ def load_meta(path: Path) -> tuple[LazyStateDict, dict[str, str], LlamaConfig | 
     if (path / "params.json").is_file():
         vocab = sd.shape("tok_embeddings.weight")[0] if "tok_embeddings.weight" in sd else None
         config = LlamaConfig.from_meta_params(path / "params.json", vocab_size=vocab)
+    if "output.weight" not in sd and "tok_embeddings.weight" in sd:
+        # Llama 3.2 1B/3B: Meta's file holds the embedding only, which is also the output layer (as llama2.c's)
+        sd.add("output.weight", [sd["tok_embeddings.weight"]])
+        sources["output.weight"] = sources["tok_embeddings.weight"] + " (tied: the embedding)"
+        if config is not None:
+            config = dataclasses.replace(config, tie_embeddings=True)
     return sd, sources, config
 
 
