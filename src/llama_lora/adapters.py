@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from . import run_checkpoint
 from .config import LlamaConfig
 from .demo import demo_tokenizer_file
-from .gguf_files import GGUFType, alpaca_chat_template, write_lora, write_model, write_modelfile
+from .gguf_files import CHAT_JINJA, GGUFType, alpaca_chat_template, write_lora, write_model, write_modelfile
 from .layout import BY_TARGET, LORA_TARGETS, is_block_linear, permute_from_hf, rope_heads, to_hf_layout
 from .lora import LoRASettings, apply_lora
 from .model import Llama
@@ -356,10 +356,11 @@ def merge_adapter(adapter: str | None = None, *, out_dir: str, format: Literal["
 
         path = Path(out_dir) / f"model-{gguf_type}.gguf"
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_model(path, config, shapes, written_once(), Tokenizer(tokenizer), gguf_type, name=Path(out_dir).name,
-                    chat_template=alpaca_chat_template() if trained is not None else None)
-        if trained is not None:  # a base converted alone was not trained on Alpaca's prompt
-            write_modelfile(path)
+        tok = Tokenizer(tokenizer)
+        write_model(path, config, shapes, written_once(), tok, gguf_type, name=Path(out_dir).name,
+                    chat_template=gguf_chat_template(trained, tok))
+        if trained is not None:  # a base converted alone was trained on no prompt
+            write_modelfile(path, resolve_chat_template(None, trained, tok))
         return Path(out_dir)
     merged = dict(merged_weights(base, trained, DTYPES[base_dtype] if base_dtype else None))
     if format == "meta":
@@ -403,6 +404,15 @@ def export_adapter(adapter: str, out_dir: str, base_model: str | None = None,
         write_lora(Path(out_dir) / "adapter.gguf", config, trained.lora, trained.tensors)
         return Path(out_dir)
     return export_peft(trained.tensors, config, trained.lora, out_dir, base_model)
+
+
+def gguf_chat_template(trained: Adapter | None, tokenizer: Tokenizer) -> str | None:
+    """The Jinja chat template a merged GGUF carries: the template the run trained in, Alpaca's prompt for Alpaca
+    data, none for a base converted alone."""
+    if trained is None:
+        return None
+    template = resolve_chat_template(None, trained, tokenizer)
+    return CHAT_JINJA[template] if template else alpaca_chat_template()
 
 
 def resolve_chat_template(chat_template: str | None, adapter: Adapter | None, tokenizer: Tokenizer) -> str | None:

@@ -99,6 +99,79 @@ def alpaca_chat_template() -> str:
             "{%- endfor -%}")
 
 
+# The chat templates of prompts.py (chat_tokens) in Jinja, for a GGUF's tokenizer.chat_template. BOS is the
+# tokenizer's to add (add_bos_token) at the start, as in training; later ones (llama2's) are written out.
+CHAT_JINJA = {
+    "llama3": ("{%- for message in messages -%}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' "
+               "+ message['content'] | trim + '<|eot_id|>' }}{%- endfor -%}{%- if add_generation_prompt -%}"
+               "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif -%}"),
+    "llama2": ("{%- set ns = namespace(system=none) -%}{%- if messages[0]['role'] == 'system' -%}"
+               "{%- set ns.system = messages[0]['content'] -%}{%- set messages = messages[1:] -%}{%- endif -%}"
+               "{%- for message in messages -%}{%- if message['role'] == 'user' -%}"
+               "{%- set content = message['content'] -%}{%- if loop.first and ns.system is not none -%}"
+               "{%- set content = '<<SYS>>\n' + ns.system + '\n<</SYS>>\n\n' + content -%}{%- endif -%}"
+               "{%- if not loop.first -%}{{ bos_token }}{%- endif -%}{{ '[INST] ' + content | trim + ' [/INST]' }}"
+               "{%- else -%}{{ ' ' + message['content'] | trim + ' ' + eos_token }}{%- endif -%}{%- endfor -%}"),
+}
+
+
+def _add_sentencepiece_tokenizer(writer: Any, gguf: Any, tokenizer: Tokenizer) -> None:
+    """The SentencePiece model as llama.cpp's "llama" tokenizer: pieces, scores and types."""
+    sp = tokenizer.sp
+    kinds = gguf.TokenType
+    types = [kinds.UNKNOWN if sp.IsUnknown(i) else kinds.CONTROL if sp.IsControl(i) else kinds.BYTE if sp.IsByte(i)
+             else kinds.UNUSED if sp.IsUnused(i) else kinds.NORMAL for i in range(tokenizer.vocab_size)]
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([sp.IdToPiece(i).encode("utf-8") for i in range(tokenizer.vocab_size)])
+    writer.add_token_scores([sp.GetScore(i) for i in range(tokenizer.vocab_size)])
+    writer.add_token_types(types)
+    writer.add_unk_token_id(sp.unk_id())
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2's byte-level alphabet, which llama.cpp's "gpt2" tokenizer spells tokens in: each printable byte is its
+    own character, the others (spaces and controls among them) the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def _add_bpe_tokenizer(writer: Any, gguf: Any, tokenizer: Any) -> None:
+    """Llama 3's tiktoken BPE as llama.cpp's "gpt2" tokenizer with the llama-bpe pre-tokenizer (Meta's split pattern):
+    the ranked tokens in GPT-2's byte alphabet, the merges, then the special tokens as control tokens."""
+    chars = _byte_chars()
+
+    def spell(token: bytes) -> str:
+        return "".join(chars[b] for b in token)
+
+    ranked = sorted(tokenizer.ranks, key=tokenizer.ranks.__getitem__)
+    specials = sorted(tokenizer.special_tokens, key=tokenizer.special_tokens.__getitem__)
+    kinds = gguf.TokenType
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("llama-bpe")
+    writer.add_token_list([spell(t) for t in ranked] + specials)
+    writer.add_token_types([kinds.NORMAL] * len(ranked) + [kinds.CONTROL] * len(specials))
+    writer.add_token_merges([f"{spell(a)} {spell(b)}" for a, b in tokenizer.merges()])
+    writer.add_eot_token_id(tokenizer.special["eot"])
+    writer.add_pad_token_id(tokenizer.pad_id)
+
+
+def rope_factors(config: LlamaConfig) -> torch.Tensor:
+    """llama.cpp's rope_freqs.weight: what each RoPE frequency is divided by under Llama 3.1's scaling
+    (``model.llama3_scaled``), as llama.cpp's own converter computes it."""
+    from .model import llama3_scaled
+
+    freqs = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim))
+    return freqs / llama3_scaled(freqs, **config.rope_scaling)
+
+
 def _add_metadata(writer: Any, gguf: Any, config: LlamaConfig, tokenizer: Tokenizer, name: str,
                   chat_template: str | None) -> None:
     writer.add_name(name)
@@ -112,19 +185,12 @@ def _add_metadata(writer: Any, gguf: Any, config: LlamaConfig, tokenizer: Tokeni
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    # The SentencePiece model as llama.cpp's "llama" tokenizer: pieces, scores and types, BOS added, EOS not.
-    sp = tokenizer.sp
-    kinds = gguf.TokenType
-    types = [kinds.UNKNOWN if sp.IsUnknown(i) else kinds.CONTROL if sp.IsControl(i) else kinds.BYTE if sp.IsByte(i)
-             else kinds.UNUSED if sp.IsUnused(i) else kinds.NORMAL for i in range(tokenizer.vocab_size)]
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list([sp.IdToPiece(i).encode("utf-8") for i in range(tokenizer.vocab_size)])
-    writer.add_token_scores([sp.GetScore(i) for i in range(tokenizer.vocab_size)])
-    writer.add_token_types(types)
+    if tokenizer.kind == "tiktoken":
+        _add_bpe_tokenizer(writer, gguf, tokenizer)
+    else:
+        _add_sentencepiece_tokenizer(writer, gguf, tokenizer)
     writer.add_bos_token_id(tokenizer.bos_id)
     writer.add_eos_token_id(tokenizer.eos_id)
-    writer.add_unk_token_id(sp.unk_id())
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
     if chat_template is not None:
@@ -138,12 +204,6 @@ def write_model(path: str | Path, config: LlamaConfig, shapes: Mapping[str, tupl
     yields them (one at a time: a layer's tensor is encoded and written before the next one is asked for).
     ``chat_template``: the prompt format the model was trained with, as Jinja (None: none, as for a base)."""
     gguf = gguf_package()
-    if config.rope_scaling is not None:  # llama.cpp takes it as a rope_freqs.weight tensor of per-pair factors
-        raise ValueError("GGUF export of Llama 3.1-style RoPE scaling is not implemented yet; merge to --format hf "
-                         "and convert that with llama.cpp's convert_hf_to_gguf.py")
-    if tokenizer.kind != "sentencepiece":
-        raise ValueError("GGUF export of Llama 3's tiktoken tokenizer is not implemented yet; merge to --format hf and "
-                         "convert that with llama.cpp's convert_hf_to_gguf.py")
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(f"GGUF: the tokenizer has {tokenizer.vocab_size} pieces, the model {config.vocab_size}; "
                          "give the tokenizer the model was trained with")
@@ -161,12 +221,18 @@ def write_model(path: str | Path, config: LlamaConfig, shapes: Mapping[str, tupl
         kinds[key] = _tensor_type(gguf, key, tuple(shape), type_name)
         declared, dtype, nbytes = _byte_shape(gguf, tuple(shape), kinds[key])
         writer.add_tensor_info(gguf_name(key), declared, dtype, nbytes, raw_dtype=kinds[key])
+    factors = rope_factors(config) if config.rope_scaling is not None else None
+    if factors is not None:  # llama.cpp's form of Llama 3.1's RoPE scaling: one divisor per frequency, in f32
+        writer.add_tensor_info("rope_freqs.weight", tuple(factors.shape), factors.numpy().dtype, factors.numel() * 4,
+                               raw_dtype=gguf.GGMLQuantizationType.F32)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for key, t in tensors:
         if key not in skip:
             writer.write_tensor_data(_encode(gguf, t, kinds[key]))
+    if factors is not None:
+        writer.write_tensor_data(factors.numpy())
     writer.close()
     publish(tmp, path)
     return path
@@ -197,18 +263,30 @@ def write_lora(path: str | Path, config: LlamaConfig, lora: dict[str, Any], tens
     return path
 
 
-def write_modelfile(gguf_path: Path) -> Path:
-    """An Ollama Modelfile beside a model GGUF: Stanford's Alpaca template, the one the adapter was trained on, in
-    Ollama's Go template syntax (the instruction is the user's message; an Alpaca input, if any, goes in the system
-    message), and the EOS stop."""
-    with_input = PROMPT_INPUT.format(instruction="{{ .Prompt }}", input="{{ .System }}")
-    without = PROMPT_NO_INPUT.format(instruction="{{ .Prompt }}")
-    template = f"{{{{ if .System }}}}{with_input}{{{{ else }}}}{without}{{{{ end }}}}"
+# Ollama's forms (Go templates) of the chat templates, one turn: the system message, the user's, the answer.
+OLLAMA_CHAT = {
+    "llama3": ("{{ if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
+               "<|start_header_id|>user<|end_header_id|>\n\n{{ .Prompt }}<|eot_id|>"
+               "<|start_header_id|>assistant<|end_header_id|>\n\n", ["<|eot_id|>"]),
+    "llama2": ("[INST] {{ if .System }}<<SYS>>\n{{ .System }}\n<</SYS>>\n\n{{ end }}{{ .Prompt }} [/INST]", ["</s>"]),
+}
+
+
+def write_modelfile(gguf_path: Path, chat_template: str | None = None) -> Path:
+    """An Ollama Modelfile beside a model GGUF, in the prompt the adapter was trained with, in Ollama's Go template
+    syntax: Stanford's Alpaca template (the instruction is the user's message; an Alpaca input, if any, goes in the
+    system message) and the EOS stop, or a chat template (llama3, llama2) and its end of turn."""
+    if chat_template is None:
+        with_input = PROMPT_INPUT.format(instruction="{{ .Prompt }}", input="{{ .System }}")
+        without = PROMPT_NO_INPUT.format(instruction="{{ .Prompt }}")
+        template, stops = f"{{{{ if .System }}}}{with_input}{{{{ else }}}}{without}{{{{ end }}}}", ["</s>",
+                                                                                                 "### Instruction:"]
+        about = "Stanford Alpaca's, as in training; the Alpaca \"input\", if any, goes in the system message"
+    else:
+        (template, stops), about = OLLAMA_CHAT[chat_template], f"the {chat_template} chat template, as in training"
     text = (f"# Create and run it:  ollama create my-model -f {gguf_path.parent / 'Modelfile'}  &&  ollama run "
-            f"my-model\n# The prompt is Stanford Alpaca's, as in training; the Alpaca \"input\", if any, goes in the "
-            "system message.\n"
-            f"FROM ./{gguf_path.name}\nTEMPLATE \"\"\"{template}\"\"\"\nPARAMETER stop \"</s>\"\n"
-            "PARAMETER stop \"### Instruction:\"\n")
+            f"my-model\n# The prompt is {about}.\nFROM ./{gguf_path.name}\nTEMPLATE \"\"\"{template}\"\"\"\n"
+            + "".join(f"PARAMETER stop \"{stop}\"\n" for stop in stops))
     path = gguf_path.parent / "Modelfile"
     path.write_text(text)
     return path

@@ -168,6 +168,7 @@ class TiktokenTokenizer(Tokenizer):
         self.path = path
         tiktoken = tiktoken_package()
         ranks = read_bpe_ranks(path)
+        self.ranks = ranks
         self.special_tokens = {name: len(ranks) + i for i, name in enumerate(LLAMA3_SPECIAL)}
         self.model = tiktoken.Encoding(name=path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
                                        special_tokens=self.special_tokens)
@@ -190,6 +191,24 @@ class TiktokenTokenizer(Tokenizer):
 
     def id_to_piece(self, i: int) -> str:
         return self.model.decode_single_token_bytes(int(i)).decode("utf-8", errors="replace")
+
+    def merges(self) -> list[tuple[bytes, bytes]]:
+        """The BPE's merges in rank order, as a merge-list tokenizer (HF's, llama.cpp's) needs them: each token of
+        two or more bytes is the pair that BPE, with the ranks below its own, leaves its bytes in."""
+        out, never = [], len(self.ranks)
+        for token, rank in sorted(self.ranks.items(), key=lambda kv: kv[1]):
+            if len(token) < 2:
+                continue
+            parts = [token[i:i + 1] for i in range(len(token))]
+            while len(parts) > 2:
+                pair_ranks = [self.ranks.get(a + b, never) for a, b in zip(parts, parts[1:])]
+                best = pair_ranks.index(min(pair_ranks))
+                if pair_ranks[best] >= rank:
+                    break
+                parts[best:best + 2] = [parts[best] + parts[best + 1]]
+            if len(parts) == 2:
+                out.append((parts[0], parts[1]))
+        return out
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, path: str | Path) -> Path:
