@@ -158,12 +158,13 @@ def test_alpaca_records_take_a_chosen_chat_template(llama3_tok):
         llama3_tok.special["eot"]]
 
 
-@pytest.mark.parametrize("variant", ["bf16", pytest.param("nf4-packing", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("variant", ["bf16", pytest.param("nf4-packing", marks=pytest.mark.slow),
+                                     pytest.param("ddp", marks=pytest.mark.slow)])
 def test_a_llama3_shaped_base_trains_on_chat_data_and_answers_in_its_template(tmp_path, llama3_tok, variant):
     """fit.py on a tiny Llama 3-shaped Meta base (theta 500000, llama3 scaling, tied embeddings, a tiktoken
     tokenizer), chat records in ShareGPT form; then generate.py takes the run's template (llama3, from the chat data
     and the tokenizer) and stops at <|eot_id|>, with and without a system message; merge and PEFT export work. The
-    slow variant: QLoRA (an NF4 base) with packing."""
+    slow variants: QLoRA (an NF4 base) with packing; DDP on 2 processes."""
     import subprocess
     import sys
 
@@ -182,7 +183,8 @@ def test_a_llama3_shaped_base_trains_on_chat_data_and_answers_in_its_template(tm
     lines = [json.dumps({"conversations": [{"from": roles[m["role"]], "value": m["content"]} for m in c]})
              for c in conversations(40, seed=3)]
     (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n")
-    fit(write_tiny_config(tmp_path, tmp_path / "cache", trainer={"max_steps": 2, "limit_val_batches": 1},
+    ddp = {"devices": 2, "strategy": "ddp"} if variant == "ddp" else {}
+    fit(write_tiny_config(tmp_path, tmp_path / "cache", trainer={"max_steps": 2, "limit_val_batches": 1, **ddp},
                           model={"checkpoint_dir": str(tmp_path / "base"), "model": None,
                                  "base_dtype": "nf4" if variant == "nf4-packing" else "auto"},
                           data={"data_path": str(tmp_path / "chat.jsonl"), "format": "chat", "val_size": 4,
