@@ -52,7 +52,7 @@ def test_peft_round_trip_gives_identical_logits(tmp_path, lora_model, tiny_confi
     save_meta(build_model(tiny_config, plan=torch.float32, seed=0).state_dict(), tiny_config, tmp_path / "base")
     export_peft(lora_state_dict(lora_model), tiny_config, LORA, tmp_path / "adapter", "base")
     sd, lora = import_peft(tmp_path / "adapter", tiny_config)
-    assert lora == LORA
+    assert lora == {**LORA, "use_rslora": False}
     loaded = load_model(tmp_path / "base", tmp_path / "adapter", plan=torch.float32)
     assert torch.equal(loaded.model(tokens), expected)
 
@@ -135,4 +135,4 @@ def test_export_reads_no_base_weights(tmp_path, lora_model, tiny_config):
                           text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     sd, lora = import_peft(tmp_path / "peft", tiny_config)
-    assert lora == LORA and all(torch.equal(v, lora_state_dict(lora_model)[k]) for k, v in sd.items())
+    assert lora == {**LORA, "use_rslora": False} and all(torch.equal(v, lora_state_dict(lora_model)[k]) for k, v in sd.items())

@@ -34,7 +34,7 @@ def test_peft_model_from_pretrained_gives_our_logits(tmp_path, tiny_config, toke
     theirs.save_pretrained(tmp_path / "resaved")
     sd, lora = import_peft(tmp_path / "resaved", tiny_config)
     own = model.state_dict()
-    assert lora == LORA and all(torch.equal(v, own[k]) for k, v in sd.items())
+    assert lora == {**LORA, "use_rslora": False} and all(torch.equal(v, own[k]) for k, v in sd.items())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -48,3 +48,40 @@ def test_transformers_auto_dtype_keeps_the_written_dtype(tmp_path, tiny_config, 
     if dtype == torch.float32:
         with torch.no_grad():
             torch.testing.assert_close(hf(input_ids=tokens).logits, model(tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_an_rslora_adapter_interchanges_with_peft(tmp_path, tiny_config, tokens):
+    """use_rslora both ways (checked 2026-12-03 with peft 0.21.2): our rsLoRA adapter, exported, gives
+    PeftModel our logits; PEFT's own rsLoRA adapter, imported, gives PEFT's logits here."""
+    from llama_lora.adapters import load_model
+
+    torch.manual_seed(1)
+    lora = {**LORA, "r": 16, "alpha": 4.0, "use_rslora": True}
+    model = build_model(tiny_config, plan=torch.float32, seed=0)
+    save_hf(model.state_dict(), tiny_config, tmp_path / "base")
+    apply_lora(model, LoRASettings(**lora))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_b"):
+                p.normal_(0, 0.1)
+    model.eval()
+    export_peft(lora_state_dict(model), tiny_config, lora, tmp_path / "ours", base_model=str(tmp_path / "base"))
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "ours").eval()
+    assert theirs.peft_config["default"].use_rslora
+    with torch.no_grad():
+        expected = model(tokens)
+        torch.testing.assert_close(theirs(input_ids=tokens).logits, expected, rtol=1e-4, atol=1e-4)
+    # PEFT's own: a fresh rsLoRA model, B drawn, saved by PEFT
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    config = peft.LoraConfig(r=8, lora_alpha=6, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True,
+                             lora_dropout=0.0)
+    made = peft.get_peft_model(hf, config)
+    with torch.no_grad():
+        for n, p in made.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    made.eval().save_pretrained(tmp_path / "peft")
+    ours = load_model(tmp_path / "base", tmp_path / "peft", plan=torch.float32).model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), made(input_ids=tokens).logits, rtol=1e-4, atol=1e-4)

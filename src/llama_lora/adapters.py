@@ -24,7 +24,7 @@ from .config import LlamaConfig
 from .demo import demo_tokenizer_file
 from .gguf_files import CHAT_JINJA, GGUFType, alpaca_chat_template, write_lora, write_model, write_modelfile
 from .layout import BY_TARGET, LORA_TARGETS, is_block_linear, permute_from_hf, rope_heads, to_hf_layout
-from .lora import LoRASettings, apply_lora
+from .lora import LoRASettings, apply_lora, lora_scale
 from .model import Llama
 from .plan import DTYPES, RunPlan, make_plan
 from .prompts import default_chat_template
@@ -199,8 +199,8 @@ def export_peft(lora_tensors: dict[str, torch.Tensor], config: LlamaConfig, lora
         "r": lora["r"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"],
         "target_modules": sorted(BY_TARGET[t].hf_module_name for t in lora["targets"]), "bias": "none",
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
-        "use_rslora": False, "use_dora": False, "layers_to_transform": None, "layers_pattern": None,
-        "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
+        "use_rslora": bool(lora.get("use_rslora")), "use_dora": False, "layers_to_transform": None,
+        "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
     }
     (out_dir / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
     return out_dir
@@ -215,8 +215,9 @@ def import_peft(path: str | Path, config: LlamaConfig) -> tuple[dict[str, torch.
             raise FileNotFoundError(f"{f} is missing; a PEFT adapter folder holds adapter_config.json and "
                                     "adapter_model.safetensors")
     cfg = json.loads(cfg_file.read_text())
-    if cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or cfg.get("use_rslora"):
-        raise ValueError(f"{cfg_file}: only plain LoRA adapters are supported (peft_type LORA, no DoRA/rsLoRA)")
+    if cfg.get("peft_type") != "LORA" or cfg.get("use_dora"):
+        raise ValueError(f"{cfg_file}: only LoRA adapters (peft_type LORA, with or without use_rslora) are supported, "
+                         "not DoRA")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise ValueError(f"{cfg_file}: per-module rank_pattern/alpha_pattern are not supported")
     targets = cfg["target_modules"]
@@ -241,8 +242,14 @@ def import_peft(path: str | Path, config: LlamaConfig) -> tuple[dict[str, torch.
             sd[name] = t if heads is None else permute_from_hf(t, heads)
     ours = {_TARGET_OF_HF[t] for t in targets}
     lora = {"targets": [t for t in LORA_TARGETS if t in ours], "r": int(cfg["r"]), "alpha": float(cfg["lora_alpha"]),
-            "dropout": float(cfg.get("lora_dropout", 0.0))}
+            "dropout": float(cfg.get("lora_dropout", 0.0)), "use_rslora": bool(cfg.get("use_rslora", False))}
     return sd, lora
+
+
+def adapter_scale(lora: dict[str, Any]) -> float:
+    """The scale of an adapter's update from its settings (``lora.lora_scale``; adapters saved before rsLoRA have
+    no use_rslora)."""
+    return lora_scale(lora["alpha"], lora["r"], bool(lora.get("use_rslora")))
 
 
 def merged_weights(base: Mapping[str, torch.Tensor], adapter: Adapter | None, dtype: torch.dtype | None = None
@@ -258,7 +265,7 @@ def merged_weights(base: Mapping[str, torch.Tensor], adapter: Adapter | None, dt
     from .quant import NF4Weight, quantize
 
     trained = adapter.tensors if adapter is not None else {}
-    scaling = adapter.lora["alpha"] / adapter.lora["r"] if adapter is not None and adapter.lora else None
+    scaling = adapter_scale(adapter.lora) if adapter is not None and adapter.lora else None
     unknown = sorted({k.rsplit(".", 1)[0] + ".weight" for k in trained} - set(base)) if scaling else sorted(
         set(trained) - set(base))
     if unknown:

@@ -19,6 +19,7 @@ import torch
 
 from .config import LlamaConfig
 from .layout import gguf_name
+from .lora import lora_scale
 from .prompts import PROMPT_INPUT, PROMPT_NO_INPUT
 from .tokenizer import Tokenizer
 from .weights.tensors import publish
@@ -249,7 +250,9 @@ def write_lora(path: str | Path, config: LlamaConfig, lora: dict[str, Any], tens
     writer = gguf.GGUFWriter(str(tmp), arch="llama")
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(lora["alpha"]))
+    # llama.cpp scales by alpha / r: the alpha that gives the update's own scale (rsLoRA's alpha / sqrt(r) too)
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, lora_scale(lora["alpha"], lora["r"],
+                                                                bool(lora.get("use_rslora"))) * lora["r"])
     writer.add_name(name)
     writer.add_block_count(config.n_layers)
     for key, t in tensors.items():

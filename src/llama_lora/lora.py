@@ -27,9 +27,20 @@ class LoRASettings:
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
+    use_rslora: bool = False  # rsLoRA (Kalajdzievski 2023): the update scaled by alpha / sqrt(r), PEFT's use_rslora
+    lr_ratio: float | None = None  # LoRA+ (Hayou et al. 2024): the B matrices learn at lr x lr_ratio
 
     def __post_init__(self) -> None:
         check_lora_settings(self.targets, self.r, self.dropout, key="model.lora")
+        if self.lr_ratio is not None and not self.lr_ratio > 0:
+            raise ValueError(f"model.lora.lr_ratio must be > 0 (LoRA+ suggests 16), or null; got {self.lr_ratio}")
+
+
+def lora_scale(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """What the update B A is multiplied by: LoRA's alpha / r (Hu et al., section 4.1), or rsLoRA's alpha / sqrt(r),
+    under which the update's size no longer shrinks as r grows (Kalajdzievski 2023). Every place that scales,
+    merges or exports an update reads it here."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 class LoRALinear(nn.Linear):
@@ -44,12 +55,12 @@ class LoRALinear(nn.Linear):
         device=None,
         dtype=None,
         lora_dtype: torch.dtype = torch.float32,
+        use_rslora: bool = False,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         check_lora_settings(None, r, dropout)
         self.r, self.alpha = r, alpha
-        # Section 4.1: scale the update by alpha / r so the learning rate need not be re-tuned when r changes.
-        self.scaling = alpha / r
+        self.scaling = lora_scale(alpha, r, use_rslora)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # Trainable weights in fp32 even when the frozen base is half precision: optimizer state and updates
         # stay exact, and the GradScaler sees only fp32 gradients.
@@ -60,11 +71,11 @@ class LoRALinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int, alpha: float, dropout: float,
-                    lora_dtype: torch.dtype = torch.float32) -> LoRALinear:
+                    lora_dtype: torch.dtype = torch.float32, use_rslora: bool = False) -> LoRALinear:
         """Wrap an existing layer, sharing (not copying) its weight and bias tensors."""
         w = linear.weight
         new = cls(linear.in_features, linear.out_features, r, alpha, dropout, bias=linear.bias is not None,
-                  device="meta", lora_dtype=lora_dtype)
+                  device="meta", lora_dtype=lora_dtype, use_rslora=use_rslora)
         new.weight = linear.weight
         new.bias = linear.bias
         new.lora_a = nn.Parameter(torch.empty_like(new.lora_a, device=w.device))
@@ -135,7 +146,7 @@ def apply_lora(model: nn.Module, settings: LoRASettings, lora_dtype: torch.dtype
         for name, child in list(parent.named_children()):
             if name in settings.targets and type(child) is nn.Linear:
                 setattr(parent, name, LoRALinear.from_linear(child, settings.r, settings.alpha, settings.dropout,
-                                                             lora_dtype))
+                                                             lora_dtype, settings.use_rslora))
                 replaced += 1
     if replaced == 0:
         raise ValueError(f"apply_lora: no nn.Linear named {list(settings.targets)} found in {type(model).__name__}")

@@ -20,7 +20,7 @@ from torchmetrics import MeanMetric
 
 from . import run_checkpoint
 from .config import LlamaConfig
-from .lora import LoRASettings, apply_lora, mark_only_lora_as_trainable, trainable_summary
+from .lora import LoRASettings, apply_lora, lora_scale, mark_only_lora_as_trainable, trainable_summary
 from .loss import token_loss_sum
 from .model import Llama, check_checkpoint_layers
 from .plan import BaseDtypeName, RunPlan, make_plan
@@ -203,7 +203,7 @@ class LlamaLoRAModule(L.LightningModule):
     def _load_init_adapter(self) -> None:
         """Copy an adapter's LoRA weights into this new run's (model.init_adapter). Same targets and rank; another
         alpha is absorbed into B, so that the run starts from exactly the adapter's model."""
-        from .adapters import open_adapter
+        from .adapters import adapter_scale, open_adapter
 
         adapter = open_adapter(self.init_adapter, self.checkpoint_dir, self.hparams.model)
         if not adapter.lora:
@@ -213,7 +213,7 @@ class LlamaLoRAModule(L.LightningModule):
             if (sorted(ours) if key == "targets" else ours) != (sorted(theirs) if key == "targets" else theirs):
                 raise ValueError(f"model.init_adapter {self.init_adapter} has lora.{key} {theirs}, this run "
                                  f"{ours}; set model.lora.{key} to the adapter's")
-        rescale = (adapter.lora["alpha"] / adapter.lora["r"]) / (self.lora.alpha / self.lora.r)
+        rescale = adapter_scale(adapter.lora) / lora_scale(self.lora.alpha, self.lora.r, self.lora.use_rslora)
         own = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, t in adapter.tensors.items():
@@ -297,8 +297,14 @@ class LlamaLoRAModule(L.LightningModule):
         self.val_loss.reset()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        if self.lora is not None and self.lora.lr_ratio is not None:
+            # LoRA+: the B matrices in a group of their own, at lr x lr_ratio (the scheduler scales both groups)
+            optimizer = self.optimizer_factory([{"params": [p for n, p in named if not n.endswith("lora_b")]},
+                                                {"params": [p for n, p in named if n.endswith("lora_b")]}])
+            optimizer.param_groups[1]["lr"] = optimizer.defaults["lr"] * self.lora.lr_ratio
+        else:
+            optimizer = self.optimizer_factory([p for _, p in named])
         scheduler = self.scheduler_factory(optimizer)
         if getattr(scheduler, "max_steps", 0) is None:
             # The optimizer steps of the whole run, also when it is set by max_epochs (max_steps -1).
