@@ -15,21 +15,28 @@ peft = pytest.importorskip("peft")
 LORA = {"targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"], "r": 4, "alpha": 8.0, "dropout": 0.0}
 
 
-def test_peft_model_from_pretrained_gives_our_logits(tmp_path, tiny_config, tokens):
-    torch.manual_seed(0)
+def exported_to_peft(tmp_path, tiny_config, tokens, lora):
+    """Our model with a LoRA adapter (B drawn), its base saved in HF's format and the adapter exported in PEFT's;
+    PeftModel.from_pretrained on them must compute our logits. Returns our model and PEFT's."""
     model = build_model(tiny_config, plan=torch.float32, seed=0)
     save_hf(model.state_dict(), tiny_config, tmp_path / "base")
-    apply_lora(model, LoRASettings(**LORA))
+    apply_lora(model, LoRASettings(**lora))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith("lora_b"):
                 p.normal_(0, 0.1)
     model.eval()
-    export_peft(lora_state_dict(model), tiny_config, LORA, tmp_path / "adapter", base_model=str(tmp_path / "base"))
-    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", torch_dtype=torch.float32)
+    export_peft(lora_state_dict(model), tiny_config, lora, tmp_path / "adapter", base_model=str(tmp_path / "base"))
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
     theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(theirs(input_ids=tokens).logits, model(tokens), rtol=1e-4, atol=1e-4)
+    return model, theirs
+
+
+def test_peft_model_from_pretrained_gives_our_logits(tmp_path, tiny_config, tokens):
+    torch.manual_seed(0)
+    model, theirs = exported_to_peft(tmp_path, tiny_config, tokens, LORA)
     # And the reverse: PEFT's own save of that adapter imports back to the same weights.
     theirs.save_pretrained(tmp_path / "resaved")
     sd, lora = import_peft(tmp_path / "resaved", tiny_config)
@@ -56,22 +63,8 @@ def test_an_rslora_adapter_interchanges_with_peft(tmp_path, tiny_config, tokens)
     from llama_lora.adapters import load_model
 
     torch.manual_seed(1)
-    lora = {**LORA, "r": 16, "alpha": 4.0, "use_rslora": True}
-    model = build_model(tiny_config, plan=torch.float32, seed=0)
-    save_hf(model.state_dict(), tiny_config, tmp_path / "base")
-    apply_lora(model, LoRASettings(**lora))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("lora_b"):
-                p.normal_(0, 0.1)
-    model.eval()
-    export_peft(lora_state_dict(model), tiny_config, lora, tmp_path / "ours", base_model=str(tmp_path / "base"))
-    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
-    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "ours").eval()
+    _, theirs = exported_to_peft(tmp_path, tiny_config, tokens, {**LORA, "r": 16, "alpha": 4.0, "use_rslora": True})
     assert theirs.peft_config["default"].use_rslora
-    with torch.no_grad():
-        expected = model(tokens)
-        torch.testing.assert_close(theirs(input_ids=tokens).logits, expected, rtol=1e-4, atol=1e-4)
     # PEFT's own: a fresh rsLoRA model, B drawn, saved by PEFT
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
     config = peft.LoraConfig(r=8, lora_alpha=6, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True,
