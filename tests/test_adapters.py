@@ -135,4 +135,5 @@ def test_export_reads_no_base_weights(tmp_path, lora_model, tiny_config):
                           text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     sd, lora = import_peft(tmp_path / "peft", tiny_config)
-    assert lora == {**LORA, "use_rslora": False} and all(torch.equal(v, lora_state_dict(lora_model)[k]) for k, v in sd.items())
+    own = lora_state_dict(lora_model)
+    assert lora == {**LORA, "use_rslora": False} and all(torch.equal(v, own[k]) for k, v in sd.items())

@@ -33,7 +33,6 @@ def format_prompt(record: dict[str, str]) -> str:
 # ----- chat: conversations in a model's chat template -----
 
 CHAT_TEMPLATES = ("llama3", "llama2")
-ROLES = ("system", "user", "assistant")
 LLAMA2_INST, LLAMA2_SYS = ("[INST]", "[/INST]"), ("<<SYS>>\n", "\n<</SYS>>\n\n")
 
 
