@@ -266,7 +266,7 @@ def merged_weights(base: Mapping[str, torch.Tensor], adapter: Adapter | None, dt
 
     trained = adapter.tensors if adapter is not None else {}
     scaling = adapter_scale(adapter.lora) if adapter is not None and adapter.lora else None
-    unknown = sorted({k.rsplit(".", 1)[0] + ".weight" for k in trained} - set(base)) if scaling else sorted(
+    unknown = sorted({k.rsplit(".", 1)[0] + ".weight" for k in trained} - set(base)) if scaling is not None else sorted(
         set(trained) - set(base))
     if unknown:
         raise ValueError(f"{adapter.source}: the adapter changes {unknown[0]!r} ({len(unknown)} in all), which the "
@@ -334,7 +334,7 @@ def merge_adapter(adapter: str | None = None, *, out_dir: str, format: Literal["
             raise ValueError(f"merge: --out_dir {out_dir} is the base's own folder: the merged weights would replace "
                              "the base (and an adapter pointing at it would be applied twice); write them elsewhere")
     try:
-        tokenizer = resolve_tokenizer(tokenizer_path, trained, checkpoint_dir).path
+        tokenizer = resolve_tokenizer(tokenizer_path, trained, checkpoint_dir)
     except (ValueError, FileNotFoundError) as e:
         if tokenizer_path is not None:
             raise
@@ -363,11 +363,10 @@ def merge_adapter(adapter: str | None = None, *, out_dir: str, format: Literal["
 
         path = Path(out_dir) / f"model-{gguf_type}.gguf"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tok = Tokenizer(tokenizer)
-        write_model(path, config, shapes, written_once(), tok, gguf_type, name=Path(out_dir).name,
-                    chat_template=gguf_chat_template(trained, tok))
+        write_model(path, config, shapes, written_once(), tokenizer, gguf_type, name=Path(out_dir).name,
+                    chat_template=gguf_chat_template(trained, tokenizer))
         if trained is not None:  # a base converted alone was trained on no prompt
-            write_modelfile(path, resolve_chat_template(None, trained, tok))
+            write_modelfile(path, resolve_chat_template(None, trained, tokenizer))
         return Path(out_dir)
     merged = dict(merged_weights(base, trained, DTYPES[base_dtype] if base_dtype else None))
     if format == "meta":
@@ -375,7 +374,7 @@ def merge_adapter(adapter: str | None = None, *, out_dir: str, format: Literal["
     else:
         save_hf(merged, config, out_dir, max_shard_bytes=max_shard_bytes)
     if tokenizer is not None:
-        shutil.copyfile(tokenizer, Path(out_dir) / "tokenizer.model")
+        shutil.copyfile(tokenizer.path, Path(out_dir) / "tokenizer.model")
     return Path(out_dir)
 
 

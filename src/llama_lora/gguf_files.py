@@ -167,9 +167,9 @@ def _add_bpe_tokenizer(writer: Any, gguf: Any, tokenizer: Any) -> None:
 def rope_factors(config: LlamaConfig) -> torch.Tensor:
     """llama.cpp's rope_freqs.weight: what each RoPE frequency is divided by under Llama 3.1's scaling
     (``model.llama3_scaled``), as llama.cpp's own converter computes it."""
-    from .model import llama3_scaled
+    from .model import llama3_scaled, rope_frequencies
 
-    freqs = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim))
+    freqs = rope_frequencies(config.head_dim, config.rope_theta)
     return freqs / llama3_scaled(freqs, **config.rope_scaling)
 
 

@@ -32,6 +32,12 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
+def rope_frequencies(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """RoPE's frequency of each channel pair, fp32: theta^(-2i / head_dim)."""
+    exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)[: head_dim // 2] / head_dim
+    return 1.0 / (theta**exponents)
+
+
 def llama3_scaled(freqs: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
                   original_max_seq_len: int) -> torch.Tensor:
     """Llama 3.1's RoPE frequency scaling (Meta's ``apply_scaling``, HF's ``rope_type: llama3``): wavelengths
@@ -48,8 +54,7 @@ def rope_cache(head_dim: int, max_seq_len: int, theta: float = 10000.0, device=N
                scaling: dict[str, float] | None = None) -> torch.Tensor:
     """cos and sin of the rotation angles, fp32: (max_seq_len, head_dim // 2, 2). ``scaling``: Llama 3.1's
     (``LlamaConfig.rope_scaling``), or None."""
-    exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)[: head_dim // 2] / head_dim
-    freqs = 1.0 / (theta**exponents)
+    freqs = rope_frequencies(head_dim, theta, device)
     if scaling is not None:
         freqs = llama3_scaled(freqs, **scaling)
     angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), freqs)
