@@ -3,6 +3,7 @@
 
     python benchmarks/bench_step.py                       # shapes small and llama2-7b, each in its own process
     python benchmarks/bench_step.py --shape small --steps 10
+    python benchmarks/bench_step.py --shape small --steps 10 --dora   # DoRA at the same rank: against the line above
     python benchmarks/bench_step.py --write-meta /tmp/llama7b   # write a random bf16 7B Meta checkpoint (13 GB)
     python benchmarks/bench_step.py --shape llama2-7b --checkpoint /tmp/llama7b   # time load-to-ready too
     python benchmarks/bench_step.py --checkpoint /tmp/llama7b --load-only --base-dtype bf16   # peak RSS of loading
@@ -56,7 +57,8 @@ def run_shape(args) -> dict:
     model = build_model(config, checkpoint=args.checkpoint, plan=plan, device=device, seed=0,
                         gradient_checkpointing=args.gc or args.gc_layers is not None,
                         checkpoint_layers=args.gc_layers)
-    apply_lora(model, LoRASettings(args.lora_targets.split(","), args.lora_r, 2 * args.lora_r, 0.0), plan.lora_dtype)
+    apply_lora(model, LoRASettings(args.lora_targets.split(","), args.lora_r, 2 * args.lora_r, 0.0,
+                                   use_dora=args.dora), plan.lora_dtype)
     mark_only_lora_as_trainable(model)
     if args.compile:
         model.compile_blocks()
@@ -95,7 +97,7 @@ def run_shape(args) -> dict:
         "base_dtype": plan.quantization or str(plan.linear_dtype).removeprefix("torch."), "precision": plan.precision,
         "plan": plan.to_dict(), "cpu_native_bf16": native_precision("cpu")[0] == "bf16-mixed",
         "gradient_checkpointing": args.gc or args.gc_layers is not None, "checkpoint_layers": args.gc_layers,
-        "compile": args.compile,
+        "compile": args.compile, "dora": args.dora,
         "lora": trainable_summary(model), "steps": args.steps, "median_step_s": round(step_s, 4),
         "tokens_per_s": round(batch * seq / step_s, 1), "peak_rss_gib": round(peak_rss_gib(), 3),
         "model_tflops_per_s": round(lora_step_flops(config, batch, seq) / step_s / 1e12, 2),
@@ -154,6 +156,7 @@ def main() -> None:
     p.add_argument("--gc", action="store_true", help="gradient checkpointing")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-targets", default="wq,wv", help="comma-separated LoRA targets")
+    p.add_argument("--dora", action="store_true", help="DoRA instead of LoRA, at the same rank and targets")
     p.add_argument("--gc-layers", type=int, default=None, help="checkpoint only the first N blocks (implies --gc)")
     p.add_argument("--compile", action="store_true", help="torch.compile each block (warmup steps absorb compile time)")
     p.add_argument("--device", default="cpu")

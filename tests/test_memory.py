@@ -2,6 +2,7 @@
 
 import sys
 
+import torch
 from conftest import ROOT
 
 from llama_lora.config import LlamaConfig
@@ -82,3 +83,20 @@ def test_a_tied_output_layer_is_still_a_matmul():
     untied = LlamaConfig.from_name("llama3.2-1b", tie_embeddings=False)
     assert matmul_params(tied) == matmul_params(untied)
     assert untied.n_params - tied.n_params == tied.vocab_size * tied.dim
+
+
+def test_dora_adds_one_magnitude_per_output_row_and_what_its_correction_keeps():
+    """The analytic model's DoRA: its trainable count is a DoRA model's (A, B and the magnitudes), and it keeps more
+    activations than LoRA at the same rank (the TABLE1 line's ↑)."""
+    from llama_lora.lora import LoRASettings, apply_lora, count_params, mark_only_lora_as_trainable
+    from llama_lora.memory import lora_param_count
+    from llama_lora.weights import build_model
+
+    c = LlamaConfig.from_name("tiny")
+    model = build_model(c, plan=torch.float32, seed=0)
+    apply_lora(model, LoRASettings(["wq", "wk", "w2", "output"], r=4, alpha=8, dropout=0.0, use_dora=True))
+    mark_only_lora_as_trainable(model)
+    assert count_params(model)[0] == lora_param_count(c, ["wq", "wk", "w2", "output"], 4, dora=True)
+    assert lora_param_count(c, ["wq"], 4, dora=True) - lora_param_count(c, ["wq"], 4) == c.n_layers * c.dim
+    lora, dora = (memory_breakdown(c, Cell(ga=False, mp=True, lora=True, gc=False, dora=d), SETTINGS) for d in (0, 1))
+    assert dora["activations"] > lora["activations"] and dora["total"] > lora["total"]

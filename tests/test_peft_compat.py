@@ -2,6 +2,8 @@
 dependencies): `pip install transformers peft` in a scratch environment to run it (checked 2026-12-03 with
 transformers 5.24.0 and peft 0.21.2)."""
 
+import json
+
 import pytest
 import torch
 
@@ -25,6 +27,8 @@ def exported_to_peft(tmp_path, tiny_config, tokens, lora):
         for n, p in model.named_parameters():
             if n.endswith("lora_b"):
                 p.normal_(0, 0.1)
+            elif n.endswith("lora_magnitude"):  # DoRA: magnitudes away from ||W||, as after training
+                p.mul_(1 + 0.2 * torch.randn_like(p))
     model.eval()
     export_peft(lora_state_dict(model), tiny_config, lora, tmp_path / "adapter", base_model=str(tmp_path / "base"))
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
@@ -41,7 +45,8 @@ def test_peft_model_from_pretrained_gives_our_logits(tmp_path, tiny_config, toke
     theirs.save_pretrained(tmp_path / "resaved")
     sd, lora = import_peft(tmp_path / "resaved", tiny_config)
     own = model.state_dict()
-    assert lora == {**LORA, "use_rslora": False} and all(torch.equal(v, own[k]) for k, v in sd.items())
+    assert lora == {**LORA, "use_rslora": False, "use_dora": False}
+    assert all(torch.equal(v, own[k]) for k, v in sd.items())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -78,3 +83,38 @@ def test_an_rslora_adapter_interchanges_with_peft(tmp_path, tiny_config, tokens)
     ours = load_model(tmp_path / "base", tmp_path / "peft", plan=torch.float32).model.eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), made(input_ids=tokens).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_dora_adapter_interchanges_with_peft(tmp_path, tiny_config, tokens):
+    """use_dora both ways (checked 2026-12-03 with peft 0.21.2): our DoRA adapter (B and the magnitudes drawn),
+    exported with its magnitudes under PEFT's key (q/k rows permuted), gives PeftModel our logits; PEFT's own DoRA
+    adapter, imported, gives PEFT's logits here, also when merged by merge.py's code path."""
+    from llama_lora.adapters import load_model, merged_weights, open_adapter
+    from llama_lora.weights import open_checkpoint
+
+    torch.manual_seed(2)
+    lora = {**LORA, "use_dora": True}
+    _, theirs = exported_to_peft(tmp_path, tiny_config, tokens, lora)
+    assert theirs.peft_config["default"].use_dora
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    config = peft.LoraConfig(r=8, lora_alpha=6, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"],
+                             use_dora=True, lora_dropout=0.0)
+    made = peft.get_peft_model(hf, config)
+    with torch.no_grad():
+        for n, p in made.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+            elif "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.2 * torch.randn_like(p))
+    made.eval().save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        expected = made(input_ids=tokens).logits
+    ours = load_model(tmp_path / "base", tmp_path / "peft", plan=torch.float32).model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), expected, rtol=1e-4, atol=1e-4)
+        sd, _, _ = open_checkpoint(tmp_path / "base")
+        merged = dict(merged_weights(sd, open_adapter(tmp_path / "peft", tmp_path / "base", None)))
+        plain = build_model(tiny_config, plan=torch.float32, seed=0)
+        plain.load_state_dict(merged)
+        torch.testing.assert_close(plain(tokens), expected, rtol=1e-4, atol=1e-4)

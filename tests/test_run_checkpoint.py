@@ -113,6 +113,8 @@ def test_an_unchanged_resume_continues_the_schedule_silently(stopped, tmp_path, 
     (["--model.lora", "null"], "model.lora", "LoRA", "null (full fine-tuning)"),
     (["--model.base_dtype", "nf4"], "model.base_dtype", "fp32", "nf4"),
     (["--model.lora.alpha", "16"], "model.lora.alpha", "8.0", "16.0"),
+    (["--model.lora.use_dora", "true"], "model.lora.use_dora", "false", "true"),
+    (["--model.lora.use_rslora", "true"], "model.lora.use_rslora", "false", "true"),
     (["--data.max_seq_len", "64"], "data.max_seq_len", "128", "64"),
     (["--data.micro_batch_size", "2"], "data.micro_batch_size", "4", "2"),
     (["--trainer.accumulate_grad_batches", "2"], "trainer.accumulate_grad_batches", "1", "2"),
@@ -175,6 +177,25 @@ def test_a_new_run_starts_from_an_adapters_weights(stopped, tmp_path, cache_dir)
         assert min(scalars(d / "logs", "train/loss_step")) == 0  # a new run: from step 0
         a, b = lora_weights(ckpt), lora_weights(d / "ckpt" / "last.ckpt")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_dora_run_starts_from_a_lora_adapter_at_its_model(stopped, tmp_path, cache_dir, tokens):
+    """--model.init_adapter of a LoRA adapter into a DoRA run: A and B copied, each magnitude set to ||W + s B A||, so
+    the new run starts at the adapter's model exactly (lr 0 keeps it); the reverse is refused in one line."""
+    from llama_lora.adapters import load_model
+
+    ckpt = stopped / "ckpt" / "last.ckpt"
+    config = config_for(tmp_path, cache_dir, trainer={"max_steps": 1})
+    fit(config, "--model.init_adapter", str(ckpt), "--model.optimizer.init_args.lr", "0.0",
+        "--model.lora.use_dora", "true")
+    dora = tmp_path / "ckpt" / "last.ckpt"
+    assert any(k.endswith("lora_magnitude") for k in lora_weights(dora))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(adapter=dora, plan=torch.float32).model(tokens),
+                                   load_model(adapter=ckpt, plan=torch.float32).model(tokens), rtol=1e-5, atol=1e-5)
+    again = config_for(tmp_path / "back", cache_dir, trainer={"max_steps": 1})
+    error = one_error_line(fit(again, "--model.init_adapter", str(dora), check=False))
+    assert "is a DoRA adapter; set model.lora.use_dora: true" in error
 
 
 def test_the_module_refuses_trainable_weights_that_are_not_its_own():

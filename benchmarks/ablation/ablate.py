@@ -58,7 +58,7 @@ def ablate(out_dir: str | None = None, data_path: str = "demo", tokenizer_path: 
         data_path: Alpaca data for every cell ("demo": the offline synthetic set).
         tokenizer_path: the tokenizer of that data (none with the demo data).
         predict: analytic tables only, no training.
-        dry_run: three cells of the tiny preset on the demo data (one of them NF4).
+        dry_run: four cells of the tiny preset on the demo data (one of them NF4, one DoRA).
         worker: one cell, in this process (used by the grid).
     """
     settings = settings or StudySettings()
@@ -78,8 +78,8 @@ def ablate(out_dir: str | None = None, data_path: str = "demo", tokenizer_path: 
         (out / "table1.md").write_text(table1(config, settings) + "\n")
         print(table1(config, settings))
         return
-    cells = [Cell(False, False, True, False), Cell(True, True, True, True), Cell(True, True, True, True, nf4=True)
-             ] if dry_run else grid()
+    cells = [Cell(False, False, True, False), Cell(True, True, True, True), Cell(True, True, True, True, nf4=True),
+             Cell(True, True, True, True, dora=True)] if dry_run else grid()
     meta = {"settings": asdict(settings), "data_path": data_path}
     results = []
     for i, cell in enumerate(cells, 1):

@@ -26,19 +26,22 @@ class Cell:
     lora: bool
     gc: bool
     nf4: bool = False  # QLoRA: the frozen base in 4-bit NormalFloat (with LoRA only)
+    dora: bool = False  # DoRA instead of LoRA, at the same rank (with LoRA only)
 
     @property
     def name(self) -> str:
         flags = asdict(self)
-        if not self.nf4:
-            del flags["nf4"]  # the 16 cells of the original grid keep their names
+        for extra in ("nf4", "dora"):
+            if not flags[extra]:
+                del flags[extra]  # the 16 cells of the original grid keep their names
         return " ".join(f"{k.upper()}{'+' if v else '-'}" for k, v in flags.items())
 
 
 def grid() -> list[Cell]:
-    """The 16 GA x MP x LoRA x GC cells, then the 8 LoRA cells again on an NF4 base."""
+    """The 16 GA x MP x LoRA x GC cells, then the 8 LoRA cells again on an NF4 base, then again as DoRA."""
     cells = [Cell(*bits) for bits in itertools.product((False, True), repeat=4)]
-    return cells + [Cell(c.ga, c.mp, True, c.gc, nf4=True) for c in cells if c.lora]
+    return (cells + [Cell(c.ga, c.mp, True, c.gc, nf4=True) for c in cells if c.lora]
+            + [Cell(c.ga, c.mp, True, c.gc, dora=True) for c in cells if c.lora])
 
 
 @dataclass
@@ -87,7 +90,7 @@ def memory_breakdown(config: LlamaConfig, cell: Cell, settings: StudySettings, l
     return memory.memory_breakdown(
         config, base_dtype=settings.base_dtype(cell), lora_targets=settings.lora_targets if cell.lora else None,
         lora_r=settings.lora_r, micro_batch=settings.micro_batch(cell), seq_len=settings.seq_len, autocast=cell.mp,
-        gradient_checkpointing=cell.gc, loss_chunk=loss_chunk)
+        gradient_checkpointing=cell.gc, loss_chunk=loss_chunk, dora=cell.dora)
 
 
 # ----- measuring one cell -----
@@ -106,7 +109,7 @@ def run_cell(cell: Cell, settings: StudySettings, data_path: str, tokenizer_path
     device = settings.device
     baseline_rss = peak_rss_bytes() / GIB  # the runtime, before the model
     lora = LoRASettings(targets=list(settings.lora_targets), r=settings.lora_r, alpha=2 * settings.lora_r,
-                        dropout=0.0) if cell.lora else None
+                        dropout=0.0, use_dora=cell.dora) if cell.lora else None
     module = LlamaLoRAModule(model=settings.model, base_dtype=settings.base_dtype(cell), lora=lora,
                              gradient_checkpointing=cell.gc, max_seq_len=settings.seq_len)
     data = AlpacaDataModule(data_path=data_path, tokenizer_path=tokenizer_path, num_samples=settings.num_samples,
@@ -166,11 +169,10 @@ def table2(results: list[dict[str, Any]], device: str) -> str:
     """The seed's TABLE2 (peak memory / time per cell), with the LoRA and GC dimensions."""
     what = "CUDA max allocated" if device == "cuda" else "peak RSS"
     mp = "16-mixed" if device == "cuda" else "bf16-mixed"  # the half precision of the MP cells
-    lines = [f"| GA | MP ({mp}) | LoRA | GC | NF4 | peak ({what}) | time | tokens/s | train loss | val loss |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| GA | MP ({mp}) | LoRA | GC | NF4 | DoRA | peak ({what}) | time | tokens/s | train loss | val loss |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        flags = " | ".join("on" if r[k] else "off" for k in ("ga", "mp", "lora", "gc"))
-        flags += " | " + ("on" if r.get("nf4") else "off")
+        flags = " | ".join("on" if r.get(k) else "off" for k in ("ga", "mp", "lora", "gc", "nf4", "dora"))
         if r.get("oom") or "wall_s" not in r:
             lines.append(f"| {flags} | {'OOM' if r.get('oom') else r.get('skipped', 'failed')} | | | | |")
             continue
@@ -196,7 +198,7 @@ def table1(config: LlamaConfig, settings: StudySettings, results: list[dict[str,
         lines.append(f"| {cell.name} | " + " | ".join(f"{b[p] / GIB:.2f}" for p in parts) +
                      f" | {'' if m is None else f'{m:.2f}'} | " + " | ".join(fits) + " |")
     lines += ["", "| technique | params | grads | optimizer | activations | compute |", "|---|---|---|---|---|---|"]
-    for tech in ("ga", "mp", "lora", "gc", "nf4"):
+    for tech in ("ga", "mp", "lora", "gc", "nf4", "dora"):
         arrows = []
         for comp in ("params", "grads", "optimizer"):
             arrows.append(_direction(config, settings, tech, (comp,)))
@@ -204,7 +206,8 @@ def table1(config: LlamaConfig, settings: StudySettings, results: list[dict[str,
         compute = {"ga": "= (same FLOPs, more steps of smaller matmuls)",
                    "mp": "↓ (half-precision tensor cores)", "lora": "↓ (no weight gradients: ~4N instead of 6N)",
                    "gc": "↑ (one extra forward: ~+2N per token)",
-                   "nf4": "↑ (each weight dequantized in forward and backward, again when recomputed)"}[tech]
+                   "nf4": "↑ (each weight dequantized in forward and backward, again when recomputed)",
+                   "dora": "↑ (each adapted weight's row norms of W + s B A every forward, and the correction)"}[tech]
         lines.append(f"| {tech.upper()} | " + " | ".join(arrows) + f" | {compute} |")
     return "\n".join(lines)
 
@@ -213,7 +216,7 @@ def _direction(config: LlamaConfig, settings: StudySettings, tech: str, comps: t
     """↑, ↓ or = for a component when ``tech`` is switched on, over every setting of the others (NF4: with LoRA)."""
     signs = set()
     for cell in grid():
-        if getattr(cell, tech) or cell.nf4 or (tech == "nf4" and not cell.lora):
+        if getattr(cell, tech) or cell.nf4 or cell.dora or (tech in ("nf4", "dora") and not cell.lora):
             continue
         off = memory_breakdown(config, cell, settings)
         on = memory_breakdown(config, Cell(**{**asdict(cell), tech: True}), settings)

@@ -24,7 +24,7 @@ from .config import LlamaConfig
 from .demo import demo_tokenizer_file
 from .gguf_files import CHAT_JINJA, GGUFType, alpaca_chat_template, write_lora, write_model, write_modelfile
 from .layout import BY_TARGET, LORA_TARGETS, is_block_linear, permute_from_hf, rope_heads, to_hf_layout
-from .lora import LoRASettings, apply_lora, lora_scale
+from .lora import LoRASettings, apply_lora, lora_scale, merged_weight
 from .model import Llama
 from .plan import DTYPES, RunPlan, make_plan
 from .prompts import default_chat_template
@@ -173,21 +173,26 @@ def _peft_name(meta_module: str) -> str:
     return "base_model.model." + meta_key_to_hf(meta_module + ".weight").removesuffix(".weight")
 
 
+# Our LoRA tensor kinds and the suffix PEFT saves each under (save_pretrained drops the adapter name ".default").
+_PEFT_SUFFIX = {"lora_a": ".lora_A.weight", "lora_b": ".lora_B.weight", "lora_magnitude": ".lora_magnitude_vector"}
+_KIND_OF_PEFT = {"lora_A": "lora_a", "lora_B": "lora_b", "lora_magnitude_vector": "lora_magnitude"}
+
+
 def export_peft(lora_tensors: dict[str, torch.Tensor], config: LlamaConfig, lora: dict[str, Any],
                 out_dir: str | Path, base_model: str | None) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` as HF PEFT does for a LLaMA model, from the
     LoRA tensors in Meta names (``lora_state_dict(model)`` or ``read_adapter(...).tensors``): no base weight needed.
 
     HF's q_proj/k_proj rows are permuted relative to Meta's (rotate-half RoPE); since delta W = B A, the same row
-    permutation applies to lora_B of q and k, and lora_A is unchanged.
+    permutation applies to lora_B of q and k (and to DoRA's magnitude, one per row), and lora_A is unchanged.
     """
     out_dir = Path(out_dir)
     tensors = {}
     for key, t in lora_tensors.items():
         module, _, kind = key.rpartition(".")
-        if kind in ("lora_a", "lora_b"):
+        if kind in _PEFT_SUFFIX:
             t = to_hf_layout(key, t.detach().float(), config)
-            tensors[f"{_peft_name(module)}.lora_{kind[-1].upper()}.weight"] = t.contiguous()
+            tensors[_peft_name(module) + _PEFT_SUFFIX[kind]] = t.contiguous()
     if not tensors:
         raise ValueError("export_peft: no LoRA tensors (was the adapter trained with lora: null?)")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -199,7 +204,7 @@ def export_peft(lora_tensors: dict[str, torch.Tensor], config: LlamaConfig, lora
         "r": lora["r"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"],
         "target_modules": sorted(BY_TARGET[t].hf_module_name for t in lora["targets"]), "bias": "none",
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
-        "use_rslora": bool(lora.get("use_rslora")), "use_dora": False, "layers_to_transform": None,
+        "use_rslora": bool(lora.get("use_rslora")), "use_dora": bool(lora.get("use_dora")), "layers_to_transform": None,
         "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
     }
     (out_dir / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
@@ -215,9 +220,9 @@ def import_peft(path: str | Path, config: LlamaConfig) -> tuple[dict[str, torch.
             raise FileNotFoundError(f"{f} is missing; a PEFT adapter folder holds adapter_config.json and "
                                     "adapter_model.safetensors")
     cfg = json.loads(cfg_file.read_text())
-    if cfg.get("peft_type") != "LORA" or cfg.get("use_dora"):
-        raise ValueError(f"{cfg_file}: only LoRA adapters (peft_type LORA, with or without use_rslora) are supported, "
-                         "not DoRA")
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{cfg_file}: only LoRA adapters (peft_type LORA, with use_rslora or use_dora or neither) are "
+                         f"supported, not {cfg.get('peft_type')}")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise ValueError(f"{cfg_file}: per-module rank_pattern/alpha_pattern are not supported")
     targets = cfg["target_modules"]
@@ -233,16 +238,20 @@ def import_peft(path: str | Path, config: LlamaConfig) -> tuple[dict[str, torch.
                 # those are the base model's, which comes from checkpoint_dir here.
                 log.info("import_peft: ignoring base weight %s saved beside the adapter", key)
                 continue
-            m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight", key)
+            m = re.fullmatch(r"base_model\.model\.(.+)\.(lora_A|lora_B|lora_magnitude_vector)(?:\.default)?"
+                             r"(?:\.weight)?", key)
             if not m:
                 raise ValueError(f"{weights}: unexpected tensor {key!r} in a LoRA adapter")
-            name = hf_key_to_meta(m.group(1) + ".weight").removesuffix("weight") + f"lora_{m.group(2).lower()}"
+            name = hf_key_to_meta(m.group(1) + ".weight").removesuffix("weight") + _KIND_OF_PEFT[m.group(2)]
             t = f.get_tensor(key)
             heads = rope_heads(name, config)
             sd[name] = t if heads is None else permute_from_hf(t, heads)
     ours = {_TARGET_OF_HF[t] for t in targets}
     lora = {"targets": [t for t in LORA_TARGETS if t in ours], "r": int(cfg["r"]), "alpha": float(cfg["lora_alpha"]),
-            "dropout": float(cfg.get("lora_dropout", 0.0)), "use_rslora": bool(cfg.get("use_rslora", False))}
+            "dropout": float(cfg.get("lora_dropout", 0.0)), "use_rslora": bool(cfg.get("use_rslora", False)),
+            "use_dora": bool(cfg.get("use_dora", False))}
+    if lora["use_dora"] and not any(k.endswith("lora_magnitude") for k in sd):
+        raise ValueError(f"{cfg_file}: use_dora is set but {weights.name} holds no lora_magnitude_vector tensors")
     return sd, lora
 
 
@@ -285,7 +294,7 @@ def merged_weights(base: Mapping[str, torch.Tensor], adapter: Adapter | None, dt
             if (b.shape[0], a.shape[1]) != tuple(t.shape):
                 raise ValueError(f"{adapter.source}: LoRA of {module!r} is for a ({b.shape[0]}, {a.shape[1]}) weight, "
                                  f"the base's is {tuple(t.shape)}")
-            merged = (full + (b @ a) * scaling).to(dtype or t.dtype)
+            merged = merged_weight(full, a, b, scaling, trained.get(f"{module}.lora_magnitude")).to(dtype or t.dtype)
         elif scaling is None and key in trained:  # full fine-tuning: the trained weight replaces the base's
             merged = trained[key].to(dtype or t.dtype)
         elif nf4:  # not adapted, but what the adapter was trained with

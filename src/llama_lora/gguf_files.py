@@ -244,6 +244,9 @@ def write_lora(path: str | Path, config: LlamaConfig, lora: dict[str, Any], tens
     """A llama.cpp LoRA adapter (``llama-cli -m base.gguf --lora this.gguf``): general.type adapter, adapter.type lora,
     adapter.lora.alpha, and ``blk.N.<layer>.weight.lora_a`` (r, in) / ``.lora_b`` (out, r) in f32. llama.cpp scales
     the update by alpha / r, as the adapter trained."""
+    if lora.get("use_dora"):
+        raise ValueError("A DoRA adapter has no llama.cpp LoRA form (llama.cpp adds B A, not DoRA's rescaled rows); "
+                         "merge it into the model instead: scripts/merge.py --format gguf")
     gguf = gguf_package()
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")

@@ -85,11 +85,12 @@ def split_dim(key: str) -> int | None:
 
 
 def rope_heads(key: str, config: LlamaConfig) -> int | None:
-    """The head count over which HF permutes this tensor's rows: q and k weights, and the LoRA B of q and k
-    (delta W = B A, so B's rows are W's rows). None for every other tensor."""
+    """The head count over which HF permutes this tensor's rows: q and k weights, and the LoRA B and DoRA magnitude
+    of q and k (delta W = B A, so B's rows are W's rows, and the magnitude has one value per row). None for every
+    other tensor."""
     layer = linear_of(key)
     kind = key.rsplit(".", 1)[-1]
-    if layer is None or layer.rope_heads is None or kind not in ("weight", "lora_b"):
+    if layer is None or layer.rope_heads is None or kind not in ("weight", "lora_b", "lora_magnitude"):
         return None
     return getattr(config, layer.rope_heads)
 
@@ -113,15 +114,16 @@ def gguf_name(key: str) -> str:
 # ----- the row permutation between Meta's adjacent-pair RoPE and HF's rotate-half RoPE -----
 
 def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Reorder q/k rows per head from Meta's (pair, 2) order to HF's (2, pair) order (HF's convert script)."""
-    out, inp = w.shape
-    return w.view(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
+    """Reorder q/k rows per head from Meta's (pair, 2) order to HF's (2, pair) order (HF's convert script); a 1-D
+    tensor (a DoRA magnitude) is one value per row."""
+    out = w.shape[0]
+    return w.reshape(n_heads, out // n_heads // 2, 2, -1).transpose(1, 2).reshape(w.shape)
 
 
 def permute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """The inverse of ``permute_to_hf``."""
-    out, inp = w.shape
-    return w.view(n_heads, 2, out // n_heads // 2, inp).transpose(1, 2).reshape(out, inp)
+    out = w.shape[0]
+    return w.reshape(n_heads, 2, out // n_heads // 2, -1).transpose(1, 2).reshape(w.shape)
 
 
 def to_hf_layout(key: str, t: torch.Tensor, config: LlamaConfig) -> torch.Tensor:

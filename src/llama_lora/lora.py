@@ -4,6 +4,11 @@
 load unchanged, and adds ``lora_a`` (r, in) and ``lora_b`` (out, r):
 
     y = x W^T + (alpha / r) * dropout(x) A^T B^T
+
+With ``use_dora`` (DoRA, Liu et al. 2024, arXiv:2402.09353) the adapted weight is split into a magnitude and a
+direction: W' = m * (W + s B A) / ||W + s B A||, the norm taken per output row (PEFT's ``use_dora``). ``lora_magnitude``
+(out,) is trainable and starts at ||W||, so training starts at the base model; the norm is a constant in backward
+(the paper's section 4.3, as PEFT does), and is computed a row chunk at a time, also on an NF4 base (QDoRA).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class LoRASettings:
     dropout: float = 0.05
     use_rslora: bool = False  # rsLoRA (Kalajdzievski 2023): the update scaled by alpha / sqrt(r), PEFT's use_rslora
     lr_ratio: float | None = None  # LoRA+ (Hayou et al. 2024): the B matrices learn at lr x lr_ratio
+    use_dora: bool = False  # DoRA (Liu et al. 2024): a trainable magnitude per output row, PEFT's use_dora
 
     def __post_init__(self) -> None:
         check_lora_settings(self.targets, self.r, self.dropout, key="model.lora")
@@ -56,6 +62,7 @@ class LoRALinear(nn.Linear):
         dtype=None,
         lora_dtype: torch.dtype = torch.float32,
         use_rslora: bool = False,
+        use_dora: bool = False,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         check_lora_settings(None, r, dropout)
@@ -66,20 +73,25 @@ class LoRALinear(nn.Linear):
         # stay exact, and the GradScaler sees only fp32 gradients.
         self.lora_a = nn.Parameter(torch.empty(r, in_features, device=device, dtype=lora_dtype))
         self.lora_b = nn.Parameter(torch.empty(out_features, r, device=device, dtype=lora_dtype))
+        # DoRA's magnitude, one per output row (None: plain LoRA, and no key in the state dict)
+        self.lora_magnitude = nn.Parameter(torch.empty(out_features, device=device, dtype=lora_dtype)) if (
+            use_dora) else None
         self.merged = False
         self.reset_lora_parameters()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int, alpha: float, dropout: float,
-                    lora_dtype: torch.dtype = torch.float32, use_rslora: bool = False) -> LoRALinear:
+                    lora_dtype: torch.dtype = torch.float32, use_rslora: bool = False, use_dora: bool = False
+                    ) -> LoRALinear:
         """Wrap an existing layer, sharing (not copying) its weight and bias tensors."""
         w = linear.weight
         new = cls(linear.in_features, linear.out_features, r, alpha, dropout, bias=linear.bias is not None,
-                  device="meta", lora_dtype=lora_dtype, use_rslora=use_rslora)
+                  device="meta", lora_dtype=lora_dtype, use_rslora=use_rslora, use_dora=use_dora)
         new.weight = linear.weight
         new.bias = linear.bias
-        new.lora_a = nn.Parameter(torch.empty_like(new.lora_a, device=w.device))
-        new.lora_b = nn.Parameter(torch.empty_like(new.lora_b, device=w.device))
+        for name in ("lora_a", "lora_b", "lora_magnitude"):
+            if getattr(new, name) is not None:
+                setattr(new, name, nn.Parameter(torch.empty_like(getattr(new, name), device=w.device)))
         new.reset_lora_parameters()
         return new
 
@@ -87,18 +99,48 @@ class LoRALinear(nn.Linear):
         # Section 4.1: A random (Kaiming-uniform, as nn.Linear), B = 0, so training starts exactly at the base model.
         init_lora_a(self.lora_a)
         nn.init.zeros_(self.lora_b)
+        if self.lora_magnitude is not None and self.weight.device.type != "meta":  # DoRA: m = ||W||, as B A = 0
+            with torch.no_grad():
+                self.lora_magnitude.copy_(self.weight_norm())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
         if self.merged:
             return out
         # (B, T, in) -> (B, T, r) -> (B, T, out). Without autocast the branch runs in the LoRA dtype (fp32).
-        lora_x = self.lora_dropout(x).to(self.lora_a.dtype)
-        lora = F.linear(F.linear(lora_x, self.lora_a), self.lora_b)
-        return out + (lora * self.scaling).to(out.dtype)
+        dropped = self.lora_dropout(x)
+        lora = F.linear(F.linear(dropped.to(self.lora_a.dtype), self.lora_a), self.lora_b) * self.scaling
+        if self.lora_magnitude is None:
+            return out + lora.to(out.dtype)
+        # DoRA, as PEFT computes it: W' x = (m / ||W + s B A||) (W x + s B A x), added to W x as a correction, with
+        # the norm a constant. Under dropout, the correction's W x is of the dropped input too.
+        scale = self.lora_magnitude / self.weight_norm()
+        dropout_on = self.training and isinstance(self.lora_dropout, nn.Dropout)
+        base = F.linear(dropped, self.weight) if dropout_on else out if self.bias is None else out - self.bias
+        return out + ((scale - 1) * base + scale * lora).to(out.dtype)
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """DoRA's ||W + s B A|| per output row, (out,), in fp32, a row chunk at a time: no full-precision copy of
+        the whole weight (an NF4 base is dequantized in the chunks its matmul uses). A constant for autograd."""
+        from .quant import CHUNK_VALUES, NF4Weight
+
+        if isinstance(self.weight, NF4Weight):
+            chunks = self.weight.row_chunks(torch.float32)
+        else:
+            step = max(1, CHUNK_VALUES // self.in_features)
+            chunks = (self.weight[r : r + step] for r in range(0, self.out_features, step))
+        a, b, norms, start = self.lora_a.float(), self.lora_b.float(), [], 0
+        with torch.autocast(a.device.type, enabled=False):  # in fp32 under mixed precision too
+            for w in chunks:
+                rows = w.shape[0]
+                w = torch.addmm(w.float(), b[start : start + rows], a, alpha=self.scaling)
+                norms.append(torch.linalg.vector_norm(w, dim=1))
+                start += rows
+        return torch.cat(norms)
 
     def delta_weight(self) -> torch.Tensor:
-        """The update (alpha / r) B A, (out, in), in fp32."""
+        """The LoRA update (alpha / r) B A, (out, in), in fp32 (for DoRA, the direction's update, before m)."""
         return (self.lora_b.float() @ self.lora_a.float()) * self.scaling
 
     @torch.no_grad()
@@ -108,15 +150,28 @@ class LoRALinear(nn.Linear):
             return
         from .quant import NF4Weight
 
-        if isinstance(self.weight, NF4Weight):  # QLoRA: the merged weight is a plain one, from the dequantized base
-            merged = self.weight.dequantize(torch.float32) + self.delta_weight()
+        nf4 = isinstance(self.weight, NF4Weight)
+        merged = merged_weight(self.weight.dequantize(torch.float32) if nf4 else self.weight.float(), self.lora_a,
+                               self.lora_b, self.scaling, self.lora_magnitude)
+        if nf4:  # QLoRA: the merged weight is a plain one, from the dequantized base
             self.weight = nn.Parameter(merged.to(self.weight.dtype), requires_grad=False)
         else:
-            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+            self.weight.copy_(merged)
         self.merged = True
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}, merged={self.merged}"
+        dora = ", dora" if self.lora_magnitude is not None else ""
+        return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}{dora}, merged={self.merged}"
+
+
+def merged_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
+                  magnitude: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight an adapter's layer computes with, in fp32, from its fp32 base ``w``: W + s B A, or for DoRA
+    m * (W + s B A) / ||W + s B A|| per output row. ``LoRALinear.merge`` and the checkpoint merges both read it."""
+    merged = torch.addmm(w.float(), b.float(), a.float(), alpha=scaling)
+    if magnitude is not None:
+        merged.mul_((magnitude.float() / torch.linalg.vector_norm(merged, dim=1))[:, None])
+    return merged
 
 
 def check_lora_settings(targets: Sequence[str] | None, r: int, dropout: float, key: str | None = None) -> None:
@@ -146,7 +201,7 @@ def apply_lora(model: nn.Module, settings: LoRASettings, lora_dtype: torch.dtype
         for name, child in list(parent.named_children()):
             if name in settings.targets and type(child) is nn.Linear:
                 setattr(parent, name, LoRALinear.from_linear(child, settings.r, settings.alpha, settings.dropout,
-                                                             lora_dtype, settings.use_rslora))
+                                                             lora_dtype, settings.use_rslora, settings.use_dora))
                 replaced += 1
     if replaced == 0:
         raise ValueError(f"apply_lora: no nn.Linear named {list(settings.targets)} found in {type(model).__name__}")

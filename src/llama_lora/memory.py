@@ -39,9 +39,10 @@ BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 NF4_BITS = 4 + 8 / BLOCK + 32 / (BLOCK * SCALE_GROUP)  # codes, int8 block scales, an fp32 factor per group
 
 
-def lora_param_count(config: LlamaConfig, targets: Sequence[str], r: int) -> int:
-    """A and B of every targeted layer: r x (in + out) each, in every block (or once, for the output layer)."""
-    per = {t: r * sum(BY_TARGET[t].shape(config)) for t in targets}
+def lora_param_count(config: LlamaConfig, targets: Sequence[str], r: int, dora: bool = False) -> int:
+    """A and B of every targeted layer: r x (in + out) each, in every block (or once, for the output layer); with
+    DoRA, one magnitude per output row too."""
+    per = {t: r * sum(BY_TARGET[t].shape(config)) + dora * BY_TARGET[t].shape(config)[0] for t in targets}
     return sum(n * (config.n_layers if BY_TARGET[t].in_block else 1) for t, n in per.items())
 
 
@@ -53,12 +54,14 @@ def matmul_params(config: LlamaConfig) -> int:
 
 
 def activation_bytes_per_token_per_layer(config: LlamaConfig, act_bytes: int, lora_targets: Sequence[str],
-                                         autocast: bool) -> int:
+                                         autocast: bool, dora: bool = False) -> int:
     """Bytes autograd keeps per token and block in this implementation (no checkpointing).
 
     RMSNorm keeps its input in fp32 (x2 norms); the block keeps the normalised inputs, q, k, v, the attention
     output and its reshaped copy, and four SwiGLU tensors of the hidden width. Under autocast, each LoRA branch also
-    keeps an fp32 and a half copy of its input. RoPE keeps nothing (its backward is the inverse rotation).
+    keeps an fp32 and a half copy of its input. RoPE keeps nothing (its backward is the inverse rotation). DoRA's
+    correction keeps the base output and the LoRA output of each target for the magnitudes' gradient (fp32 under
+    autocast: the magnitude's dtype).
     """
     d, kv, hidden = config.dim, config.n_kv_heads * config.head_dim, config.hidden_dim
     norms = 2 * 4 * d
@@ -66,21 +69,25 @@ def activation_bytes_per_token_per_layer(config: LlamaConfig, act_bytes: int, lo
     ffn = act_bytes * (d + 4 * hidden)  # normed input, w1 out, w3 out, silu out, w2 input
     widths = {t: BY_TARGET[t].shape(config)[1] for t in lora_targets if BY_TARGET[t].in_block}  # each input's width
     lora = sum((4 + 2) * w for w in widths.values()) if autocast else 0
-    return norms + attention + ffn + lora
+    outs = [BY_TARGET[t].shape(config)[0] for t in lora_targets if BY_TARGET[t].in_block]
+    magnitude = 2 * 4 * sum(outs) if dora else 0
+    return norms + attention + ffn + lora + magnitude
 
 
 def memory_breakdown(config: LlamaConfig, *, base_dtype: str, lora_targets: Sequence[str] | None, lora_r: int,
                      micro_batch: int, seq_len: int, autocast: bool, gradient_checkpointing: bool,
-                     loss_chunk: int = 1024) -> dict[str, int]:
+                     loss_chunk: int = 1024, dora: bool = False) -> dict[str, int]:
     """Analytic peak memory of one training step, in bytes, by component, for full-length sequences.
 
     ``lora_targets`` None means full fine-tuning (all weights trained, fp32). ``autocast`` is mixed precision: half
     precision activations, and a half copy of every fp32 matmul weight that autocast casts and caches.
     ``base_dtype`` nf4: the blocks' linear weights at 4.127 bits, the rest in the compute dtype, and one chunk of a
-    weight dequantized at a time (``dequantized``).
+    weight dequantized at a time (``dequantized``). ``dora``: DoRA's magnitudes, what its correction keeps, and the
+    fp32 row chunk its weight norm is taken over (also counted under ``dequantized``: a transient weight copy).
     """
     n = config.n_params
-    n_lora = lora_param_count(config, lora_targets, lora_r) if lora_targets is not None else 0
+    dora = dora and lora_targets is not None
+    n_lora = lora_param_count(config, lora_targets, lora_r, dora) if lora_targets is not None else 0
     trainable = n_lora if lora_targets is not None else n
     dequantized = 0
     if base_dtype == "nf4":
@@ -94,6 +101,9 @@ def memory_breakdown(config: LlamaConfig, *, base_dtype: str, lora_targets: Sequ
     else:
         base_bytes = BYTES[base_dtype]
         params = n * base_bytes + n_lora * 4
+    if dora:  # the norm's row chunk: the weight's rows in fp32 plus W + s B A, beside a dequantized chunk if any
+        widest = max(BY_TARGET[t].shape(config)[0] * BY_TARGET[t].shape(config)[1] for t in lora_targets)
+        dequantized += 2 * 4 * min(CHUNK_VALUES, widest)
     grads = trainable * 4  # trainable weights are fp32
     optimizer = trainable * 8  # AdamW: exp_avg and exp_avg_sq, fp32
     # Autocast casts each fp32 weight it multiplies to half precision and caches the copy for the whole forward
@@ -101,7 +111,7 @@ def memory_breakdown(config: LlamaConfig, *, base_dtype: str, lora_targets: Sequ
     autocast_cache = matmul_params(config) * 2 if autocast and base_bytes == 4 else 0
     act_bytes = 2 if autocast else 4
     tokens = micro_batch * seq_len
-    per_layer = activation_bytes_per_token_per_layer(config, act_bytes, lora_targets or (), autocast)
+    per_layer = activation_bytes_per_token_per_layer(config, act_bytes, lora_targets or (), autocast, dora)
     if gradient_checkpointing:  # each block's input is kept, plus one block's activations while it is recomputed
         activations = tokens * (config.n_layers * act_bytes * config.dim + per_layer)
     else:

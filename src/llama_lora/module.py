@@ -20,7 +20,7 @@ from torchmetrics import MeanMetric
 
 from . import run_checkpoint
 from .config import LlamaConfig
-from .lora import LoRASettings, apply_lora, lora_scale, mark_only_lora_as_trainable, trainable_summary
+from .lora import LoRASettings, apply_lora, lora_layers, lora_scale, mark_only_lora_as_trainable, trainable_summary
 from .loss import token_loss_sum
 from .model import Llama, check_checkpoint_layers
 from .plan import BaseDtypeName, RunPlan, make_plan
@@ -142,7 +142,8 @@ class LlamaLoRAModule(L.LightningModule):
         if trainer is None:
             return make_plan("cpu", "auto", self.base_dtype_name, lora=self.lora is not None)
         plan = make_plan(trainer.strategy.root_device, trainer.precision, self.base_dtype_name,
-                         lora=self.lora is not None, strategy=trainer.strategy)
+                         lora=self.lora is not None, strategy=trainer.strategy,
+                         dora=self.lora is not None and self.lora.use_dora)
         why = getattr(trainer, "precision_reason", "")  # Trainer(precision="auto") says why it chose
         return dataclasses.replace(plan, reason=why) if why else plan
 
@@ -208,6 +209,8 @@ class LlamaLoRAModule(L.LightningModule):
         adapter = open_adapter(self.init_adapter, self.checkpoint_dir, self.hparams.model)
         if not adapter.lora:
             raise ValueError(f"model.init_adapter {self.init_adapter} holds no LoRA weights (trained with lora: null)")
+        if adapter.lora.get("use_dora") and not self.lora.use_dora:
+            raise ValueError(f"model.init_adapter {self.init_adapter} is a DoRA adapter; set model.lora.use_dora: true")
         for key in ("targets", "r"):
             ours, theirs = getattr(self.lora, key), adapter.lora[key]
             if (sorted(ours) if key == "targets" else ours) != (sorted(theirs) if key == "targets" else theirs):
@@ -218,6 +221,9 @@ class LlamaLoRAModule(L.LightningModule):
         with torch.no_grad():
             for name, t in adapter.tensors.items():
                 own[name].copy_(t * rescale if name.endswith("lora_b") else t)
+            if self.lora.use_dora and not adapter.lora.get("use_dora"):  # DoRA from a LoRA adapter: m = ||W + s B A||
+                for _, layer in lora_layers(self.model):  # makes W' = W + s B A, the adapter's model exactly
+                    layer.lora_magnitude.copy_(layer.weight_norm())
         log.info("Started from the LoRA weights of %s (a new run: step 0, this run's data and schedule)",
                  self.init_adapter)
 

@@ -40,7 +40,7 @@ KEY = "llama_lora"
 SETTINGS: dict[str, str] = {
     "model.model": "state", "model.lora": "state", "model.lora.r": "state", "model.lora.targets": "state",
     "model.base_dtype": "state", "model.optimizer": "state", "model.lora.lr_ratio": "state",
-    "model.lora.use_rslora": "step",
+    "model.lora.use_dora": "state", "model.lora.use_rslora": "step",
     "model.lora.alpha": "step", "model.lora.dropout": "step", "data.max_seq_len": "step",
     "data.micro_batch_size": "step", "trainer.accumulate_grad_batches": "step", "trainer.devices": "step",
     "data.data_path": "step", "data.format": "step", "data.num_samples": "step", "data.val_size": "step",
@@ -66,6 +66,7 @@ def _settings(hp: dict, data: dict, quantization: str | None, optimizer: str | N
               "model.base_dtype": hp.get("base_dtype"), "model.optimizer": optimizer,
               "model.lora.alpha": lora and float(lora["alpha"]), "model.lora.dropout": lora and float(lora["dropout"]),
               "model.lora.use_rslora": lora and bool(lora.get("use_rslora")),
+              "model.lora.use_dora": lora and bool(lora.get("use_dora")),
               "model.lora.lr_ratio": lora and lora.get("lr_ratio"),
               "trainer.accumulate_grad_batches": accumulate, "trainer.devices": devices}
     values.update({key: data.get(key.removeprefix("data.")) for key in SETTINGS if key.startswith("data.")})
