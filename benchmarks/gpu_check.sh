@@ -44,6 +44,10 @@ PART=${PART:-all}
 if [ "$PART" = all ]; then
 # QLoRA (model.base_dtype nf4): the two memory goals.
 step "QLoRA 7B 4x512 16-mixed GC" --base-dtype nf4 --precision "$PRECISION" --gc --lora-r 16 --lora-targets wq,wk,wv --steps 4
+# DoRA against LoRA at the same rank on the 7B shape (never run on a GPU yet), and QDoRA.
+step "DoRA 7B 4x512 16-mixed GC" --precision "$PRECISION" --gc --lora-r 16 --lora-targets wq,wk,wv --steps 4 --dora
+step "QDoRA 7B 4x512 16-mixed GC" --base-dtype nf4 --precision "$PRECISION" --gc --lora-r 16 --lora-targets wq,wk,wv \
+  --steps 4 --dora
 step "QLoRA 70B 1x512 16-mixed GC" --shape "$SHAPE70" --batch 1 --seq 512 --base-dtype nf4 --precision "$PRECISION" --gc \
   --lora-r 16 --lora-targets wq,wk,wv --steps 2
 # Partial checkpointing under compile: recompute only the first N of the 32 blocks, looking for >= 40% MFU within
