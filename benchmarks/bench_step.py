@@ -42,6 +42,25 @@ def lora_step_flops(config: LlamaConfig, batch: int, seq: int) -> float:
     return batch * seq * (4 * _matmul_params(config) + 12 * config.n_layers * config.dim * seq)
 
 
+def recompute_flops(config: LlamaConfig, batch: int, seq: int, layers: int) -> float:
+    """The forward FLOPs gradient checkpointing repeats: ``layers`` blocks' matmuls and attention, once more."""
+    block = (_matmul_params(config) - config.vocab_size * config.dim) // config.n_layers
+    return batch * seq * layers * (2 * block + 4 * config.dim * seq)
+
+
+def matmul_gflops(dtype: torch.dtype, tokens: int, device: torch.device, repeat: int = 5) -> float:
+    """The rate of a 4096 x 4096 weight times ``tokens`` rows in ``dtype`` on this machine, now: the roofline the step
+    is compared with."""
+    w, x = torch.randn(4096, 4096, dtype=dtype, device=device), torch.randn(tokens, 4096, dtype=dtype, device=device)
+    x @ w.T
+    t = time.perf_counter()
+    for _ in range(repeat):
+        x @ w.T
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * 4096 * 4096 * tokens * repeat / (time.perf_counter() - t) / 1e9
+
+
 def peak_rss_gib() -> float:
     return peak_rss_bytes() / GIB
 
@@ -105,6 +124,12 @@ def run_shape(args) -> dict:
         "checkpoint": str(args.checkpoint) if args.checkpoint else "random init",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
     }
+    if args.gc or args.gc_layers is not None:  # what the step computes, recomputation included, against a matmul's rate
+        layers = config.n_layers if args.gc_layers is None else args.gc_layers
+        done = lora_step_flops(config, batch, seq) + recompute_flops(config, batch, seq, layers)
+        rate = matmul_gflops(plan.compute_dtype, batch * seq, device)
+        result.update(step_gflops_with_recompute=round(done / step_s / 1e9, 1), matmul_gflops=round(rate, 1),
+                      fraction_of_matmul_rate=round(done / step_s / 1e9 / rate, 3))
     if device.type == "cuda":
         result["cuda_max_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         result["cuda_max_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)

@@ -90,14 +90,25 @@ def test_logits_equal_the_dequantized_model_and_stay_near_the_original(tiny_conf
         torch.testing.assert_close(quantized(tokens), original(tokens), rtol=0, atol=0.25)
 
 
-@pytest.mark.parametrize("autocast", [False, True])
-def test_lora_gradients_through_nf4_equal_those_through_its_dequantized_copy(tiny_config, tokens, autocast):
+@pytest.mark.parametrize("autocast, gc, fused", [(False, False, False), (True, False, False), (False, True, False),
+                                                 (True, True, True), (False, False, True)])
+def test_lora_gradients_through_nf4_equal_those_through_its_dequantized_copy(tiny_config, tokens, autocast, gc,
+                                                                             fused, monkeypatch):
+    """Also under gradient checkpointing (the recomputation's dequantized weights kept for the backward), and through
+    the compiled dequantization (``fused``: every chunk, however small, through torch.compile)."""
+    import llama_lora.quant as quant
+
+    if fused:
+        monkeypatch.setattr(quant, "FUSED_MIN_VALUES", 0)
     labels = tokens.clone()
     labels[:, :8] = -100
     grads = []
     for nf4 in (True, False):
         torch.manual_seed(0)
-        model = build_model(tiny_config, plan=make_plan("cpu", "32-true", "nf4"), seed=0)
+        # under autocast, NF4 computes in bf16 (and a recomputation keeps its chunks): the dequantized copy's fp32
+        # weights cast by autocast are the same bf16 values
+        plan = make_plan("cpu", "bf16-mixed" if autocast else "32-true", "nf4")
+        model = build_model(tiny_config, plan=plan, seed=0, gradient_checkpointing=gc)
         if not nf4:
             with torch.no_grad():
                 for module in model.modules():
@@ -121,6 +132,63 @@ def test_lora_gradients_through_nf4_equal_those_through_its_dequantized_copy(tin
     for k in grads[0]:
         torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-5 if not autocast else 1e-2,
                                    atol=1e-6 if not autocast else 1e-3)
+
+
+def test_checkpointing_dequantizes_each_weight_twice_a_step_not_three_times(tiny_config, tokens, monkeypatch):
+    """The recomputed forward keeps its dequantized weights for the backward that follows: with checkpointing, as
+    without, each NF4 weight is dequantized twice a step (forward; recomputation, whose copy the backward uses), in
+    bf16; in fp32, where keeping doubles the memory and saves little, three times."""
+    import llama_lora.quant as quant
+
+    counts = {}
+    for gc in (False, True):
+        calls = []
+        monkeypatch.setattr(quant, "_dequantize", lambda *a, _f=quant._dequantize: calls.append(1) or _f(*a))
+        plan = make_plan("cpu", "bf16-mixed", "nf4")  # kept in half precision only (quant.KEEP_DTYPES)
+        model = build_model(tiny_config, plan=plan, seed=0, gradient_checkpointing=gc)
+        apply_lora(model, LoRASettings(["wq", "wv"], r=4, alpha=8, dropout=0.0))
+        mark_only_lora_as_trainable(model)
+        loss, n = token_loss_sum(model.train(), tokens, tokens)
+        loss.backward()
+        counts[gc] = len(calls)
+        monkeypatch.undo()
+    quantized = sum(isinstance(p, NF4Weight) for p in model.parameters())
+    # at most twice each (layer 0's k, w1 and w3 need no input gradient: no backward), where it was three times
+    assert counts[False] <= 2 * quantized and counts[True] <= 2 * quantized and counts[True] > quantized, counts
+    calls = []
+    monkeypatch.setattr(quant, "_dequantize", lambda *a, _f=quant._dequantize: calls.append(1) or _f(*a))
+    model = build_model(tiny_config, plan=make_plan("cpu", "32-true", "nf4"), seed=0, gradient_checkpointing=True)
+    apply_lora(model, LoRASettings(["wq", "wv"], r=4, alpha=8, dropout=0.0))
+    mark_only_lora_as_trainable(model)
+    token_loss_sum(model.train(), tokens, tokens)[0].backward()
+    assert len(calls) > 2 * quantized
+
+
+def test_the_compiled_dequantization_equals_the_eager_one_bit_for_bit():
+    """Both compute level x scale in fp32 and round once: the same bits in fp32, bf16 and fp16."""
+    from llama_lora.quant import BLOCK, LEVELS, _block_scales, _dequantize_eager, _fused_kernel
+
+    q = quantize(torch.randn(96, 256) * 0.05)
+    scale = _block_scales(q.scales, q.factor, q.mean, q.packed.numel() * 2 // BLOCK)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert torch.equal(_fused_kernel()(q.packed, scale, LEVELS, dtype), _dequantize_eager(q.packed, scale, dtype))
+
+
+def test_a_failing_compile_falls_back_to_the_eager_dequantization_with_one_warning(monkeypatch, caplog):
+    """No C++ compiler (inductor's failure surfaces at the first call): the same values, eagerly, and one warning."""
+    import llama_lora.quant as quant
+
+    def broken(*args):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore")
+
+    monkeypatch.setattr(quant, "FUSED_MIN_VALUES", 0)
+    monkeypatch.setattr(quant, "_fused", {"kernel": broken})
+    q = quantize(torch.randn(64, 128))
+    with caplog.at_level("WARNING"):
+        a, b = q.dequantize(torch.bfloat16), q.dequantize(torch.bfloat16)
+    assert torch.equal(a, b) and torch.equal(a, q.dequantize(torch.float32).bfloat16())
+    warned = [r.getMessage() for r in caplog.records if "torch.compile of the dequantization failed" in r.getMessage()]
+    assert len(warned) == 1 and "InvalidCxxCompiler" in warned[0] and "more" not in warned[0]
 
 
 def test_loading_a_checkpoint_as_nf4_leaves_the_file_as_it_was(tmp_path, tiny_config):

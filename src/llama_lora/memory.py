@@ -95,8 +95,11 @@ def memory_breakdown(config: LlamaConfig, *, base_dtype: str, lora_targets: Sequ
         compute = 2 if autocast else 4
         embedding = config.vocab_size * config.dim  # kept in half precision (the rest in the compute dtype)
         params = int(blocks * NF4_BITS / 8) + embedding * 2 + (n - blocks - embedding) * compute + n_lora * 4
-        # one row chunk of a weight at a time (quant.CHUNK_VALUES values), and the index it is gathered with
-        dequantized = min(CHUNK_VALUES, config.hidden_dim * config.dim) * (compute + 2)
+        # one row chunk of a weight at a time (quant.CHUNK_VALUES values) and its fp32 products; under checkpointing,
+        # one block's weights, dequantized by its recomputation and kept for its backward (quant.keep_dequantized)
+        dequantized = min(CHUNK_VALUES, config.hidden_dim * config.dim) * (compute + 4)
+        if gradient_checkpointing and autocast:  # quant.KEEP_DTYPES: half precision only
+            dequantized += blocks // config.n_layers * compute
         base_bytes = compute
     else:
         base_bytes = BYTES[base_dtype]

@@ -7,6 +7,7 @@ with grouped-query heads handled by SDPA, RoPE uses real cos/sin arithmetic on a
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 
@@ -17,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import LlamaConfig
 from .plan import RunPlan
+from .quant import keep_dequantized
 
 
 class RMSNorm(nn.Module):
@@ -252,6 +254,12 @@ class Segments:
         return torch.cat(out, dim=1).view(B, T, H, D).transpose(1, 2)
 
 
+def _recompute_keeps_dequantized():
+    """checkpoint's context_fn: nothing in the forward; in the recomputation, NF4 weights stay dequantized for the
+    backward that follows at once (quant.keep_dequantized)."""
+    return contextlib.nullcontext(), keep_dequantized()
+
+
 def check_checkpoint_layers(value: int | None, n_layers: int, key: str = "checkpoint_layers") -> None:
     if value is not None and not 0 <= value <= n_layers:
         raise ValueError(f"{key} must be between 0 and n_layers={n_layers}, got {value}")
@@ -326,7 +334,8 @@ class Llama(nn.Module):
         for i, layer in enumerate(self.layers):
             if (self.gradient_checkpointing and i < self.checkpoint_layers and self.training
                     and torch.is_grad_enabled()):
-                h = checkpoint(layer, h, rope, start_pos, segments, use_reentrant=False)
+                h = checkpoint(layer, h, rope, start_pos, segments, use_reentrant=False,
+                               context_fn=_recompute_keeps_dequantized)
             else:
                 h = layer(h, rope, start_pos, segments)
         h = self.norm(h)
