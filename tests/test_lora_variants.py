@@ -1,6 +1,7 @@
 """The LoRA variants: DoRA's forward, gradients, merge and runs; rsLoRA's scale, its merge and export; LoRA+'s optimizer
 groups. (Their PEFT interchange is in test_peft_compat.py.)"""
 
+import importlib.util
 import math
 
 import pytest
@@ -248,6 +249,16 @@ def test_a_dora_run_merges_exports_generates_evaluates_and_resumes(dora_run, tmp
         with torch.no_grad():
             merged = build_model(checkpoint=tmp_path / fmt, plan=torch.float32)(tokens)
         torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-4)
+    if importlib.util.find_spec("gguf"):  # the GGUF merge folds DoRA as the others do: its q weight is the HF one's
+        import gguf
+
+        proc = script("merge.py", "--adapter", str(ckpt), "--out_dir", str(tmp_path / "gguf-merged"), "--format",
+                      "gguf", "--gguf_type", "f32")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        q = next(t for t in gguf.GGUFReader(str(tmp_path / "gguf-merged" / "model-f32.gguf")).tensors
+                 if t.name == "blk.0.attn_q.weight")
+        meta = build_model(checkpoint=tmp_path / "meta", plan=torch.float32).layers[0].attention.wq.weight
+        assert torch.equal(torch.from_numpy(q.data.copy()).reshape(meta.shape), meta.detach())
     proc = script("export_adapter.py", "--adapter", str(ckpt), "--out_dir", str(tmp_path / "peft"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     from_peft = load_model(dora_run / "base", tmp_path / "peft", plan=torch.float32).model.eval()
