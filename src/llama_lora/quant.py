@@ -14,7 +14,7 @@ follows at once (``keep_dequantized``): two dequantizations a step instead of th
 
 Hand-written rather than torchao's ``NF4Tensor``: on 2 CPU cores, quantizing a 4096 x 4096 bf16 matrix took 2.1 s
 with torchao 0.11 and 0.33 s here, with the same round-trip error; and no optional dependency is needed. On a CPU,
-dequantization is one loop compiled by torch.compile (``_dequantize_fused``), about 3 G values/s on 2 cores.
+dequantization is one loop compiled by torch.compile (``_dequantize_fused``), 2-2.6 G values/s on 2 cores.
 """
 
 from __future__ import annotations
@@ -40,11 +40,9 @@ _BINS = 4096
 _BIN_CODE = torch.bucketize(-1 + torch.arange(_BINS, dtype=torch.float32) * (2 / _BINS), _MIDPOINTS).to(torch.uint8)
 _BIN_MIDPOINT = torch.full((_BINS,), float("inf"), dtype=torch.float32).index_put_(
     (((_MIDPOINTS + 1) * (_BINS / 2)).long(),), _MIDPOINTS)
-# Dequantization reads a byte (two codes) at once: its two levels as one 64-bit word (fp32) or 32-bit word (half).
+# Eager dequantization reads a byte (two codes) at once: its two fp32 levels as one 64-bit word.
 _PAIRS = torch.stack([LEVELS.repeat_interleave(16), LEVELS.repeat(16)], dim=1)  # byte b -> (LEVELS[b>>4], [b&15])
-_WORDS = {torch.float32: _PAIRS.contiguous().view(torch.int64).flatten(),
-          torch.bfloat16: _PAIRS.bfloat16().contiguous().view(torch.int32).flatten(),
-          torch.float16: _PAIRS.half().contiguous().view(torch.int32).flatten()}
+_WORDS = _PAIRS.contiguous().view(torch.int64).flatten()  # fp32 pairs as 64-bit words
 
 
 def _codes(x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +82,7 @@ def _block_scales(scales: torch.Tensor, factor: torch.Tensor, mean: torch.Tensor
 
 
 def _dequantize_eager(packed: torch.Tensor, block_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    words = _WORDS[torch.float32].to(packed.device)
+    words = _WORDS.to(packed.device)
     values = words.index_select(0, packed.to(torch.int32)).view(torch.float32).view(-1, BLOCK)
     values = values.mul_(block_scale[:, None])
     return values if dtype == torch.float32 else values.to(dtype)
@@ -95,7 +93,8 @@ def _dequantize_fused(packed: torch.Tensor, block_scale: torch.Tensor, levels: t
     """The same values as ``_dequantize_eager``, written as one loop for torch.compile: both codes of a byte looked
     up, multiplied by their block's scale in fp32 and rounded once into ``dtype``, in a single pass."""
     p = packed.view(-1, BLOCK // 2)
-    # (torch.gather from the levels expanded to every row measured 20% faster, but corrupted the heap in some shapes)
+    # (torch.gather from the levels expanded to every row measured 20% faster; one test run aborted with heap
+    # corruption while it was in place, not reproduced since, and it was not kept)
     pairs = torch.stack([levels[(p >> 4).to(torch.int64)], levels[(p & 15).to(torch.int64)]], dim=-1)
     return (pairs.view(-1, BLOCK) * block_scale[:, None]).to(dtype)
 
@@ -116,9 +115,9 @@ def _dequantize(packed: torch.Tensor, block_scale: torch.Tensor, dtype: torch.dt
     """Values of ``packed`` codes (flat, whole blocks) in ``dtype``, shape (n_blocks, BLOCK): each level times its
     block's scale in fp32, rounded once (so a bf16 weight is exactly the fp32 one, rounded).
 
-    On a CPU, large chunks go through ``torch.compile`` of ``_dequantize_fused``: 4M values in 1.35 ms into bf16 and
-    1.9 ms into fp32 on 2 cores (native bf16 kind), 2-3 G values/s, against 0.2-0.4 G values/s eager, which reads and
-    writes the values three times (index, lookup, scale). Where compiling fails, eager, with one warning."""
+    On a CPU, large chunks go through ``torch.compile`` of ``_dequantize_fused``: 4M values in 1.6 ms into bf16 and
+    1.9 ms into fp32 on 2 cores (native bf16 kind), 2-2.6 G values/s, against 0.2-0.4 G values/s eager, which reads
+    and writes the values three times (index, lookup, scale). Where compiling fails, eager, with one warning."""
     kernel = _fused.get("kernel", True)
     if kernel is not None and packed.device.type == "cpu" and packed.numel() * 2 >= FUSED_MIN_VALUES:
         try:
@@ -145,8 +144,8 @@ except (OSError, AttributeError):  # pragma: no cover - another C library
 
 def _release_heap(device: torch.device) -> None:
     """After a layer's dequantized chunks are freed on a CPU: glibc keeps freed heap pages, so return them. Without
-    it, a 7B step's peak RSS grew from 4.65 to 6.54 GiB in fp32 (AVX2 kind) and by 0.2 GiB in bf16; with it, the pages
-    fault in again at the next layer: about 25% of the step."""
+    it, a 7B step's peak RSS grew from 4.81 to 6.54 GiB in fp32 (AVX2 kind) and by 0.2 GiB in bf16; with it, the pages
+    fault in again at the next layer: 26% of the bf16 step, 37% of the fp32 one."""
     if device.type == "cpu" and _malloc_trim is not None:
         _malloc_trim(0)
 
