@@ -206,7 +206,7 @@ def table1(config: LlamaConfig, settings: StudySettings, results: list[dict[str,
         compute = {"ga": "= (same FLOPs, more steps of smaller matmuls)",
                    "mp": "↓ (half-precision tensor cores)", "lora": "↓ (no weight gradients: ~4N instead of 6N)",
                    "gc": "↑ (one extra forward: ~+2N per token)",
-                   "nf4": "↑ (each weight dequantized in forward and backward; a recomputation's half copy serves its backward)",
+                   "nf4": "↑ (each weight dequantized in forward and backward; recomputation keeps a half copy)",
                    "dora": "↑ (each adapted weight's row norms of W + s B A every forward, and the correction)"}[tech]
         lines.append(f"| {tech.upper()} | " + " | ".join(arrows) + f" | {compute} |")
     return "\n".join(lines)
