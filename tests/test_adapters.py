@@ -52,7 +52,7 @@ def test_peft_round_trip_gives_identical_logits(tmp_path, lora_model, tiny_confi
     save_meta(build_model(tiny_config, plan=torch.float32, seed=0).state_dict(), tiny_config, tmp_path / "base")
     export_peft(lora_state_dict(lora_model), tiny_config, LORA, tmp_path / "adapter", "base")
     sd, lora = import_peft(tmp_path / "adapter", tiny_config)
-    assert lora == {**LORA, "use_rslora": False}
+    assert lora == {**LORA, "use_rslora": False, "use_dora": False}
     loaded = load_model(tmp_path / "base", tmp_path / "adapter", plan=torch.float32)
     assert torch.equal(loaded.model(tokens), expected)
 
@@ -136,4 +136,5 @@ def test_export_reads_no_base_weights(tmp_path, lora_model, tiny_config):
     assert proc.returncode == 0, proc.stderr[-2000:]
     sd, lora = import_peft(tmp_path / "peft", tiny_config)
     own = lora_state_dict(lora_model)
-    assert lora == {**LORA, "use_rslora": False} and all(torch.equal(v, own[k]) for k, v in sd.items())
+    assert lora == {**LORA, "use_rslora": False, "use_dora": False}
+    assert all(torch.equal(v, own[k]) for k, v in sd.items())
