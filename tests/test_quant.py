@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import ROOT, fit, lora_weights, scalars, write_tiny_config
 
 from llama_lora.layout import is_block_linear
@@ -90,16 +91,20 @@ def test_logits_equal_the_dequantized_model_and_stay_near_the_original(tiny_conf
         torch.testing.assert_close(quantized(tokens), original(tokens), rtol=0, atol=0.25)
 
 
-@pytest.mark.parametrize("autocast, gc, fused", [(False, False, False), (True, False, False), (False, True, False),
-                                                 (True, True, True), (False, False, True)])
+@pytest.mark.parametrize("autocast, gc, kernel, chunk", [(False, False, True, None), (True, False, True, 7),
+                                                        (False, True, True, None), (True, True, True, 7),
+                                                        (True, True, False, 5), (False, False, False, 7)])
 def test_lora_gradients_through_nf4_equal_those_through_its_dequantized_copy(tiny_config, tokens, autocast, gc,
-                                                                             fused, monkeypatch):
-    """Also under gradient checkpointing (the recomputation's dequantized weights kept for the backward), and through
-    the compiled dequantization (``fused``: every chunk, however small, through torch.compile)."""
+                                                                             kernel, chunk, monkeypatch):
+    """Also under gradient checkpointing (the recomputation's dequantized weights kept for the backward, in buffers
+    the next block reuses), in row chunks (``chunk`` rows: one buffer rewritten for each), and through torch ops where
+    the C kernel is not there (``kernel``)."""
     import llama_lora.quant as quant
 
-    if fused:
-        monkeypatch.setattr(quant, "FUSED_MIN_VALUES", 0)
+    if not kernel:
+        monkeypatch.setattr(quant, "_kernel", {"call": None})
+    if chunk:
+        monkeypatch.setattr(quant, "CHUNK_VALUES", chunk * tiny_config.hidden_dim)
     labels = tokens.clone()
     labels[:, :8] = -100
     grads = []
@@ -164,31 +169,65 @@ def test_checkpointing_dequantizes_each_weight_twice_a_step_not_three_times(tiny
     assert len(calls) > 2 * quantized
 
 
-def test_the_compiled_dequantization_equals_the_eager_one_bit_for_bit():
-    """Both compute level x scale in fp32 and round once: the same bits in fp32, bf16 and fp16."""
-    from llama_lora.quant import BLOCK, LEVELS, _block_scales, _dequantize_eager, _fused_kernel
-
-    q = quantize(torch.randn(96, 256) * 0.05)
-    scale = _block_scales(q.scales, q.factor, q.mean, q.packed.numel() * 2 // BLOCK)
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        assert torch.equal(_fused_kernel()(q.packed, scale, LEVELS, dtype), _dequantize_eager(q.packed, scale, dtype))
-
-
-def test_a_failing_compile_falls_back_to_the_eager_dequantization_with_one_warning(monkeypatch, caplog):
-    """No C++ compiler (inductor's failure surfaces at the first call): the same values, eagerly, and one warning."""
+@pytest.mark.parametrize("capability", ["AVX512", "AVX2", "DEFAULT"])
+def test_the_kernel_equals_the_torch_dequantization_bit_for_bit(capability, tmp_path, monkeypatch):
+    """Each build of the C kernel this CPU can run (AVX-512, AVX2, plain C) computes level x scale in fp32 and rounds
+    once, as the torch ops do: the same bits in fp32, bf16 and fp16, for scales that round up, down, to even, and
+    all-zero blocks; fp16 without F16C (plain C) is left to torch."""
     import llama_lora.quant as quant
 
-    def broken(*args):
-        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore")
+    order = ["DEFAULT", "AVX2", "AVX512"]
+    if order.index(capability) > order.index(torch.backends.cpu.get_cpu_capability()):
+        pytest.skip(f"this CPU runs no {capability} code")
+    monkeypatch.setenv("LLAMA_LORA_CACHE", str(tmp_path))
+    call = quant._build_kernel(capability)
+    assert call is not None and any(tmp_path.glob("nf4-kernel-*.so"))
+    w = torch.randn(96, 256) * torch.logspace(-3, 2, 96)[:, None]
+    w[5] = 0  # blocks of zeros: scale 0
+    q = quantize(w)
+    scale = quant._block_scales(q.scales, q.factor, q.mean, q.packed.numel() * 2 // quant.BLOCK)
+    for kind, dtype in enumerate((torch.float32, torch.bfloat16, torch.float16)):
+        out = torch.full((q.packed.numel() * 2,), float("nan"), dtype=dtype)
+        status = call(q.packed.data_ptr(), scale.data_ptr(), quant.LEVELS.data_ptr(), out.data_ptr(),
+                      q.packed.numel() * 2 // quant.BLOCK, kind, 2)
+        if capability == "DEFAULT" and dtype == torch.float16:
+            assert status == 1
+            continue
+        assert status == 0 and torch.equal(out.view(-1, quant.BLOCK), quant._dequantize_eager(q.packed, scale, dtype))
 
-    monkeypatch.setattr(quant, "FUSED_MIN_VALUES", 0)
-    monkeypatch.setattr(quant, "_fused", {"kernel": broken})
+
+def test_a_retained_graph_backward_again_does_not_read_buffers_given_back(monkeypatch):
+    """A recomputation's chunks go back to the pool after its backward and the next recomputation rewrites them; a
+    second backward through the same graph (retain_graph) dequantizes again instead of reading them."""
+    import llama_lora.quant as quant
+
+    monkeypatch.setattr(quant, "CHUNK_VALUES", 16 * 128)  # 4 chunks of 16 rows
+    first, other = quantize(torch.randn(64, 128), torch.bfloat16), quantize(torch.randn(64, 128) * 5, torch.bfloat16)
+    x = torch.randn(4, 128, dtype=torch.bfloat16, requires_grad=True)
+    with quant.keep_dequantized():
+        y = F.linear(x, first)
+    (g1,) = torch.autograd.grad(y.sum(), x, retain_graph=True)
+    with quant.keep_dequantized():
+        F.linear(x, other)  # takes the buffers the first backward gave back
+    (g2,) = torch.autograd.grad(y.sum(), x)
+    expected = torch.ones(4, 64) @ first.dequantize(torch.float32)  # bf16 partial sums over 4 chunks: ~1e-2
+    torch.testing.assert_close(g1.float(), expected, rtol=2e-2, atol=5e-2)
+    assert torch.equal(g1, g2)
+
+
+def test_no_c_compiler_falls_back_to_the_torch_dequantization_with_one_warning(monkeypatch, caplog, tmp_path):
+    """The same values through torch ops, and one warning that says why."""
+    import llama_lora.quant as quant
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("LLAMA_LORA_CACHE", str(tmp_path))
+    monkeypatch.setattr(quant, "_kernel", {})
     q = quantize(torch.randn(64, 128))
     with caplog.at_level("WARNING"):
         a, b = q.dequantize(torch.bfloat16), q.dequantize(torch.bfloat16)
     assert torch.equal(a, b) and torch.equal(a, q.dequantize(torch.float32).bfloat16())
-    warned = [r.getMessage() for r in caplog.records if "torch.compile of the dequantization failed" in r.getMessage()]
-    assert len(warned) == 1 and "InvalidCxxCompiler" in warned[0] and "more" not in warned[0]
+    warned = [r.getMessage() for r in caplog.records if "kernel could not be built" in r.getMessage()]
+    assert len(warned) == 1 and "no-such-cc" in warned[0] and "\n" not in warned[0]
 
 
 def test_loading_a_checkpoint_as_nf4_leaves_the_file_as_it_was(tmp_path, tiny_config):

@@ -126,7 +126,7 @@ class LoRALinear(nn.Linear):
         from .quant import CHUNK_VALUES, NF4Weight
 
         if isinstance(self.weight, NF4Weight):
-            chunks = self.weight.row_chunks(torch.float32)
+            chunks = self.weight.row_chunks(torch.float32, "scratch")
         else:
             step = max(1, CHUNK_VALUES // self.in_features)
             chunks = (self.weight[r : r + step] for r in range(0, self.out_features, step))

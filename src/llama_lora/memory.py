@@ -7,9 +7,11 @@ import resource
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from .config import LlamaConfig
 from .layout import BY_TARGET
-from .quant import BLOCK, CHUNK_VALUES, SCALE_GROUP
+from .quant import BLOCK, CHUNK_VALUES, KEEP_DTYPES, SCALE_GROUP
 
 GIB = 2**30
 _STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
@@ -95,10 +97,11 @@ def memory_breakdown(config: LlamaConfig, *, base_dtype: str, lora_targets: Sequ
         compute = 2 if autocast else 4
         embedding = config.vocab_size * config.dim  # kept in half precision (the rest in the compute dtype)
         params = int(blocks * NF4_BITS / 8) + embedding * 2 + (n - blocks - embedding) * compute + n_lora * 4
-        # one row chunk of a weight at a time (quant.CHUNK_VALUES values) and its fp32 products; under checkpointing,
-        # one block's weights, dequantized by its recomputation and kept for its backward (quant.keep_dequantized)
-        dequantized = min(CHUNK_VALUES, config.hidden_dim * config.dim) * (compute + 4)
-        if gradient_checkpointing and autocast:  # quant.KEEP_DTYPES: half precision only
+        # one row chunk of a weight at a time (quant.CHUNK_VALUES values, in the one buffer quant._scratch reuses);
+        # under checkpointing, one block's weights, dequantized by its recomputation and kept for its backward
+        # (quant.keep_dequantized, in the compute dtypes of quant.KEEP_DTYPES)
+        dequantized = min(CHUNK_VALUES, config.hidden_dim * config.dim) * compute
+        if gradient_checkpointing and (torch.bfloat16 if autocast else torch.float32) in KEEP_DTYPES:
             dequantized += blocks // config.n_layers * compute
         base_bytes = compute
     else:

@@ -14,7 +14,8 @@ follows at once (``keep_dequantized``): two dequantizations a step instead of th
 
 Hand-written rather than torchao's ``NF4Tensor``: on 2 CPU cores, quantizing a 4096 x 4096 bf16 matrix took 2.1 s
 with torchao 0.11 and 0.33 s here, with the same round-trip error; and no optional dependency is needed. On a CPU,
-dequantization is one loop compiled by torch.compile (``_dequantize_fused``), 2-2.6 G values/s on 2 cores.
+dequantization is a small C kernel (``nf4_kernel.c``, built once by the system's C compiler, as torch.compile would
+need one too) that writes into buffers reused from weight to weight, so no page is freed and faulted in again.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -88,66 +90,98 @@ def _dequantize_eager(packed: torch.Tensor, block_scale: torch.Tensor, dtype: to
     return values if dtype == torch.float32 else values.to(dtype)
 
 
-def _dequantize_fused(packed: torch.Tensor, block_scale: torch.Tensor, levels: torch.Tensor, dtype: torch.dtype
-                      ) -> torch.Tensor:
-    """The same values as ``_dequantize_eager``, written as one loop for torch.compile: both codes of a byte looked
-    up, multiplied by their block's scale in fp32 and rounded once into ``dtype``, in a single pass."""
-    p = packed.view(-1, BLOCK // 2)
-    # (torch.gather from the levels expanded to every row measured 20% faster; one test run aborted with heap
-    # corruption while it was in place, not reproduced since, and it was not kept)
-    pairs = torch.stack([levels[(p >> 4).to(torch.int64)], levels[(p & 15).to(torch.int64)]], dim=-1)
-    return (pairs.view(-1, BLOCK) * block_scale[:, None]).to(dtype)
+# The C kernel (nf4_kernel.c), built for the instruction set torch itself dispatches to on this CPU: an AVX2-only
+# CPU (or torch told so by ATEN_CPU_CAPABILITY=avx2) gets the AVX2 build, whatever the compiler could target.
+_ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"],
+              "AVX2": ["-mavx2", "-mfma", "-mf16c"]}
+_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_kernel: dict[str, Any] = {}  # "call": the loaded function, or None where it could not be built
 
 
-# Chunks of at least this many values are dequantized by the compiled loop on a CPU (7B's weights, not the tiny test
-# models, for which compiling, a few seconds once per process, would cost more than it saves).
-FUSED_MIN_VALUES = 1 << 18
-_fused: dict[str, Any] = {}  # "kernel": the compiled loop, or None once compiling failed (no C++ compiler, ...)
+def _build_kernel(capability: str | None = None) -> Any:
+    """The kernel's function for ``capability`` (default: torch's own on this CPU, ``_ISA_FLAGS``), compiled once
+    into the cache folder (keyed by source, compiler and flags), or None with one warning where no C compiler works:
+    dequantization then runs as torch ops, about 10x slower."""
+    import hashlib
+    import os
+    import shutil
+    import subprocess
+    import tempfile
 
+    from .demo import default_cache_dir
 
-def _fused_kernel() -> Any:
-    if "kernel" not in _fused:
-        _fused["kernel"] = torch.compile(_dequantize_fused, dynamic=True)
-    return _fused["kernel"]
-
-
-def _dequantize(packed: torch.Tensor, block_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Values of ``packed`` codes (flat, whole blocks) in ``dtype``, shape (n_blocks, BLOCK): each level times its
-    block's scale in fp32, rounded once (so a bf16 weight is exactly the fp32 one, rounded).
-
-    On a CPU, large chunks go through ``torch.compile`` of ``_dequantize_fused``: 4M values in 1.6 ms into bf16 and
-    1.9 ms into fp32 on 2 cores (native bf16 kind), 2-2.6 G values/s, against 0.2-0.4 G values/s eager, which reads
-    and writes the values three times (index, lookup, scale). Where compiling fails, eager, with one warning."""
-    kernel = _fused.get("kernel", True)
-    if kernel is not None and packed.device.type == "cpu" and packed.numel() * 2 >= FUSED_MIN_VALUES:
+    source = Path(__file__).with_name("nf4_kernel.c")
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    isa = _ISA_FLAGS.get(capability or torch.backends.cpu.get_cpu_capability(), [])
+    reason = "no C compiler found (set CC)"
+    for openmp in (["-fopenmp"], []):  # without OpenMP (Apple's clang): one thread, still several times faster
+        if compiler is None:
+            break
+        command = [compiler, "-O3", "-shared", "-fPIC", *isa, *openmp]
+        key = hashlib.sha256(source.read_bytes() + " ".join(command).encode()).hexdigest()[:16]
+        library = default_cache_dir() / f"nf4-kernel-{key}.so"
         try:
-            return _fused_kernel()(packed, block_scale, LEVELS, dtype)
-        except Exception as e:  # noqa: BLE001 - inductor needs a C++ compiler; any failure: the eager path
-            import logging
+            if not library.exists():
+                library.parent.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(dir=library.parent) as tmp:  # concurrent builds: each its own file
+                    built = Path(tmp) / library.name
+                    subprocess.run([*command, str(source), "-o", str(built)], check=True, capture_output=True,
+                                   text=True, timeout=120)
+                    os.replace(built, library)
+            call = ctypes.CDLL(str(library)).nf4_dequantize
+        except (OSError, subprocess.SubprocessError) as e:
+            stderr = getattr(e, "stderr", None) or str(e)
+            reason = f"{Path(compiler).name} failed: {stderr.strip().splitlines()[-1][:200] if stderr.strip() else e}"
+            continue
+        call.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+        call.restype = ctypes.c_int
+        return call
+    import logging
 
-            logging.getLogger(__name__).warning("NF4: torch.compile of the dequantization failed (%s); dequantizing "
-                                                "eagerly, about 10x slower", str(e).splitlines()[0][:200])
-            _fused["kernel"] = None
-    return _dequantize_eager(packed, block_scale, dtype)
+    logging.getLogger(__name__).warning("NF4: the dequantization kernel could not be built (%s); dequantizing with "
+                                        "torch ops, about 10x slower", reason)
+    return None
 
 
-# Dequantize at most this many values at once: 8 MB in bf16 (4-block 7B-shaped step, native bf16 CPU, 1 x 128:
-# 2.7 s a step at 512K values, 2.3 s at 1M, 2.0 s at 2M, 1.9 s at 4M, 2.5 s at 8M, 3.9 s whole weights).
+def _dequantize(packed: torch.Tensor, block_scale: torch.Tensor, dtype: torch.dtype,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Values of ``packed`` codes (flat, whole blocks) in ``dtype``, shape (n_blocks, BLOCK), written into ``out``
+    (contiguous, as many values) when given: each level times its block's scale in fp32, rounded once (so a bf16
+    weight is exactly the fp32 one, rounded).
+
+    On a CPU, the C kernel: 7-15 G values/s on 2 cores (native bf16 kind; about a plain copy's rate), against 2.3 for
+    torch.compile of the same loop (which looked the levels up one value at a time) and 0.2-0.4 for torch ops."""
+    n_blocks = packed.numel() * 2 // BLOCK
+    if packed.device.type == "cpu" and dtype in _KINDS:
+        if "call" not in _kernel:
+            _kernel["call"] = _build_kernel()
+        call = _kernel["call"]
+        if out is None:
+            out = torch.empty(n_blocks, BLOCK, dtype=dtype)
+        packed, block_scale = packed.contiguous(), block_scale.float().contiguous()  # held for the call
+        if call is not None and out.is_contiguous() and not call(
+                packed.data_ptr(), block_scale.data_ptr(), _LEVELS_CPU.data_ptr(), out.data_ptr(), n_blocks,
+                _KINDS[dtype], torch.get_num_threads()):
+            return out.view(n_blocks, BLOCK)
+    values = _dequantize_eager(packed, block_scale, dtype)
+    return values if out is None else out.view(n_blocks, BLOCK).copy_(values)
+
+
+_LEVELS_CPU = LEVELS.contiguous()
+
+# Dequantize at most this many values at once, into one buffer reused by every weight (``_scratch``): 512 KB in bf16,
+# which stays in a core's cache for the matmul that reads it (7B's 11008 x 4096 w1 on 2 cores, native bf16, 1 x 128
+# forward and backward: see docs/performance.md).
 CHUNK_VALUES = 1 << 22
+_SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
-try:  # glibc: hand freed heap pages back to the OS
-    _malloc_trim = ctypes.CDLL(None).malloc_trim
-except (OSError, AttributeError):  # pragma: no cover - another C library
-    _malloc_trim = None
-
-
-def _release_heap(device: torch.device) -> None:
-    """After a layer's dequantized chunks are freed on a CPU: glibc keeps freed heap pages, so return them. Without
-    it, a 7B step's peak RSS grew from 4.81 to 6.54 GiB in fp32 (AVX2 kind) and by 0.2 GiB in bf16; with it, the pages
-    fault in again at the next layer: 26% of the bf16 step, 37% of the fp32 one."""
-    if device.type == "cpu" and _malloc_trim is not None:
-        _malloc_trim(0)
+def _scratch(device: torch.device, dtype: torch.dtype, rows: int, cols: int) -> torch.Tensor:
+    """A (rows, cols) buffer in ``dtype``, the same memory each time: a chunk is used before the next is made."""
+    flat = _SCRATCH.get((device, dtype))
+    if flat is None or flat.numel() < rows * cols:
+        flat = _SCRATCH[(device, dtype)] = torch.empty(rows * cols, dtype=dtype, device=device)
+    return flat[: rows * cols].view(rows, cols)
 
 
 _KEEP = {"recomputing": False}
@@ -169,26 +203,42 @@ def keep_dequantized() -> Iterator[None]:
         _KEEP["recomputing"] = previous
 
 
+_POOL: dict[tuple[torch.device, torch.dtype, int, int], list[torch.Tensor]] = {}
+
+
+def _pooled(device: torch.device, dtype: torch.dtype, rows: int, cols: int) -> torch.Tensor:
+    """A (rows, cols) buffer for a chunk kept from a recomputation to its backward, which gives it back (``_give
+    back``): the next block's recomputation writes into the same memory, so no page is freed and faulted in again."""
+    free = _POOL.get((device, dtype, rows, cols))
+    return free.pop() if free else torch.empty(rows, cols, dtype=dtype, device=device)
+
+
+def _give_back(chunks: tuple[torch.Tensor, ...]) -> None:
+    for c in chunks:
+        _POOL.setdefault((c.device, c.dtype, *c.shape), []).append(c)
+
+
 class _NF4Linear(torch.autograd.Function):
     """x W^T (+ b) with W dequantized for the matmul and again in backward: only the 4-bit W is kept. W is
-    dequantized in row chunks of about CHUNK_VALUES values, so that no full-precision copy of a large W exists; except
-    while a checkpointed block is recomputed (``keep_dequantized``), when the chunks are kept for its backward."""
+    dequantized in row chunks of about CHUNK_VALUES values, so that no full-precision copy of a large W exists; on a CPU
+    each into the same buffer (``_scratch``). While a checkpointed block is recomputed (``keep_dequantized``), the
+    chunks are kept for its backward instead, in buffers it gives back (``_pooled``)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, dtype: torch.dtype):
         ctx.weight, ctx.dtype, ctx.x_dtype = weight, dtype, x.dtype
         x = x.to(dtype)
-        if _KEEP["recomputing"] and dtype in KEEP_DTYPES:
-            kept = list(weight.row_chunks(dtype))
+        ctx.pooled = _KEEP["recomputing"] and dtype in KEEP_DTYPES
+        if ctx.pooled:
+            kept = list(weight.row_chunks(dtype, "pool"))
             out = torch.cat([F.linear(x, w) for w in kept], dim=-1)
         else:
-            out = torch.cat([F.linear(x, w) for w in weight.row_chunks(dtype)], dim=-1)
+            out = torch.cat([F.linear(x, w) for w in weight.row_chunks(dtype, "scratch")], dim=-1)
             # as many tensors of the chunks' shapes and dtype (checkpoint compares them with the recomputation's),
             # holding no memory: the backward dequantizes again
             cols = weight.numel() // weight.shape[0]
             empty = torch.empty((), dtype=dtype, device=x.device)
             kept = [empty.expand(stop - start, cols) for start, stop in weight.row_bounds()]
-            _release_heap(x.device)
         ctx.save_for_backward(*kept)
         return out if bias is None else out + bias.to(dtype)
 
@@ -197,15 +247,17 @@ class _NF4Linear(torch.autograd.Function):
         shape = grad.shape
         grad = grad.to(ctx.dtype).reshape(-1, shape[-1])
         kept = ctx.saved_tensors
-        recomputed = kept[0].stride(0) != 0  # the recomputation's chunks, just made
+        # the recomputation's chunks, just made (and not given back by an earlier backward of a retained graph)
+        recomputed = kept[0].stride(0) != 0 and not getattr(ctx, "given_back", False)
+        chunks = kept if recomputed else ctx.weight.row_chunks(ctx.dtype, "scratch")
         grad_x, start = None, 0
-        for w in kept if recomputed else ctx.weight.row_chunks(ctx.dtype):  # grad @ W, summed over its row chunks
+        for w in chunks:  # grad @ W, summed over its row chunks
             part = grad[:, start : start + w.shape[0]]
             grad_x = part @ w if grad_x is None else grad_x.addmm_(part, w)  # the sum inside the matmul
             start += w.shape[0]
-        del kept
-        if not recomputed:  # the kept chunks stay with glibc for the next block's recomputation, which reuses them
-            _release_heap(grad.device)
+        if recomputed and ctx.pooled and grad.is_cpu:
+            _give_back(kept)
+            ctx.given_back = True
         return grad_x.view(*shape[:-1], -1).to(ctx.x_dtype), None, None, None
 
 
@@ -246,8 +298,11 @@ class NF4Weight(torch.Tensor):
         step = rows if cols % BLOCK else max(1, CHUNK_VALUES // cols)
         return [(r, min(r + step, rows)) for r in range(0, rows, step)]
 
-    def row_chunks(self, dtype: torch.dtype) -> Iterator[torch.Tensor]:
-        """The dequantized weight, a few rows at a time (``row_bounds``)."""
+    def row_chunks(self, dtype: torch.dtype, buffer: str = "new") -> Iterator[torch.Tensor]:
+        """The dequantized weight, a few rows at a time (``row_bounds``). ``buffer``: "new" tensors; "scratch", on a
+        CPU the same memory each time (a chunk is valid until the next is made); "pool", on a CPU memory to give back
+        (``_give_back``) once used. Elsewhere always new: CUDA's caching allocator reuses memory already."""
+        into = {"new": None, "scratch": _scratch, "pool": _pooled}[buffer] if self.device.type == "cpu" else None
         bounds = self.row_bounds()
         if len(bounds) == 1:
             yield self.dequantize(dtype)
@@ -256,8 +311,9 @@ class NF4Weight(torch.Tensor):
         block_scale = _block_scales(self.scales, self.factor, self.mean, self.numel() // BLOCK)
         per_row = cols // BLOCK  # blocks per row
         for start, stop in bounds:
+            out = None if into is None else into(self.device, dtype, stop - start, cols)
             yield _dequantize(self.packed[start * cols // 2 : stop * cols // 2],
-                              block_scale[start * per_row : stop * per_row], dtype).view(-1, cols)
+                              block_scale[start * per_row : stop * per_row], dtype, out).view(-1, cols)
 
     def __repr__(self) -> str:
         return f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
