@@ -196,6 +196,31 @@ def test_the_kernel_equals_the_torch_dequantization_bit_for_bit(capability, tmp_
         assert status == 0 and torch.equal(out.view(-1, quant.BLOCK), quant._dequantize_eager(q.packed, scale, dtype))
 
 
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_the_buffers_kept_for_the_backward_are_reused_step_after_step(tiny_config, tokens, monkeypatch, chunk):
+    """Under checkpointing in bf16 the pool of kept chunks fills in the first step (at most one block's weights: those
+    whose backward runs) and stays there: every buffer given back is taken again (a weight in one chunk too); the
+    scratch buffer is one."""
+    import llama_lora.quant as quant
+
+    if chunk:
+        monkeypatch.setattr(quant, "CHUNK_VALUES", chunk * tiny_config.hidden_dim)
+    monkeypatch.setattr(quant, "_POOL", {})
+    monkeypatch.setattr(quant, "_SCRATCH", {})
+    model = build_model(tiny_config, plan=make_plan("cpu", "bf16-mixed", "nf4"), seed=0, gradient_checkpointing=True)
+    apply_lora(model, LoRASettings(["wq", "wv"], r=4, alpha=8, dropout=0.0))
+    mark_only_lora_as_trainable(model)
+    sizes = []
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, n = token_loss_sum(model.train(), tokens, tokens)
+        loss.backward()
+        sizes.append(sum(t.numel() for free in quant._POOL.values() for t in free))
+    block = sum(p.numel() for p in model.layers[0].parameters() if isinstance(p, NF4Weight))
+    assert sizes[0] == sizes[2] and block // 2 <= sizes[0] <= block, (sizes, block)
+    assert len(quant._SCRATCH) == 1
+
+
 def test_a_retained_graph_backward_again_does_not_read_buffers_given_back(monkeypatch):
     """A recomputation's chunks go back to the pool after its backward and the next recomputation rewrites them; a
     second backward through the same graph (retain_graph) dequantizes again instead of reading them."""

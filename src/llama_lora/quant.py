@@ -228,8 +228,7 @@ class _NF4Linear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None, dtype: torch.dtype):
         ctx.weight, ctx.dtype, ctx.x_dtype = weight, dtype, x.dtype
         x = x.to(dtype)
-        ctx.pooled = _KEEP["recomputing"] and dtype in KEEP_DTYPES
-        if ctx.pooled:
+        if _KEEP["recomputing"] and dtype in KEEP_DTYPES:
             kept = list(weight.row_chunks(dtype, "pool"))
             out = torch.cat([F.linear(x, w) for w in kept], dim=-1)
         else:
@@ -246,8 +245,9 @@ class _NF4Linear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         shape = grad.shape
         grad = grad.to(ctx.dtype).reshape(-1, shape[-1])
+        # checkpoint's backward runs the first forward's ctx with the tensors its recomputation saved: the kept
+        # chunks (from the pool on a CPU), or placeholders; once given back they are not read again (retain_graph)
         kept = ctx.saved_tensors
-        # the recomputation's chunks, just made (and not given back by an earlier backward of a retained graph)
         recomputed = kept[0].stride(0) != 0 and not getattr(ctx, "given_back", False)
         chunks = kept if recomputed else ctx.weight.row_chunks(ctx.dtype, "scratch")
         grad_x, start = None, 0
@@ -255,7 +255,7 @@ class _NF4Linear(torch.autograd.Function):
             part = grad[:, start : start + w.shape[0]]
             grad_x = part @ w if grad_x is None else grad_x.addmm_(part, w)  # the sum inside the matmul
             start += w.shape[0]
-        if recomputed and ctx.pooled and grad.is_cpu:
+        if recomputed and grad.is_cpu:
             _give_back(kept)
             ctx.given_back = True
         return grad_x.view(*shape[:-1], -1).to(ctx.x_dtype), None, None, None
@@ -303,17 +303,13 @@ class NF4Weight(torch.Tensor):
         CPU the same memory each time (a chunk is valid until the next is made); "pool", on a CPU memory to give back
         (``_give_back``) once used. Elsewhere always new: CUDA's caching allocator reuses memory already."""
         into = {"new": None, "scratch": _scratch, "pool": _pooled}[buffer] if self.device.type == "cpu" else None
-        bounds = self.row_bounds()
-        if len(bounds) == 1:
-            yield self.dequantize(dtype)
-            return
         cols = self.numel() // self.shape[0]
         block_scale = _block_scales(self.scales, self.factor, self.mean, self.numel() // BLOCK)
-        per_row = cols // BLOCK  # blocks per row
-        for start, stop in bounds:
+        for start, stop in self.row_bounds():  # whole blocks: rows hold whole blocks, or the one chunk is all rows
+            first, last = start * cols // BLOCK, stop * cols // BLOCK
             out = None if into is None else into(self.device, dtype, stop - start, cols)
-            yield _dequantize(self.packed[start * cols // 2 : stop * cols // 2],
-                              block_scale[start * per_row : stop * per_row], dtype, out).view(-1, cols)
+            yield _dequantize(self.packed[first * BLOCK // 2 : last * BLOCK // 2], block_scale[first:last], dtype,
+                              out).view(-1, cols)
 
     def __repr__(self) -> str:
         return f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
