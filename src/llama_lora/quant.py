@@ -191,6 +191,24 @@ _KEEP = {"recomputing": False}
 KEEP_DTYPES = (torch.bfloat16, torch.float16)
 
 
+# Where nothing is kept (fp32), the step's other transients of 2 MB and more (activations, chunk products) are handed
+# back to the OS when freed, instead of staying with glibc's heap (mallopt(M_MMAP_THRESHOLD)): without it, 7B's fp32
+# step peaked 0.5 GiB higher. Measured on a 4-block model of 7B's shape, 1 x 128: AVX2 kind, fp32, 1.69 -> 1.60 GiB
+# for about 4% more time; native bf16 (not done there: the kept block is reused instead) 1.80 -> 1.73 GiB for 11%.
+_MMAP_THRESHOLD = 2 << 20
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+_heap_policy: dict[str, bool] = {}
+
+
+def _return_transients_to_the_os() -> None:
+    if "set" not in _heap_policy:
+        _heap_policy["set"] = True
+        try:
+            ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+        except (OSError, AttributeError):  # pragma: no cover - not glibc
+            pass
+
+
 @contextmanager
 def keep_dequantized() -> Iterator[None]:
     """Gradient checkpointing's recomputation of a block (``checkpoint(..., context_fn=...)``): its backward follows at
@@ -232,6 +250,8 @@ class _NF4Linear(torch.autograd.Function):
             kept = list(weight.row_chunks(dtype, "pool"))
             out = torch.cat([F.linear(x, w) for w in kept], dim=-1)
         else:
+            if dtype not in KEEP_DTYPES and x.is_cpu:
+                _return_transients_to_the_os()
             out = torch.cat([F.linear(x, w) for w in weight.row_chunks(dtype, "scratch")], dim=-1)
             # as many tensors of the chunks' shapes and dtype (checkpoint compares them with the recomputation's),
             # holding no memory: the backward dequantizes again
