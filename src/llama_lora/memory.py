@@ -97,10 +97,10 @@ def memory_breakdown(config: LlamaConfig, *, base_dtype: str, lora_targets: Sequ
         compute = 2 if autocast else 4
         embedding = config.vocab_size * config.dim  # kept in half precision (the rest in the compute dtype)
         params = int(blocks * NF4_BITS / 8) + embedding * 2 + (n - blocks - embedding) * compute + n_lora * 4
-        # one row chunk of a weight at a time (quant.CHUNK_VALUES values, in the one buffer quant._scratch reuses);
-        # under checkpointing, one block's weights, dequantized by its recomputation and kept for its backward
-        # (quant.keep_dequantized, in the compute dtypes of quant.KEEP_DTYPES)
-        dequantized = min(CHUNK_VALUES, config.hidden_dim * config.dim) * compute
+        # one row chunk of a weight at a time (quant.CHUNK_VALUES values) and, on a GPU, the fp32 products the torch
+        # ops make of it (a CPU's kernel writes the chunk alone); under checkpointing, one block's weights, dequantized
+        # by its recomputation and kept for its backward (quant.keep_dequantized, the dtypes of quant.KEEP_DTYPES)
+        dequantized = min(CHUNK_VALUES, config.hidden_dim * config.dim) * (compute + 4)
         if gradient_checkpointing and (torch.bfloat16 if autocast else torch.float32) in KEEP_DTYPES:
             dequantized += blocks // config.n_layers * compute
         base_bytes = compute

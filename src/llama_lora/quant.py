@@ -169,9 +169,10 @@ def _dequantize(packed: torch.Tensor, block_scale: torch.Tensor, dtype: torch.dt
 
 _LEVELS_CPU = LEVELS.contiguous()
 
-# Dequantize at most this many values at once, into one buffer reused by every weight (``_scratch``): 512 KB in bf16,
-# which stays in a core's cache for the matmul that reads it (7B's 11008 x 4096 w1 on 2 cores, native bf16, 1 x 128
-# forward and backward: see docs/performance.md).
+# Dequantize at most this many values at once (8 MB in bf16), into one buffer reused by every weight (``_scratch``).
+# A 4-block model of 7B's shape, native bf16, 1 x 128, checkpointing (the bf16 base: 0.90 s): 2.5 s a step at 256K
+# values, 1.57 s at 1M, 1.39 s at 2M, 1.24 s at 4M, 1.52 s at 8M, 1.56 s at 16M. Smaller chunks stay in cache but make
+# the matmuls that read them narrow.
 CHUNK_VALUES = 1 << 22
 _SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
@@ -191,22 +192,21 @@ _KEEP = {"recomputing": False}
 KEEP_DTYPES = (torch.bfloat16, torch.float16)
 
 
-# Where nothing is kept (fp32), the step's other transients of 2 MB and more (activations, chunk products) are handed
-# back to the OS when freed, instead of staying with glibc's heap (mallopt(M_MMAP_THRESHOLD)): without it, 7B's fp32
-# step peaked 0.5 GiB higher. Measured on a 4-block model of 7B's shape, 1 x 128: AVX2 kind, fp32, 1.69 -> 1.60 GiB
-# for about 4% more time; native bf16 (not done there: the kept block is reused instead) 1.80 -> 1.73 GiB for 11%.
-_MMAP_THRESHOLD = 2 << 20
-_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
-_heap_policy: dict[str, bool] = {}
+try:  # glibc: hand freed heap pages back to the OS
+    _malloc_trim = ctypes.CDLL(None).malloc_trim
+except (OSError, AttributeError):  # pragma: no cover - another C library
+    _malloc_trim = None
 
 
-def _return_transients_to_the_os() -> None:
-    if "set" not in _heap_policy:
-        _heap_policy["set"] = True
-        try:
-            ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
-        except (OSError, AttributeError):  # pragma: no cover - not glibc
-            pass
+def _release_heap() -> None:
+    """After an NF4 linear's forward on a CPU where nothing is kept (fp32, not in KEEP_DTYPES): glibc keeps the step's
+    freed activations in its heap, so return them (the dequantized chunks are not among them: ``_scratch``). 7B,
+    1 x 128, AVX2 kind, fp32: 4.58 GiB for a 30.5 s step, against 5.32 GiB and 24.5 s without. Not where a block is
+    kept (bf16, fp16): there the native bf16 step went from 8.8 to 12.0 s for 0.07 GiB, the freed pages faulting in
+    again; at 4 x 512 the epoch's step peaks 1.2 GiB higher without it (docs/performance.md). glibc's mmap threshold
+    at 2 MB instead cost as much at 1 x 128 and 41% at 4 x 512; trimming after the backward too saved nothing more."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 @contextmanager
@@ -225,8 +225,9 @@ _POOL: dict[tuple[torch.device, torch.dtype, int, int], list[torch.Tensor]] = {}
 
 
 def _pooled(device: torch.device, dtype: torch.dtype, rows: int, cols: int) -> torch.Tensor:
-    """A (rows, cols) buffer for a chunk kept from a recomputation to its backward, which gives it back (``_give
-    back``): the next block's recomputation writes into the same memory, so no page is freed and faulted in again."""
+    """A (rows, cols) buffer for a chunk kept from a recomputation to its backward, which gives it back
+    (``_give_back``): the next block's recomputation writes into the same memory, so no page is freed and faulted in
+    again."""
     free = _POOL.get((device, dtype, rows, cols))
     return free.pop() if free else torch.empty(rows, cols, dtype=dtype, device=device)
 
@@ -250,9 +251,9 @@ class _NF4Linear(torch.autograd.Function):
             kept = list(weight.row_chunks(dtype, "pool"))
             out = torch.cat([F.linear(x, w) for w in kept], dim=-1)
         else:
-            if dtype not in KEEP_DTYPES and x.is_cpu:
-                _return_transients_to_the_os()
             out = torch.cat([F.linear(x, w) for w in weight.row_chunks(dtype, "scratch")], dim=-1)
+            if x.is_cpu and dtype not in KEEP_DTYPES:
+                _release_heap()
             # as many tensors of the chunks' shapes and dtype (checkpoint compares them with the recomputation's),
             # holding no memory: the backward dequantizes again
             cols = weight.numel() // weight.shape[0]
