@@ -156,18 +156,14 @@ def _dequantize(packed: torch.Tensor, block_scale: torch.Tensor, dtype: torch.dt
         if "call" not in _kernel:
             _kernel["call"] = _build_kernel()
         call = _kernel["call"]
-        if out is None:
-            out = torch.empty(n_blocks, BLOCK, dtype=dtype)
-        packed, block_scale = packed.contiguous(), block_scale.float().contiguous()  # held for the call
-        if call is not None and out.is_contiguous() and not call(
-                packed.data_ptr(), block_scale.data_ptr(), _LEVELS_CPU.data_ptr(), out.data_ptr(), n_blocks,
-                _KINDS[dtype], torch.get_num_threads()):
-            return out.view(n_blocks, BLOCK)
+        if call is not None:
+            into = torch.empty(n_blocks, BLOCK, dtype=dtype) if out is None else out
+            packed, block_scale = packed.contiguous(), block_scale.float().contiguous()  # held for the call
+            if into.is_contiguous() and not call(packed.data_ptr(), block_scale.data_ptr(), LEVELS.data_ptr(),
+                                                 into.data_ptr(), n_blocks, _KINDS[dtype], torch.get_num_threads()):
+                return into.view(n_blocks, BLOCK)
     values = _dequantize_eager(packed, block_scale, dtype)
     return values if out is None else out.view(n_blocks, BLOCK).copy_(values)
-
-
-_LEVELS_CPU = LEVELS.contiguous()
 
 # Dequantize at most this many values at once (8 MB in bf16), into one buffer reused by every weight (``_scratch``).
 # A 4-block model of 7B's shape, native bf16, 1 x 128, checkpointing (the bf16 base: 0.90 s): 2.5 s a step at 256K
