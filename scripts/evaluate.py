@@ -13,12 +13,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from llama_lora.adapters import adapter_config, adapter_plan, load_model, open_adapter, resolve_tokenizer
 from llama_lora.cli import configure_logging, main_guard, script_arguments
 from llama_lora.data import AlpacaDataModule
 from llama_lora.module import LlamaLoRAModule
 from llama_lora.plan import BaseDtypeName, PrecisionName
+from llama_lora.trained_run import open_run
 from llama_lora.trainer import Trainer
+from llama_lora.weights.tensors import check_output_file
 
 
 def evaluate(adapter: str | None = None, checkpoint_dir: str | None = None, model: str | None = None,
@@ -39,22 +40,19 @@ def evaluate(adapter: str | None = None, checkpoint_dir: str | None = None, mode
             was trained on one); nf4: 4-bit blocks, the rest in the compute dtype.
         out: the JSON results file.
     """
-    trained = open_adapter(adapter, checkpoint_dir, model)
-    data = {k: v for k, v in (trained.datamodule_hparams if trained else {}).items()
-            if k in inspect.signature(AlpacaDataModule).parameters}  # LightningCLI saves keys of its own beside
+    check_output_file(out, "evaluate --out")  # before the work: a result that cannot be written is lost
+    run = open_run(adapter, checkpoint_dir, model, tokenizer_path)
+    data = {k: v for k, v in run.data.items() if k in inspect.signature(AlpacaDataModule).parameters}  # LightningCLI
+    # saves keys of its own beside the data module's
     data.update({k: v for k, v in (("data_path", data_path), ("val_size", val_size)) if v is not None})
-    data["tokenizer_path"] = str(resolve_tokenizer(tokenizer_path, trained, checkpoint_dir).path)
+    data["tokenizer_path"] = str(run.tokenizer().path)
+    datamodule = AlpacaDataModule(**data)
     trainer = Trainer(precision=precision, logger=False, enable_checkpointing=False, devices=1,
                       enable_progress_bar=False, enable_model_summary=False)
     device = trainer.strategy.root_device
-    plan = adapter_plan(trained, device, precision, base_dtype)
+    plan = run.plan_for(device, precision, base_dtype)
     plan.log()
-    loaded = load_model(checkpoint_dir, adapter, model, plan, device)
-    base, _ = adapter_config(trained, checkpoint_dir, model)
-    module = LlamaLoRAModule(model=model or (trained.preset if trained else None), checkpoint_dir=base,
-                             max_seq_len=data.get("max_seq_len", 512), lora=None)
-    module.config, module.model, module.plan = loaded.config, loaded.model, plan  # built: configure_model keeps it
-    datamodule = AlpacaDataModule(**data)
+    module = LlamaLoRAModule.validating(run, plan, device)
     results = trainer.validate(module, datamodule, verbose=False)[0]
     record = {"adapter": adapter, "data": str(datamodule.data_path), "val_examples": len(datamodule.val_set or []),
               "val_loss": results["val/loss"], "val_ppl": results["val/ppl"], "precision": str(trainer.precision)}

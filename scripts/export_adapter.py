@@ -6,8 +6,8 @@ Reads the adapter only, no base weight. `--format gguf` writes adapter.gguf, a l
 
 import sys
 
-from llama_lora.adapters import export_adapter
 from llama_lora.cli import configure_logging, main_guard, script_arguments
+from llama_lora.export import export_adapter
 
 
 def main(argv: list[str]) -> None:

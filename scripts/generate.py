@@ -16,12 +16,11 @@ from typing import Any, Literal
 
 import torch
 
-from llama_lora.adapters import adapter_plan, load_model, open_adapter, resolve_chat_template, resolve_tokenizer
 from llama_lora.cli import configure_logging, main_guard, script_arguments
-from llama_lora.config import LlamaConfig
 from llama_lora.model import Llama, check_sampling
-from llama_lora.plan import BaseDtypeName, PrecisionName
-from llama_lora.prompts import SEED_PROMPTS, alpaca_as_chat, chat_tokens, end_of_turn, format_prompt
+from llama_lora.plan import BaseDtypeName, PrecisionName, resolve_device
+from llama_lora.prompts import SEED_PROMPTS, ChatTemplateName
+from llama_lora.trained_run import open_run
 
 SAMPLING = ("temperature", "top_k", "top_p")  # Llama.generate_stream's own defaults
 
@@ -82,7 +81,7 @@ def check_prompt_lengths(prompts: list[list[int]], context: int) -> None:
 def generate(prompts: list[str] = [], adapter: str | None = None, checkpoint_dir: str | None = None,  # noqa: B006
              model: str | None = None, tokenizer_path: str | None = None,
              mode: Literal["instruction", "completion"] = "instruction", input: str = "", file: str | None = None,
-             chat_template: Literal["llama3", "llama2"] | None = None, system: str | None = None,
+             chat_template: ChatTemplateName | None = None, system: str | None = None,
              seed_prompts: bool = False, max_new_tokens: int = 128, greedy: bool = False, seed: int = 1234,
              precision: PrecisionName = "auto", base_dtype: BaseDtypeName = "auto", device: str | None = None,
              sampling: dict[str, Any] | None = None) -> None:
@@ -97,7 +96,8 @@ def generate(prompts: list[str] = [], adapter: str | None = None, checkpoint_dir
         mode: instruction (Alpaca template, or a chat template; the response only) or completion (raw text).
         input: the Alpaca 'input' field for every instruction (in a chat template: after it, in the user's turn).
         chat_template: llama3 or llama2: each prompt a user turn in that template, the response ending at its end of
-            turn (default: the template the adapter trained in, if any; else Alpaca's prompt).
+            turn (default: the format the adapter trained in, or the one a merged model or PEFT folder carries;
+            else Alpaca's prompt).
         system: a system message before each prompt (chat templates).
         file: prompts: one per line, or a JSON list of strings or {instruction, input} records.
         seed_prompts: the original experiment's four completion prompts.
@@ -108,47 +108,42 @@ def generate(prompts: list[str] = [], adapter: str | None = None, checkpoint_dir
             natively (bf16-mixed), else 32-true (AVX2-only CPUs).
         base_dtype: dtype of the weights; auto: the dtype the compute runs in, on an NF4 base if the adapter was
             trained on one; nf4: 4-bit blocks, the rest in the compute dtype.
-        device: cuda or cpu (default: cuda when available).
+        device: cuda or cpu (default: cuda when there is a GPU).
     """
     sampling = {**(sampling or {}), **({"temperature": 0.0} if greedy else {})}
     check_sampling(max_new_tokens, **{k: sampling.get(k, v) for k, v in _sampling_defaults().items()})
     records = read_prompts(prompts, file, seed_prompts, input)
     mode = "completion" if seed_prompts else mode
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    # The tokenizer and the prompts' lengths are checked before the base model is loaded.
-    trained = open_adapter(adapter, checkpoint_dir, model)
-    tok = resolve_tokenizer(tokenizer_path, trained, checkpoint_dir)
-    template = resolve_chat_template(chat_template, trained, tok) if mode == "instruction" else None
-    if system is not None and template is None:
-        raise ValueError("--system is a chat template's system message; give --chat_template llama3 or llama2")
-    eos_id = end_of_turn(tok, template) if template else tok.eos_id
+    if system is not None and mode == "completion":
+        raise ValueError("--system is a chat template's system message; completion mode continues raw text")
+    # The run, its tokenizer and prompt format, and the prompts' lengths, before the base model is loaded.
+    run = open_run(adapter, checkpoint_dir, model, tokenizer_path, chat_template)
+    tok = run.tokenizer()
+    fmt = run.prompt_format
     if mode == "instruction":
-        log.info("Prompt format: %s", f"the {template} chat template" if template else "Stanford Alpaca's prompt")
-    texts = [format_prompt(r) if mode == "instruction" else r["instruction"] for r in records]
-    if template:
-        head = [{"role": "system", "content": system}] if system is not None else []
-        ids = [chat_tokens(head + alpaca_as_chat({**r, "output": ""})[:1], tok, template, add_generation_prompt=True)[0]
-               for r in records]
+        fmt.check(tok)
+        log.info("Prompt format: %s%s", fmt.description, f" (from {run.format_source})" if run.format_source else "")
+        ids = [fmt.prompt(r, tok, system) for r in records]
     else:
-        ids = [tok.encode(text, bos=True) for text in texts]
-    preset = model or (trained.preset if trained else None)
-    if preset:
-        check_prompt_lengths(ids, LlamaConfig.from_name(preset).max_seq_len)
-    plan = adapter_plan(trained, device, precision, base_dtype)
+        ids = [tok.encode(r["instruction"], bos=True) for r in records]
+    if run.config is not None:
+        check_prompt_lengths(ids, run.config.max_seq_len)
+    device = resolve_device(device)
+    plan = run.plan_for(device, precision, base_dtype)
     plan.log()
-    loaded = load_model(checkpoint_dir, adapter, model, plan, device)
-    if tok.vocab_size != loaded.config.vocab_size:
-        raise ValueError(f"The tokenizer has {tok.vocab_size} pieces, the model {loaded.config.vocab_size}; "
+    llama = run.build(plan, device)
+    if tok.vocab_size != llama.config.vocab_size:
+        raise ValueError(f"The tokenizer has {tok.vocab_size} pieces, the model {llama.config.vocab_size}; "
                          "use the tokenizer that matches the model")
-    check_prompt_lengths(ids, loaded.config.max_seq_len)
+    check_prompt_lengths(ids, llama.config.max_seq_len)
+    eos_id = fmt.stop_id(tok) if mode == "instruction" else tok.eos_id
     generator = torch.Generator(device=device).manual_seed(seed)
-    for text, prompt in zip(texts, ids, strict=True):
+    for record, prompt in zip(records, ids, strict=True):
         if mode == "completion":
-            print(text, end="", flush=True)
+            print(record["instruction"], end="", flush=True)
         out: list[int] = []
         start = time.perf_counter()
-        tokens = loaded.model.generate_stream(prompt, max_new_tokens, eos_id=eos_id, generator=generator,
-                                              **sampling)
+        tokens = llama.generate_stream(prompt, max_new_tokens, eos_id=eos_id, generator=generator, **sampling)
         for piece in tok.stream(out.append(t) or t for t in tokens):  # whole characters only, as they complete
             print(piece, end="", flush=True)
         seconds = time.perf_counter() - start

@@ -9,8 +9,8 @@ the base in its dtype plus one layer.
 
 import sys
 
-from llama_lora.adapters import merge_adapter
 from llama_lora.cli import configure_logging, main_guard, script_arguments
+from llama_lora.export import merge_adapter
 
 
 def main(argv: list[str]) -> None:

@@ -61,6 +61,16 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("llama_lora_cache")
 
 
+def trained_run(tensors: dict[str, torch.Tensor], lora: dict | None):
+    """A trained run made in memory: these tensors, under these LoRA settings (None: full fine-tuning)."""
+    from llama_lora.lora import LoRASettings
+    from llama_lora.prompts import FORMATS
+    from llama_lora.trained_run import TrainedRun
+
+    return TrainedRun(None, None, FORMATS["alpaca"], None, source=Path("test"), tensors=tensors,
+                      lora=LoRASettings(**lora) if lora is not None else None)
+
+
 def write_tiny_config(tmp_path: Path, cache_dir: Path, **overrides) -> Path:
     """Write configs/demo.yaml shrunk to the tiny preset (fp32, no dropout, every step logged, checkpoints in
     tmp_path) into tmp_path/config.yaml, with ``overrides`` per section."""
@@ -84,12 +94,12 @@ def write_tiny_config(tmp_path: Path, cache_dir: Path, **overrides) -> Path:
     return path
 
 
-def fit(config: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def fit(config: Path, *args: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
     # The tests folder on the path: configs may name callbacks defined in the tests (class_path: test_fit....).
     env = {**os.environ, "PYTHONWARNINGS": "ignore",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, str(FIT), "--config", str(config), *args], capture_output=True, text=True,
-                          env=env, timeout=600)
+                          env=env, timeout=600, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"fit.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

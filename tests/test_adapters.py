@@ -2,10 +2,13 @@ import json
 
 import pytest
 import torch
+from conftest import trained_run
 from safetensors.torch import load_file
 
-from llama_lora.adapters import Adapter, export_peft, import_peft, load_model, merged_weights
+from llama_lora.export import merged_weights
 from llama_lora.lora import LoRASettings, apply_lora, lora_state_dict
+from llama_lora.peft import export_peft, import_peft
+from llama_lora.trained_run import open_run
 from llama_lora.weights import build_model, save_hf, save_meta
 
 LORA = {"targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"], "r": 4, "alpha": 8.0, "dropout": 0.0}
@@ -25,7 +28,7 @@ def lora_model(tiny_config):
 
 
 def test_peft_export_names_shapes_and_config(tmp_path, lora_model, tiny_config):
-    export_peft(lora_state_dict(lora_model), tiny_config, LORA, tmp_path, "base")
+    export_peft(lora_state_dict(lora_model), tiny_config, LoRASettings(**LORA), tmp_path, "base")
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
     assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]) == (4, 8.0, 0.0)
@@ -50,18 +53,18 @@ def test_peft_export_names_shapes_and_config(tmp_path, lora_model, tiny_config):
 def test_peft_round_trip_gives_identical_logits(tmp_path, lora_model, tiny_config, tokens):
     expected = lora_model(tokens)
     save_meta(build_model(tiny_config, plan=torch.float32, seed=0).state_dict(), tiny_config, tmp_path / "base")
-    export_peft(lora_state_dict(lora_model), tiny_config, LORA, tmp_path / "adapter", "base")
+    export_peft(lora_state_dict(lora_model), tiny_config, LoRASettings(**LORA), tmp_path / "adapter", "base")
     sd, lora = import_peft(tmp_path / "adapter", tiny_config)
-    assert lora == {**LORA, "use_rslora": False, "use_dora": False}
-    loaded = load_model(tmp_path / "base", tmp_path / "adapter", plan=torch.float32)
-    assert torch.equal(loaded.model(tokens), expected)
+    assert lora == LoRASettings(**LORA)
+    loaded = open_run(tmp_path / "adapter", tmp_path / "base").build(torch.float32)
+    assert torch.equal(loaded(tokens), expected)
 
 
 def test_delta_weight_in_hf_layout_equals_permuted_meta_delta(tmp_path, lora_model, tiny_config):
     """What PeftModel computes on the HF base (B_hf A_hf) is exactly HF's permutation of our delta."""
     from llama_lora.layout import permute_to_hf
 
-    export_peft(lora_state_dict(lora_model), tiny_config, LORA, tmp_path, "base")
+    export_peft(lora_state_dict(lora_model), tiny_config, LoRASettings(**LORA), tmp_path, "base")
     t = load_file(tmp_path / "adapter_model.safetensors")
     for proj, meta, heads in (("q_proj", "wq", tiny_config.n_heads), ("k_proj", "wk", tiny_config.n_kv_heads)):
         pre = f"base_model.model.model.layers.1.self_attn.{proj}"
@@ -74,7 +77,7 @@ def test_delta_weight_in_hf_layout_equals_permuted_meta_delta(tmp_path, lora_mod
 def test_merged_checkpoint_equals_unmerged(tmp_path, lora_model, tiny_config, tokens, fmt):
     expected = lora_model(tokens)
     base = {k: v.detach().clone() for k, v in lora_model.state_dict().items() if "lora_" not in k}
-    sd = dict(merged_weights(base, Adapter(lora_state_dict(lora_model), LORA, tmp_path)))
+    sd = dict(merged_weights(base, trained_run(lora_state_dict(lora_model), LORA)))
     assert sd.keys() == base.keys()
     (save_meta if fmt == "meta" else save_hf)(sd, tiny_config, tmp_path)
     merged = build_model(checkpoint=tmp_path, plan=torch.float32)
@@ -83,7 +86,7 @@ def test_merged_checkpoint_equals_unmerged(tmp_path, lora_model, tiny_config, to
 
 def test_bad_adapters(tmp_path, tiny_config):
     with pytest.raises(FileNotFoundError, match="Adapter not found"):
-        load_model(None, tmp_path / "nope.ckpt", model="tiny")
+        open_run(tmp_path / "nope.ckpt", model="tiny")
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "target_modules": ["c_attn"],
                                                               "r": 4, "lora_alpha": 8}))
     (tmp_path / "adapter_model.safetensors").write_bytes(b"")
@@ -91,7 +94,7 @@ def test_bad_adapters(tmp_path, tiny_config):
         import_peft(tmp_path, tiny_config)
     (tmp_path / "x.ckpt").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="not a readable fit.py checkpoint"):
-        load_model(None, tmp_path / "x.ckpt", model="tiny")
+        open_run(tmp_path / "x.ckpt", model="tiny")
 
 
 @pytest.mark.parametrize("fmt", ["meta", "hf"])
@@ -102,17 +105,17 @@ def test_streamed_merge_of_a_half_precision_base_is_bit_identical_to_an_fp32_mer
     not changed."""
     import hashlib
 
-    from llama_lora.adapters import merge_adapter
+    from llama_lora.export import merge_adapter
     from llama_lora.lora import merge_lora
     from llama_lora.weights import load_checkpoint
 
     save_meta({k: v.detach().bfloat16() for k, v in lora_model.state_dict().items() if "lora_" not in k},
               tiny_config, tmp_path / "base")
-    export_peft(lora_state_dict(lora_model), tiny_config, LORA, tmp_path / "adapter", "base")
+    export_peft(lora_state_dict(lora_model), tiny_config, LoRASettings(**LORA), tmp_path / "adapter", "base")
     digest = hashlib.sha256((tmp_path / "base" / "consolidated.00.pth").read_bytes()).hexdigest()
     merge_adapter(tmp_path / "adapter", out_dir=tmp_path / "merged", format=fmt, checkpoint_dir=tmp_path / "base",
                   model="tiny")
-    reference = load_model(tmp_path / "base", tmp_path / "adapter", plan=torch.float32).model
+    reference = open_run(tmp_path / "adapter", tmp_path / "base").build(torch.float32)
     merge_lora(reference, unload=True)
     merged, _, _ = load_checkpoint(tmp_path / "merged")
     for key, expected in reference.state_dict().items():
@@ -136,5 +139,5 @@ def test_export_reads_no_base_weights(tmp_path, lora_model, tiny_config):
     assert proc.returncode == 0, proc.stderr[-2000:]
     sd, lora = import_peft(tmp_path / "peft", tiny_config)
     own = lora_state_dict(lora_model)
-    assert lora == {**LORA, "use_rslora": False, "use_dora": False}
+    assert lora == LoRASettings(**LORA)
     assert all(torch.equal(v, own[k]) for k, v in sd.items())

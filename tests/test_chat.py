@@ -11,7 +11,7 @@ from test_tokenizer import write_bpe_file
 from llama_lora.data.records import load_records
 from llama_lora.data.tokenize import tokenize_record
 from llama_lora.loss import IGNORE_INDEX
-from llama_lora.prompts import chat_tokens, end_of_turn
+from llama_lora.prompts import FORMATS, chat_tokens
 from llama_lora.tokenizer import Tokenizer
 
 WORDS = ["the", "cat", "Paris", "2026", "café", "naïve", "我爱你", "🚀", "?", "!", "it's", "x=3;", "(ok)", "\n", "\t",
@@ -65,12 +65,12 @@ def test_llama3_ids_and_labels_equal_the_template_string_tokenized_whole(llama3_
         labels = [IGNORE_INDEX] * len(expected)
         for a, b in spans:
             labels[a:b] = expected[a:b]
-        ids, got = tokenize_record({"messages": messages}, tok, max_seq_len=10_000, chat_template="llama3")[:2]
+        ids, got = tokenize_record({"messages": messages}, tok, max_seq_len=10_000, prompt_format=FORMATS["llama3"])[:2]
         assert ids == expected and got == labels
         assert all(got[b - 1] == tok.special["eot"] for _, b in spans)  # each trained turn ends in <|eot_id|>
     prompt, _ = chat_tokens(messages[:-1], tok, "llama3", add_generation_prompt=True)
     assert prompt == whole(text[: text.rindex(messages[-1]["content"].strip())])  # ends at the assistant header
-    assert end_of_turn(tok, "llama3") == tok.special["eot"]
+    assert FORMATS["llama3"].stop_id(tok) == tok.special["eot"]
 
 
 def test_special_token_strings_in_a_message_stay_text(llama3_tok):
@@ -110,7 +110,7 @@ def test_llama2_ids_and_labels_equal_metas_chat_completion_encoding(sp_tok):
             head = len(tok.encode(f"[INST] {user['content'].strip()} [/INST]", bos=True))
             expected += exchange
             labels += [IGNORE_INDEX] * head + exchange[head:]
-        ids, got = tokenize_record({"messages": messages}, tok, max_seq_len=10_000, chat_template="llama2")[:2]
+        ids, got = tokenize_record({"messages": messages}, tok, max_seq_len=10_000, prompt_format=FORMATS["llama2"])[:2]
         assert ids == expected and got == labels
 
 
@@ -119,9 +119,10 @@ def test_a_long_conversation_is_cut_and_one_that_cannot_train_is_dropped(llama3_
     full, _ = chat_tokens(messages, llama3_tok, "llama3")
     first = chat_tokens(messages[:1], llama3_tok, "llama3", add_generation_prompt=True)[0]
     ids, labels, truncated = tokenize_record({"messages": messages}, llama3_tok, max_seq_len=len(first) + 3,
-                                             chat_template="llama3")
+                                             prompt_format=FORMATS["llama3"])
     assert truncated and ids == full[: len(first) + 3] and labels[-3:] == ids[-3:]
-    assert tokenize_record({"messages": messages}, llama3_tok, max_seq_len=len(first), chat_template="llama3") is None
+    llama3 = FORMATS["llama3"]
+    assert tokenize_record({"messages": messages}, llama3_tok, max_seq_len=len(first), prompt_format=llama3) is None
 
 
 def test_both_record_forms_read_as_the_same_conversation(tmp_path):
@@ -151,7 +152,7 @@ def test_a_malformed_conversation_is_refused_in_one_line(tmp_path, record, messa
 
 def test_alpaca_records_take_a_chosen_chat_template(llama3_tok):
     record = {"instruction": "Add.", "input": "2 and 3", "output": "5"}
-    ids, labels, _ = tokenize_record(record, llama3_tok, max_seq_len=512, chat_template="llama3")
+    ids, labels, _ = tokenize_record(record, llama3_tok, max_seq_len=512, prompt_format=FORMATS["llama3"])
     expected, _ = chat_tokens([{"role": "user", "content": "Add.\n\n2 and 3"}, {"role": "assistant", "content": "5"}],
                               llama3_tok, "llama3")
     assert ids == expected and [t for t in labels if t != IGNORE_INDEX] == llama3_tok.encode("5") + [

@@ -81,7 +81,7 @@ def demo_tokenizer(run: Path) -> Path:
 
 
 def peft_folder(run: Path, tmp: Path) -> Path:
-    from llama_lora.adapters import export_adapter
+    from llama_lora.export import export_adapter
 
     return export_adapter(str(run / "ckpt" / "last.ckpt"), str(tmp / "peft"))
 

@@ -11,12 +11,13 @@ import pytest
 import torch
 from conftest import ROOT, fit, lora_weights, run_on_meta_base, write_tiny_config
 
-from llama_lora.adapters import adapter_plan, load_model, merged_weights, read_adapter
 from llama_lora.config import LlamaConfig
 from llama_lora.demo import demo_tokenizer_file
+from llama_lora.export import merged_weights
 from llama_lora.layout import gguf_name
 from llama_lora.prompts import format_prompt
 from llama_lora.tokenizer import Tokenizer
+from llama_lora.trained_run import open_run
 from llama_lora.weights import build_model, load_checkpoint, save_meta
 
 gguf = pytest.importorskip("gguf", reason="the gguf package (pip install -e '.[gguf]') is not installed")
@@ -37,7 +38,7 @@ def run(tmp_path_factory):
 def merged_reference(run: Path) -> dict[str, torch.Tensor]:
     """The merged weights in fp32, as merge.py folds them."""
     base, _, _ = load_checkpoint(run / "base")
-    return {k: v.clone() for k, v in merged_weights(base, read_adapter(run / "ckpt" / "last.ckpt"), torch.float32)}
+    return {k: v.clone() for k, v in merged_weights(base, open_run(run / "ckpt" / "last.ckpt"), torch.float32)}
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -145,7 +146,7 @@ def test_tied_embeddings_are_written_once(tmp_path, cache_dir):
 def test_the_gguf_merge_lets_each_written_tensor_of_the_base_go(run, tmp_path, monkeypatch):
     """Every base tensor is released once written (its pages leave RSS: tests/test_weights.py), after it was written:
     the peak is one layer, not the base (docs/performance.md: 1.9 GiB for 7B, against 13.6 GiB for the HF merge)."""
-    from llama_lora.adapters import merge_adapter
+    from llama_lora.export import merge_adapter
     from llama_lora.weights import LazyStateDict
 
     released, original = [], LazyStateDict.release
@@ -301,7 +302,8 @@ def llama3_run(tmp_path_factory):
 
 
 def test_a_llama3_gguf_holds_its_bpe_tokenizer_rope_factors_and_chat_template(llama3_run, tmp_path):
-    from llama_lora.gguf_files import CHAT_JINJA, rope_factors
+    from llama_lora.gguf_files import rope_factors
+    from llama_lora.prompts import FORMATS
 
     proc = script("merge.py", "--adapter", str(llama3_run / "ckpt" / "last.ckpt"), "--out_dir", str(tmp_path),
                   "--format", "gguf", "--gguf_type", "f32")
@@ -314,7 +316,7 @@ def test_a_llama3_gguf_holds_its_bpe_tokenizer_rope_factors_and_chat_template(ll
     assert tokens[ord("a")] == "a" and tokens[ord(" ")] == "\u0120"  # GPT-2's byte alphabet: a space is Ġ
     assert len(field(reader, "tokenizer.ggml.merges")) == len(tok.ranks) - 256  # every trained token is one merge
     assert field(reader, "tokenizer.ggml.eot_token_id") == tok.special["eot"]
-    assert field(reader, "tokenizer.chat_template") == CHAT_JINJA["llama3"]
+    assert field(reader, "tokenizer.chat_template") == FORMATS["llama3"].jinja
     _, _, config = load_checkpoint(llama3_run / "base")
     got = read_tensors(tmp_path / "model-f32.gguf")
     assert torch.equal(got["rope_freqs.weight"], rope_factors(config)) and "output.weight" not in got
@@ -404,7 +406,7 @@ def test_llama_cpp_computes_our_logits_and_continuation(peaky_run, tmp_path, kin
     assert proc.returncode == 0, proc.stderr[-3000:]
     llm = open_gguf(lc, tmp_path / f"model-{kind}.gguf", monkeypatch)
     tok = Tokenizer(peaky_run / "base" / "tokenizer.model")
-    ours = load_model(adapter=ckpt, plan=adapter_plan(read_adapter(ckpt), "cpu", "32-true")).model
+    ours = (r := open_run(ckpt)).build(r.plan_for("cpu", "32-true"))
     for text in TEXTS:
         ids = tok.encode(text, bos=True)
         assert llm.tokenize(text.encode(), add_bos=True, special=False) == ids, text
@@ -481,8 +483,7 @@ def test_llama_cpp_computes_a_llama3_models_tokens_logits_and_chat_prompt(llama3
 
     from test_chat import random_text
 
-    from llama_lora.gguf_files import CHAT_JINJA
-    from llama_lora.prompts import chat_tokens
+    from llama_lora.prompts import FORMATS, chat_tokens
 
     lc = llama_cpp()
     ckpt = llama3_run / "ckpt" / "last.ckpt"
@@ -498,7 +499,7 @@ def test_llama_cpp_computes_a_llama3_models_tokens_logits_and_chat_prompt(llama3
     ids = tok.encode(" ".join(texts * 12), bos=True)[:1200]
     llm.eval(ids)
     theirs = torch.tensor(llm.scores[: len(ids)])
-    ours = load_model(adapter=ckpt, plan=adapter_plan(read_adapter(ckpt), "cpu", "32-true")).model
+    ours = (r := open_run(ckpt)).build(r.plan_for("cpu", "32-true"))
     with torch.no_grad():
         mine = ours(torch.tensor([ids]))[0]
     # measured 1.2e-5 of the largest logit (1,200 positions of sharp attention); 0.34 without rope_freqs.weight
@@ -506,6 +507,6 @@ def test_llama_cpp_computes_a_llama3_models_tokens_logits_and_chat_prompt(llama3
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three fruits."}]
-    text = ImmutableSandboxedEnvironment().from_string(CHAT_JINJA["llama3"]).render(
+    text = ImmutableSandboxedEnvironment().from_string(FORMATS["llama3"].jinja).render(
         messages=messages, add_generation_prompt=True, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
     assert llm.tokenize(text.encode(), add_bos=True, special=True) == chat_tokens(messages, tok, "llama3", True)[0]

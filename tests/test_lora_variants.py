@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from conftest import ROOT, fit, run_on_meta_base, write_tiny_config
+from conftest import ROOT, fit, run_on_meta_base, trained_run, write_tiny_config
 
-from llama_lora.adapters import Adapter, merged_weights
+from llama_lora.export import merged_weights
 from llama_lora.lora import LoRALinear, LoRASettings, apply_lora, lora_layers, lora_state_dict, merge_lora
 from llama_lora.quant import NF4Weight, quantize
 
@@ -37,7 +37,7 @@ def test_an_rslora_model_merges_exactly_both_ways(tiny_model, tokens):
     with torch.no_grad():
         unmerged = tiny_model(tokens)
     lora = {"targets": settings.targets, "r": 4, "alpha": 3.0, "dropout": 0.0, "use_rslora": True}
-    folded = dict(merged_weights(base, Adapter(lora_state_dict(tiny_model), lora, source="test")))
+    folded = dict(merged_weights(base, trained_run(lora_state_dict(tiny_model), lora)))
     merge_lora(tiny_model, unload=True)
     with torch.no_grad():
         torch.testing.assert_close(tiny_model(tokens), unmerged, rtol=1e-5, atol=1e-5)
@@ -186,7 +186,7 @@ def test_a_dora_model_merges_exactly_both_ways(tiny_model, tokens, base):
     with torch.no_grad():
         unmerged = tiny_model(tokens)
     def fold(tensors, lora):  # merged_weights rewrites a tensor in place where the dtype stays: a copy each time
-        return dict(merged_weights({k: v.clone() for k, v in base_sd.items()}, Adapter(tensors, lora, source="test")))
+        return dict(merged_weights({k: v.clone() for k, v in base_sd.items()}, trained_run(tensors, lora)))
 
     folded = fold(lora_state_dict(tiny_model), DORA)
     merge_lora(tiny_model, unload=True)
@@ -235,11 +235,11 @@ def test_a_dora_run_merges_exports_generates_evaluates_and_resumes(dora_run, tmp
     """Every script takes a DoRA adapter: merge.py (HF and Meta) computes the adapter's logits, the PEFT export loads
     back to the same model, generate.py and evaluate.py run, a resume continues it, and the llama.cpp LoRA form,
     which cannot hold DoRA, is refused in one line."""
-    from llama_lora.adapters import load_model
+    from llama_lora.trained_run import open_run
     from llama_lora.weights import build_model
 
     ckpt = dora_run / "ckpt" / "last.ckpt"
-    unmerged = load_model(adapter=ckpt, plan=torch.float32).model.eval()
+    unmerged = open_run(ckpt).build(torch.float32)
     with torch.no_grad():
         expected = unmerged(tokens)
     for fmt in ("hf", "meta"):
@@ -261,7 +261,7 @@ def test_a_dora_run_merges_exports_generates_evaluates_and_resumes(dora_run, tmp
         assert torch.equal(torch.from_numpy(q.data.copy()).reshape(meta.shape), meta.detach())
     proc = script("export_adapter.py", "--adapter", str(ckpt), "--out_dir", str(tmp_path / "peft"))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    from_peft = load_model(dora_run / "base", tmp_path / "peft", plan=torch.float32).model.eval()
+    from_peft = open_run(tmp_path / "peft", dora_run / "base").build(torch.float32)
     with torch.no_grad():
         assert torch.equal(from_peft(tokens), expected)
     proc = script("export_adapter.py", "--adapter", str(ckpt), "--out_dir", str(tmp_path / "gguf"), "--format", "gguf")
@@ -295,9 +295,9 @@ def test_dora_trains_on_an_nf4_base_with_packing_and_under_ddp(tmp_path, cache_d
                                                                      **extra.get("trainer", {})},
                           data=extra.get("data", {})))
     sd = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["state_dict"]
-    from llama_lora.adapters import load_model
+    from llama_lora.trained_run import open_run
 
-    layer = load_model(adapter=tmp_path / "ckpt" / "last.ckpt", plan=torch.float32).model.layers[0].attention.wq
+    layer = open_run(tmp_path / "ckpt" / "last.ckpt").build(torch.float32).layers[0].attention.wq
     m = next(v for k, v in sd.items() if k.endswith("layers.0.attention.wq.lora_magnitude"))
     w = layer.weight.dequantize(torch.float32) if isinstance(layer.weight, NF4Weight) else layer.weight.float()
     assert not torch.allclose(m, w.norm(dim=1), rtol=1e-7, atol=0)

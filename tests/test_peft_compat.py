@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from llama_lora.adapters import export_peft, import_peft
 from llama_lora.lora import LoRASettings, apply_lora, lora_state_dict
+from llama_lora.peft import export_peft, import_peft
 from llama_lora.weights import build_model, save_hf
 
 transformers = pytest.importorskip("transformers")
@@ -30,7 +30,8 @@ def exported_to_peft(tmp_path, tiny_config, tokens, lora):
             elif n.endswith("lora_magnitude"):  # DoRA: magnitudes away from ||W||, as after training
                 p.mul_(1 + 0.2 * torch.randn_like(p))
     model.eval()
-    export_peft(lora_state_dict(model), tiny_config, lora, tmp_path / "adapter", base_model=str(tmp_path / "base"))
+    export_peft(lora_state_dict(model), tiny_config, LoRASettings(**lora), tmp_path / "adapter",
+                base_model=str(tmp_path / "base"))
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
     theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
     with torch.no_grad():
@@ -65,7 +66,7 @@ def test_transformers_auto_dtype_keeps_the_written_dtype(tmp_path, tiny_config, 
 def test_an_rslora_adapter_interchanges_with_peft(tmp_path, tiny_config, tokens):
     """use_rslora both ways (checked 2026-12-03 with peft 0.21.2): our rsLoRA adapter, exported, gives
     PeftModel our logits; PEFT's own rsLoRA adapter, imported, gives PEFT's logits here."""
-    from llama_lora.adapters import load_model
+    from llama_lora.trained_run import open_run
 
     torch.manual_seed(1)
     _, theirs = exported_to_peft(tmp_path, tiny_config, tokens, {**LORA, "r": 16, "alpha": 4.0, "use_rslora": True})
@@ -80,7 +81,7 @@ def test_an_rslora_adapter_interchanges_with_peft(tmp_path, tiny_config, tokens)
             if "lora_B" in n:
                 p.normal_(0, 0.1)
     made.eval().save_pretrained(tmp_path / "peft")
-    ours = load_model(tmp_path / "base", tmp_path / "peft", plan=torch.float32).model.eval()
+    ours = open_run(tmp_path / "peft", tmp_path / "base").build(torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), made(input_ids=tokens).logits, rtol=1e-4, atol=1e-4)
 
@@ -89,7 +90,8 @@ def test_a_dora_adapter_interchanges_with_peft(tmp_path, tiny_config, tokens):
     """use_dora both ways (checked 2026-12-03 with peft 0.21.2): our DoRA adapter (B and the magnitudes drawn),
     exported with its magnitudes under PEFT's key (q/k rows permuted), gives PeftModel our logits; PEFT's own DoRA
     adapter, imported, gives PEFT's logits here, also when merged by merge.py's code path."""
-    from llama_lora.adapters import load_model, merged_weights, open_adapter
+    from llama_lora.export import merged_weights
+    from llama_lora.trained_run import open_run
     from llama_lora.weights import open_checkpoint
 
     torch.manual_seed(2)
@@ -110,11 +112,11 @@ def test_a_dora_adapter_interchanges_with_peft(tmp_path, tiny_config, tokens):
     made.eval().save_pretrained(tmp_path / "peft")
     with torch.no_grad():
         expected = made(input_ids=tokens).logits
-    ours = load_model(tmp_path / "base", tmp_path / "peft", plan=torch.float32).model.eval()
+    ours = open_run(tmp_path / "peft", tmp_path / "base").build(torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), expected, rtol=1e-4, atol=1e-4)
         sd, _, _ = open_checkpoint(tmp_path / "base")
-        merged = dict(merged_weights(sd, open_adapter(tmp_path / "peft", tmp_path / "base", None)))
+        merged = dict(merged_weights(sd, open_run(tmp_path / "peft", tmp_path / "base")))
         plain = build_model(tiny_config, plan=torch.float32, seed=0)
         plain.load_state_dict(merged)
         torch.testing.assert_close(plain(tokens), expected, rtol=1e-4, atol=1e-4)

@@ -55,7 +55,7 @@ def test_qlora_computing_in_fp32_on_a_half_precision_checkpoint_generates(tmp_pa
 
 def test_the_package_imports_under_a_half_precision_default_dtype():
     """Module-level tensors (NF4's code book, its lookup tables) carry explicit dtypes."""
-    code = ("import torch; torch.set_default_dtype(torch.bfloat16); import llama_lora.module, llama_lora.adapters; "
+    code = ("import torch; torch.set_default_dtype(torch.bfloat16); import llama_lora.module, llama_lora.export; "
             "from llama_lora.quant import quantize; w = torch.randn(64, 64, dtype=torch.float32); "
             "assert torch.equal(quantize(w).dequantize(torch.float32), "
             "(torch.set_default_dtype(torch.float32), quantize(w).dequantize(torch.float32))[1])")

@@ -315,17 +315,19 @@ def script(name, *args):
 def test_merge_of_a_qlora_adapter_folds_into_the_dequantized_base(qlora_run, tmp_path, tokens, fmt):
     """The merged checkpoint (fp32) computes what the NF4 base + adapter computes; the PEFT export carries the same
     adapter."""
-    from llama_lora.adapters import adapter_plan, import_peft, load_model, read_adapter
+    from llama_lora.peft import import_peft
+    from llama_lora.trained_run import open_run
 
     ckpt = qlora_run / "ckpt" / "last.ckpt"
     proc = script("merge.py", "--adapter", str(ckpt), "--out_dir", str(tmp_path / "m"), "--format", fmt,
                   "--base_dtype", "fp32")
     assert proc.returncode == 0, proc.stderr[-2000:]
     merged = build_model(checkpoint=tmp_path / "m", plan=torch.float32)
-    trained = load_model(adapter=ckpt, plan=adapter_plan(read_adapter(ckpt), "cpu", "32-true"))
-    assert isinstance(trained.model.layers[0].attention.wk.weight, NF4Weight)  # nf4 follows the adapter
+    run = open_run(ckpt)
+    trained = run.build(run.plan_for("cpu", "32-true"))
+    assert isinstance(trained.layers[0].attention.wk.weight, NF4Weight)  # nf4 follows the adapter
     with torch.no_grad():
-        torch.testing.assert_close(merged(tokens), trained.model(tokens), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(merged(tokens), trained(tokens), rtol=1e-5, atol=1e-5)
     assert script("export_adapter.py", "--adapter", str(ckpt), "--out_dir", str(tmp_path / "p")).returncode == 0
     sd, _ = import_peft(tmp_path / "p", trained.config)
     assert all(torch.equal(v, lora_weights(ckpt)[f"model.{k}"]) for k, v in sd.items())
@@ -386,7 +388,7 @@ def test_what_nf4_cannot_do_is_refused_in_one_line(tmp_path, cache_dir):
 
 def test_merge_of_an_adapter_trained_on_a_random_nf4_base(tmp_path, cache_dir, tokens):
     """No checkpoint_dir: merge rebuilds the random NF4 base the adapter trained on, and folds into it."""
-    from llama_lora.adapters import adapter_plan, load_model, read_adapter
+    from llama_lora.trained_run import open_run
 
     fit(write_tiny_config(tmp_path, cache_dir, model={"base_dtype": "nf4"},
                           trainer={"max_steps": 2, "limit_val_batches": 0}))
@@ -394,7 +396,8 @@ def test_merge_of_an_adapter_trained_on_a_random_nf4_base(tmp_path, cache_dir, t
     proc = script("merge.py", "--adapter", str(ckpt), "--out_dir", str(tmp_path / "m"), "--base_dtype", "fp32")
     assert proc.returncode == 0, proc.stderr[-2000:]
     merged = build_model(checkpoint=tmp_path / "m", plan=torch.float32)
-    trained = load_model(adapter=ckpt, plan=adapter_plan(read_adapter(ckpt), "cpu", "32-true"))
-    assert isinstance(trained.model.layers[0].attention.wk.weight, NF4Weight)
+    run = open_run(ckpt)
+    trained = run.build(run.plan_for("cpu", "32-true"))
+    assert isinstance(trained.layers[0].attention.wk.weight, NF4Weight)
     with torch.no_grad():
-        torch.testing.assert_close(merged(tokens), trained.model(tokens), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(merged(tokens), trained(tokens), rtol=1e-5, atol=1e-5)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import ROOT, fit, run_on_meta_base, write_tiny_config
 
-from llama_lora.adapters import load_model, read_adapter, resolve_tokenizer
 from llama_lora.prompts import format_prompt
+from llama_lora.trained_run import open_run
 from llama_lora.weights import build_model
 
 
@@ -32,10 +32,10 @@ def test_generate_instruction_mode_prints_only_the_response(run_dir):
     sampling = ["--temperature", "1.0", "--top_p", "1.0", "--seed", "5", "--max_new_tokens", "12"]
     proc = script("generate.py", "--adapter", str(ckpt), *sampling, "Name a color.")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    loaded = load_model(adapter=ckpt)
-    tok = resolve_tokenizer(adapter=read_adapter(ckpt))
+    run = open_run(ckpt)
+    loaded, tok = run.build(run.plan_for()), run.tokenizer()
     ids = tok.encode(format_prompt({"instruction": "Name a color.", "input": ""}), bos=True)
-    out = loaded.model.generate(ids, 12, temperature=1.0, top_p=1.0, eos_id=tok.eos_id,
+    out = loaded.generate(ids, 12, temperature=1.0, top_p=1.0, eos_id=tok.eos_id,
                                 generator=torch.Generator().manual_seed(5))
     expected = tok.decode(out).replace("\r\n", "\n").replace("\r", "\n")  # as text-mode stdout reads it
     assert out and proc.stdout == expected + "\n"
@@ -59,7 +59,7 @@ def test_merge_script_equals_unmerged(run_dir, tmp_path, tokens, fmt):
                   "fp32")
     assert proc.returncode == 0, proc.stderr[-2000:]
     merged = build_model(checkpoint=tmp_path, plan=torch.float32)
-    unmerged = load_model(adapter=ckpt, plan=torch.float32).model
+    unmerged = open_run(ckpt).build(torch.float32)
     torch.testing.assert_close(merged(tokens), unmerged(tokens), rtol=1e-4, atol=1e-4)
 
 
@@ -67,8 +67,8 @@ def test_export_script_round_trip(run_dir, tmp_path, tokens):
     ckpt = run_dir / "ckpt" / "last.ckpt"
     proc = script("export_adapter.py", "--adapter", str(ckpt), "--out_dir", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    from_ckpt = load_model(adapter=ckpt, plan=torch.float32).model(tokens)
-    from_peft = load_model(adapter=tmp_path, model="tiny", plan=torch.float32).model(tokens)
+    from_ckpt = open_run(ckpt).build(torch.float32)(tokens)
+    from_peft = open_run(tmp_path, model="tiny").build(torch.float32)(tokens)
     assert torch.equal(from_ckpt, from_peft)
 
 
@@ -123,16 +123,16 @@ def test_no_default_is_stated_twice(script, sources):
 
     import yaml
 
-    from llama_lora import adapters
+    from llama_lora import export, trained_run
     from llama_lora.model import Llama
     from llama_lora.module import LlamaLoRAModule
 
     sys.path.insert(0, str(ROOT / "benchmarks" / "ablation"))
     from study import StudySettings
 
-    library = {"generate": [(Llama, "generate_stream"), adapters.load_model, LlamaLoRAModule],
-               "evaluate": [adapters.load_model, LlamaLoRAModule], "merge": [adapters.merge_adapter],
-               "export": [adapters.export_adapter], "ablate": [StudySettings]}[sources]
+    library = {"generate": [(Llama, "generate_stream"), trained_run.open_run, LlamaLoRAModule],
+               "evaluate": [trained_run.open_run, LlamaLoRAModule], "merge": [export.merge_adapter],
+               "export": [export.export_adapter], "ablate": [StudySettings]}[sources]
     proc = subprocess.run([sys.executable, str(ROOT / script), "--print_config"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     printed = yaml.safe_load(proc.stdout)
@@ -254,12 +254,12 @@ def test_runs_keep_their_own_checkpoints_and_the_scripts_take_the_newest(tmp_pat
     runs = tmp_path / "logs" / "tiny"
     assert sorted(p.name for p in runs.glob("version_*/checkpoints/*.ckpt")) == sorted(
         ["last.ckpt", "step00002.ckpt"] * 2)
-    adapter = read_adapter(runs)
-    assert adapter.lora["r"] == 2 and adapter.source.parent.parent.name == "version_1"
+    adapter = open_run(runs)
+    assert adapter.lora.r == 2 and adapter.source.parent.parent.name == "version_1"
     proc = script("generate.py", "--adapter", str(runs), "--greedy", "--max_new_tokens", "2", "Hi")
     assert proc.returncode == 0, proc.stderr[-2000:]
     fit(config, "--model.lora.r", "2", "--ckpt_path", "last", "--trainer.max_steps", "3")  # resumes version_1
-    resumed = read_adapter(runs).source
+    resumed = open_run(runs).source
     assert resumed.parent.parent.name == "version_2" and torch.load(resumed, weights_only=True)["global_step"] == 3
 
 

@@ -12,7 +12,6 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from .lora import trainable_summary
 from .memory import peak_rss_bytes, reset_peak_rss
-from .prompts import format_prompt
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +142,8 @@ class TokenThroughput(L.Callback):
 
 
 class SampleGenerations(L.Callback):
-    """Greedy responses to fixed instructions after each validation, logged as TensorBoard text."""
+    """Greedy responses to fixed instructions after each validation, in the run's prompt format, logged as TensorBoard
+    text."""
 
     def __init__(self, prompts: list[str] | None = None, max_new_tokens: int = 32) -> None:
         self.prompts = prompts
@@ -162,14 +162,14 @@ class SampleGenerations(L.Callback):
             # A sharded (FSDP2) forward needs every rank; generating on rank 0 alone would wait forever.
             log.info("SampleGenerations: skipped, the model is sharded across ranks")
             return
-        tok = datamodule.load_tokenizer()
+        tok, fmt = datamodule.load_tokenizer(), datamodule.prompt_format
         val_loss = trainer.callback_metrics.get("val/loss")
         if val_loss is not None:
             log.info("step %d | val/loss %.4f", trainer.global_step, float(val_loss))
         texts = []
         for instruction in prompts:
-            ids = tok.encode(format_prompt({"instruction": instruction, "input": ""}), bos=True)
-            out = pl_module.model.generate(ids, self.max_new_tokens, temperature=0.0, eos_id=tok.eos_id)
+            ids = fmt.prompt({"instruction": instruction, "input": ""}, tok)
+            out = pl_module.model.generate(ids, self.max_new_tokens, temperature=0.0, eos_id=fmt.stop_id(tok))
             response = tok.decode(out)
             texts.append(f"**{instruction}**  \n→ {response}")
             log.info("step %d | %s -> %s", trainer.global_step, instruction, response)
@@ -179,9 +179,10 @@ class SampleGenerations(L.Callback):
 
 
 class InstructionAccuracy(L.Callback):
-    """Exact-match accuracy on held-out instructions, before training and after: the base model's answers, then the
-    tuned model's, to the same instructions. Greedy decoding; a response counts when it equals the expected output
-    (stripped). Logged as ``heldout/exact_match`` and ``heldout/loss`` (token-weighted over the expected outputs).
+    """Exact-match accuracy on held-out instructions, in the run's prompt format, before training and after: the base
+    model's answers, then the tuned model's, to the same instructions. Greedy decoding; a response counts when it equals
+    the expected output (stripped). Logged as ``heldout/exact_match`` and ``heldout/loss`` (token-weighted over the
+    expected outputs).
 
     ``records``: a JSON file of Alpaca records, or ``demo`` for the demo's held-out facts. ``show`` answers of each
     model are printed.
@@ -205,18 +206,19 @@ class InstructionAccuracy(L.Callback):
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         from .loss import IGNORE_INDEX, token_loss_sum
 
-        tok = trainer.datamodule.load_tokenizer()
+        tok, fmt = trainer.datamodule.load_tokenizer(), trainer.datamodule.prompt_format
         records, answers, loss_sum, n = self._records(), [], 0.0, 0
         was_training = pl_module.model.training
         pl_module.model.eval()
         with pl_module.plan.autocast_context():  # the numerics training uses
             for r in records:
-                prompt = tok.encode(format_prompt(r), bos=True)
-                out = pl_module.model.generate(prompt, self.max_new_tokens, temperature=0.0, eos_id=tok.eos_id)
+                prompt = fmt.prompt(r, tok)
+                out = pl_module.model.generate(prompt, self.max_new_tokens, temperature=0.0, eos_id=fmt.stop_id(tok))
                 answers.append(tok.decode(out).strip())
-                target = tok.encode(r["output"], eos=True)
-                ids = torch.tensor([prompt + target], device=pl_module.device)
-                labels = torch.tensor([[IGNORE_INDEX] * len(prompt) + target], device=pl_module.device)
+                rendered, trained = fmt.render(r, tok)  # the loss falls where training's does
+                ids = torch.tensor([rendered], device=pl_module.device)
+                labels = torch.tensor([[i if t else IGNORE_INDEX for i, t in zip(rendered, trained)]],
+                                      device=pl_module.device)
                 s, k = token_loss_sum(pl_module.model, ids, labels)
                 loss_sum, n = loss_sum + float(s), n + int(k)
         pl_module.model.train(was_training)

@@ -19,8 +19,8 @@ import torch
 
 from .config import LlamaConfig
 from .layout import gguf_name
-from .lora import lora_scale
-from .prompts import PROMPT_INPUT, PROMPT_NO_INPUT
+from .lora import LoRASettings
+from .prompts import PromptFormat
 from .tokenizer import Tokenizer
 from .weights.tensors import publish
 
@@ -81,39 +81,6 @@ def _byte_shape(gguf: Any, shape: tuple[int, ...], qtype: Any) -> tuple[tuple[in
         return shape, np.dtype(dtype), math.prod(shape) * np.dtype(dtype).itemsize
     byte_shape = tuple(gguf.quants.quant_shape_to_byte_shape(shape, qtype))
     return byte_shape, np.dtype(np.uint8), math.prod(byte_shape)
-
-
-def alpaca_chat_template() -> str:
-    """Stanford Alpaca's prompt as a Jinja chat template (``tokenizer.chat_template``, what llama-server, llama-cli
-    --jinja, LM Studio and llama-cpp-python format a conversation with): a system message is the Alpaca input, each
-    user message an instruction, each assistant message a response ending in EOS. BOS is the tokenizer's to add
-    (add_bos_token), as in training."""
-    with_input = PROMPT_INPUT.format(instruction="{{ message['content'] }}", input="{{ ns.input }}")
-    without = PROMPT_NO_INPUT.format(instruction="{{ message['content'] }}")
-    return ("{%- set ns = namespace(input='') -%}"
-            "{%- for message in messages -%}"
-            "{%- if message['role'] == 'system' -%}{%- set ns.input = message['content'] -%}"
-            f"{{%- elif message['role'] == 'user' -%}}{{%- if ns.input -%}}{with_input}{{%- else -%}}{without}"
-            "{%- endif -%}"
-            "{%- elif message['role'] == 'assistant' -%}{{ ' ' + message['content'] + eos_token }}"
-            "{%- endif -%}"
-            "{%- endfor -%}")
-
-
-# The chat templates of prompts.py (chat_tokens) in Jinja, for a GGUF's tokenizer.chat_template. BOS is the
-# tokenizer's to add (add_bos_token) at the start, as in training; later ones (llama2's) are written out.
-CHAT_JINJA = {
-    "llama3": ("{%- for message in messages -%}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' "
-               "+ message['content'] | trim + '<|eot_id|>' }}{%- endfor -%}{%- if add_generation_prompt -%}"
-               "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif -%}"),
-    "llama2": ("{%- set ns = namespace(system=none) -%}{%- if messages[0]['role'] == 'system' -%}"
-               "{%- set ns.system = messages[0]['content'] -%}{%- set messages = messages[1:] -%}{%- endif -%}"
-               "{%- for message in messages -%}{%- if message['role'] == 'user' -%}"
-               "{%- set content = message['content'] -%}{%- if loop.first and ns.system is not none -%}"
-               "{%- set content = '<<SYS>>\n' + ns.system + '\n<</SYS>>\n\n' + content -%}{%- endif -%}"
-               "{%- if not loop.first -%}{{ bos_token }}{%- endif -%}{{ '[INST] ' + content | trim + ' [/INST]' }}"
-               "{%- else -%}{{ ' ' + message['content'] | trim + ' ' + eos_token }}{%- endif -%}{%- endfor -%}"),
-}
 
 
 def _add_sentencepiece_tokenizer(writer: Any, gguf: Any, tokenizer: Tokenizer) -> None:
@@ -239,12 +206,12 @@ def write_model(path: str | Path, config: LlamaConfig, shapes: Mapping[str, tupl
     return path
 
 
-def write_lora(path: str | Path, config: LlamaConfig, lora: dict[str, Any], tensors: Mapping[str, torch.Tensor],
+def write_lora(path: str | Path, config: LlamaConfig, lora: LoRASettings, tensors: Mapping[str, torch.Tensor],
                name: str = "llama-lora adapter") -> Path:
     """A llama.cpp LoRA adapter (``llama-cli -m base.gguf --lora this.gguf``): general.type adapter, adapter.type lora,
     adapter.lora.alpha, and ``blk.N.<layer>.weight.lora_a`` (r, in) / ``.lora_b`` (out, r) in f32. llama.cpp scales
     the update by alpha / r, as the adapter trained."""
-    if lora.get("use_dora"):
+    if lora.use_dora:
         raise ValueError("A DoRA adapter has no llama.cpp LoRA form (llama.cpp adds B A, not DoRA's rescaled rows); "
                          "merge it into the model instead: scripts/merge.py --format gguf")
     gguf = gguf_package()
@@ -254,8 +221,7 @@ def write_lora(path: str | Path, config: LlamaConfig, lora: dict[str, Any], tens
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     # llama.cpp scales by alpha / r: the alpha that gives the update's own scale (rsLoRA's alpha / sqrt(r) too)
-    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, lora_scale(lora["alpha"], lora["r"],
-                                                                bool(lora.get("use_rslora"))) * lora["r"])
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, lora.scale * lora.r)
     writer.add_name(name)
     writer.add_block_count(config.n_layers)
     for key, t in tensors.items():
@@ -269,30 +235,13 @@ def write_lora(path: str | Path, config: LlamaConfig, lora: dict[str, Any], tens
     return path
 
 
-# Ollama's forms (Go templates) of the chat templates, one turn: the system message, the user's, the answer.
-OLLAMA_CHAT = {
-    "llama3": ("{{ if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
-               "<|start_header_id|>user<|end_header_id|>\n\n{{ .Prompt }}<|eot_id|>"
-               "<|start_header_id|>assistant<|end_header_id|>\n\n", ["<|eot_id|>"]),
-    "llama2": ("[INST] {{ if .System }}<<SYS>>\n{{ .System }}\n<</SYS>>\n\n{{ end }}{{ .Prompt }} [/INST]", ["</s>"]),
-}
-
-
-def write_modelfile(gguf_path: Path, chat_template: str | None = None) -> Path:
-    """An Ollama Modelfile beside a model GGUF, in the prompt the adapter was trained with, in Ollama's Go template
-    syntax: Stanford's Alpaca template (the instruction is the user's message; an Alpaca input, if any, goes in the
-    system message) and the EOS stop, or a chat template (llama3, llama2) and its end of turn."""
-    if chat_template is None:
-        with_input = PROMPT_INPUT.format(instruction="{{ .Prompt }}", input="{{ .System }}")
-        without = PROMPT_NO_INPUT.format(instruction="{{ .Prompt }}")
-        template, stops = f"{{{{ if .System }}}}{with_input}{{{{ else }}}}{without}{{{{ end }}}}", ["</s>",
-                                                                                                 "### Instruction:"]
-        about = "Stanford Alpaca's, as in training; the Alpaca \"input\", if any, goes in the system message"
-    else:
-        (template, stops), about = OLLAMA_CHAT[chat_template], f"the {chat_template} chat template, as in training"
+def write_modelfile(gguf_path: Path, prompt_format: PromptFormat) -> Path:
+    """An Ollama Modelfile beside a model GGUF, in the prompt format the model was trained with (Ollama's Go template
+    and stop strings: ``PromptFormat.ollama``)."""
+    template, stops = prompt_format.ollama
     text = (f"# Create and run it:  ollama create my-model -f {gguf_path.parent / 'Modelfile'}  &&  ollama run "
-            f"my-model\n# The prompt is {about}.\nFROM ./{gguf_path.name}\nTEMPLATE \"\"\"{template}\"\"\"\n"
-            + "".join(f"PARAMETER stop \"{stop}\"\n" for stop in stops))
+            f"my-model\n# The prompt is {prompt_format.description}, as in training.\nFROM ./{gguf_path.name}\n"
+            f"TEMPLATE \"\"\"{template}\"\"\"\n" + "".join(f"PARAMETER stop \"{stop}\"\n" for stop in stops))
     path = gguf_path.parent / "Modelfile"
     path.write_text(text)
     return path

@@ -41,6 +41,10 @@ class LoRASettings:
         if self.lr_ratio is not None and not self.lr_ratio > 0:
             raise ValueError(f"model.lora.lr_ratio must be > 0 (LoRA+ suggests 16), or null; got {self.lr_ratio}")
 
+    @property
+    def scale(self) -> float:
+        return lora_scale(self.alpha, self.r, self.use_rslora)
+
 
 def lora_scale(alpha: float, r: int, use_rslora: bool = False) -> float:
     """What the update B A is multiplied by: LoRA's alpha / r (Hu et al., section 4.1), or rsLoRA's alpha / sqrt(r),

@@ -20,12 +20,13 @@ from torchmetrics import MeanMetric
 
 from . import run_checkpoint
 from .config import LlamaConfig
-from .lora import LoRASettings, apply_lora, lora_layers, lora_scale, mark_only_lora_as_trainable, trainable_summary
+from .lora import LoRASettings, apply_lora, lora_layers, mark_only_lora_as_trainable, trainable_summary
 from .loss import token_loss_sum
 from .model import Llama, check_checkpoint_layers
 from .plan import BaseDtypeName, RunPlan, make_plan
 from .quant import NF4Weight
 from .resilience import GracefulStop, NumericsGuard
+from .trained_run import TrainedRun, open_run
 from .weights import WEIGHTS_HELP, build_model, check_state_dict, detect_format, fill_shards, open_checkpoint
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,15 @@ class LlamaLoRAModule(L.LightningModule):
         self._configured_schedule: dict[str, Any] = {}
         self._base_released = False
 
+    @classmethod
+    def validating(cls, run: TrainedRun, plan: RunPlan, device: torch.device) -> LlamaLoRAModule:
+        """A module around a trained run's model, built as ``plan`` says (evaluate.py validates it): configure_model
+        keeps it."""
+        module = cls(model=run.preset, checkpoint_dir=run.checkpoint_dir, lora=None)
+        module.model = run.build(plan, device)
+        module.config, module.plan = module.model.config, plan
+        return module
+
     # ----- the run plan -----
 
     def plan_for(self, trainer: L.Trainer | None) -> RunPlan:
@@ -204,24 +214,22 @@ class LlamaLoRAModule(L.LightningModule):
     def _load_init_adapter(self) -> None:
         """Copy an adapter's LoRA weights into this new run's (model.init_adapter). Same targets and rank; another
         alpha is absorbed into B, so that the run starts from exactly the adapter's model."""
-        from .adapters import adapter_scale, open_adapter
-
-        adapter = open_adapter(self.init_adapter, self.checkpoint_dir, self.hparams.model)
-        if not adapter.lora:
+        adapter = open_run(self.init_adapter, self.checkpoint_dir, self.hparams.model)
+        if adapter.lora is None:
             raise ValueError(f"model.init_adapter {self.init_adapter} holds no LoRA weights (trained with lora: null)")
-        if adapter.lora.get("use_dora") and not self.lora.use_dora:
+        if adapter.lora.use_dora and not self.lora.use_dora:
             raise ValueError(f"model.init_adapter {self.init_adapter} is a DoRA adapter; set model.lora.use_dora: true")
         for key in ("targets", "r"):
-            ours, theirs = getattr(self.lora, key), adapter.lora[key]
+            ours, theirs = getattr(self.lora, key), getattr(adapter.lora, key)
             if (sorted(ours) if key == "targets" else ours) != (sorted(theirs) if key == "targets" else theirs):
                 raise ValueError(f"model.init_adapter {self.init_adapter} has lora.{key} {theirs}, this run "
                                  f"{ours}; set model.lora.{key} to the adapter's")
-        rescale = adapter_scale(adapter.lora) / lora_scale(self.lora.alpha, self.lora.r, self.lora.use_rslora)
+        rescale = adapter.lora.scale / self.lora.scale
         own = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, t in adapter.tensors.items():
                 own[name].copy_(t * rescale if name.endswith("lora_b") else t)
-            if self.lora.use_dora and not adapter.lora.get("use_dora"):  # DoRA from a LoRA adapter: m = ||W + s B A||
+            if self.lora.use_dora and not adapter.lora.use_dora:  # DoRA from a LoRA adapter: m = ||W + s B A||
                 for _, layer in lora_layers(self.model):  # makes W' = W + s B A, the adapter's model exactly
                     layer.lora_magnitude.copy_(layer.weight_norm())
         log.info("Started from the LoRA weights of %s (a new run: step 0, this run's data and schedule)",

@@ -151,6 +151,13 @@ class RunPlan:
                       else v for k, v in data.items() if k in kinds})
 
 
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The device ``auto`` (or None) means: CUDA where there is a GPU, else the CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def _packed_attention(device: str, compute: torch.dtype) -> str:
     if device == "cpu":
         return "spans"  # one causal attention per example: the cost of the examples alone

@@ -1,6 +1,11 @@
-"""Prompts: Stanford Alpaca's templates, exact to the character, and the seed experiment's completion prompts."""
+"""Prompt formats, one object each: how a training record is rendered and masked, how a generation prompt is built,
+where a response stops, and the same format as Jinja (a GGUF's or HF folder's ``chat_template``) and as Ollama's Go
+template. Stanford Alpaca's prompt is exact to the character; the chat templates are Meta's (llama3's ChatFormat,
+llama2's chat_completion). ``resolve_format`` is the one place a run's format is chosen."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 PROMPT_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -22,6 +27,12 @@ SEED_PROMPTS = [
     "plush girafe => girafe peluche\ncheese =>",
 ]
 
+ChatTemplateName = Literal["llama3", "llama2"]  # the names a config or a script takes (data.chat_template)
+CHAT_TEMPLATES: tuple[str, ...] = ChatTemplateName.__args__
+LLAMA2_INST, LLAMA2_SYS = ("[INST]", "[/INST]"), ("<<SYS>>\n", "\n<</SYS>>\n\n")
+
+Messages = list[dict[str, str]]
+
 
 def format_prompt(record: dict[str, str]) -> str:
     """The Alpaca prompt for a record; an empty or missing ``input`` selects the no-input template."""
@@ -30,18 +41,15 @@ def format_prompt(record: dict[str, str]) -> str:
     return PROMPT_NO_INPUT.format(instruction=record["instruction"])
 
 
-# ----- chat: conversations in a model's chat template -----
-
-CHAT_TEMPLATES = ("llama3", "llama2")
-LLAMA2_INST, LLAMA2_SYS = ("[INST]", "[/INST]"), ("<<SYS>>\n", "\n<</SYS>>\n\n")
-
-
-def default_chat_template(tokenizer) -> str:
-    """The chat template of a tokenizer's family: Llama 3's for its tiktoken file, Llama 2's for SentencePiece."""
-    return "llama3" if tokenizer.kind == "tiktoken" else "llama2"
+def alpaca_as_chat(record: dict[str, str]) -> Messages:
+    """An Alpaca record as a conversation, for a chat template chosen for Alpaca data: the instruction (and its input,
+    after a blank line) is the user's turn, the output (if any) the assistant's."""
+    user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+    answer = [{"role": "assistant", "content": record["output"]}] if "output" in record else []
+    return [{"role": "user", "content": user}, *answer]
 
 
-def check_conversation(messages: list[dict[str, str]], source: str = "conversation", for_training: bool = True) -> None:
+def check_conversation(messages: Messages, source: str = "conversation", for_training: bool = True) -> None:
     """An optional system message first, then user and assistant turns alternating from the user (Meta's rule for
     both templates), ending in an assistant turn to train on (or a user turn to answer)."""
     turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
@@ -53,59 +61,189 @@ def check_conversation(messages: list[dict[str, str]], source: str = "conversati
         raise ValueError(f"{source}: the last turn is the user's: nothing to train on (end with the assistant's)")
 
 
-def chat_tokens(messages: list[dict[str, str]], tokenizer, template: str, add_generation_prompt: bool = False
-                ) -> tuple[list[int], list[bool]]:
-    """(ids, trained) of a conversation in ``template``: trained marks the assistant turns' tokens, each with the
-    template's end of turn, which is what the loss falls on. Special tokens go in by id, contents are stripped and
-    tokenized as text (a "<|eot_id|>" typed in a message stays text).
+class PromptFormat:
+    """A prompt format. ``render`` gives a training record's ids and which of them the loss falls on; ``prompt`` the
+    ids a generation starts from; ``stop_id`` where a response ends; ``jinja`` and ``ollama`` the same format for
+    llama.cpp / HF (a ``chat_template``) and for an Ollama Modelfile (Go template, stop strings)."""
 
-    - llama3 (Meta's ChatFormat): BOS, then per message <|start_header_id|>role<|end_header_id|>, "\\n\\n", the
-      content and <|eot_id|>; the generation prompt is the assistant's header.
-    - llama2 (Meta's chat_completion): per exchange BOS "[INST] user [/INST]" then " answer " EOS, the system
-      message wrapped in <<SYS>> into the first user turn; the generation prompt is the last "[INST] ... [/INST]".
-    """
-    ids: list[int] = []
-    trained: list[bool] = []
+    name: str
+    description: str
 
-    def add(tokens: list[int], train: bool = False) -> None:
-        ids.extend(tokens)
-        trained.extend([train] * len(tokens))
+    def check(self, tokenizer) -> None:
+        """Refuse, in one line, a tokenizer this format cannot be written with."""
 
-    if template == "llama3":
-        if tokenizer.kind != "tiktoken":
+    def render(self, record: dict, tokenizer) -> tuple[list[int], list[bool]]:
+        raise NotImplementedError
+
+    def prompt(self, record: dict[str, str], tokenizer, system: str | None = None) -> list[int]:
+        """The ids a response to ``record`` ({instruction, input}) is generated after."""
+        raise NotImplementedError
+
+    def stop_id(self, tokenizer) -> int:
+        return tokenizer.eos_id
+
+    jinja: str
+    ollama: tuple[str, list[str]]
+
+    def __repr__(self) -> str:
+        return f"PromptFormat({self.name})"
+
+
+class Alpaca(PromptFormat):
+    """Stanford Alpaca's prompt: BOS + prompt, then the response + EOS, tokenized separately so that the prompt's
+    tokens are exactly a prefix (SentencePiece would otherwise merge across the boundary)."""
+
+    name, description = "alpaca", "Stanford Alpaca's prompt"
+
+    def render(self, record: dict, tokenizer) -> tuple[list[int], list[bool]]:
+        prompt = self.prompt(record, tokenizer)
+        target = tokenizer.encode(record["output"], eos=True)  # an empty output still trains on EOS
+        return prompt + target, [False] * len(prompt) + [True] * len(target)
+
+    def prompt(self, record: dict[str, str], tokenizer, system: str | None = None) -> list[int]:
+        if system is not None:
+            raise ValueError("--system is a chat template's system message; Alpaca's prompt has none (give "
+                             "--chat_template llama3 or llama2)")
+        return tokenizer.encode(format_prompt(record), bos=True)
+
+    @property
+    def jinja(self) -> str:
+        """As a Jinja chat template: a system message is the Alpaca input, each user message an instruction, each
+        assistant message a response ending in EOS. BOS is the tokenizer's to add (add_bos_token), as in training."""
+        with_input = PROMPT_INPUT.format(instruction="{{ message['content'] }}", input="{{ ns.input }}")
+        without = PROMPT_NO_INPUT.format(instruction="{{ message['content'] }}")
+        return ("{%- set ns = namespace(input='') -%}"
+                "{%- for message in messages -%}"
+                "{%- if message['role'] == 'system' -%}{%- set ns.input = message['content'] -%}"
+                f"{{%- elif message['role'] == 'user' -%}}{{%- if ns.input -%}}{with_input}{{%- else -%}}{without}"
+                "{%- endif -%}"
+                "{%- elif message['role'] == 'assistant' -%}{{ ' ' + message['content'] + eos_token }}"
+                "{%- endif -%}"
+                "{%- endfor -%}")
+
+    @property
+    def ollama(self) -> tuple[str, list[str]]:
+        """The Alpaca "input", if any, goes in the system message."""
+        with_input = PROMPT_INPUT.format(instruction="{{ .Prompt }}", input="{{ .System }}")
+        without = PROMPT_NO_INPUT.format(instruction="{{ .Prompt }}")
+        return f"{{{{ if .System }}}}{with_input}{{{{ else }}}}{without}{{{{ end }}}}", ["</s>", "### Instruction:"]
+
+
+class ChatFormat(PromptFormat):
+    """A chat template: a conversation (``{"messages": ...}``, or an Alpaca record as a two-turn one) with the loss on
+    each assistant turn and its end of turn. Special tokens go in by id, contents are stripped and tokenized as text
+    (a "<|eot_id|>" typed in a message stays text)."""
+
+    def tokens(self, messages: Messages, tokenizer, add_generation_prompt: bool = False
+               ) -> tuple[list[int], list[bool]]:
+        raise NotImplementedError
+
+    def render(self, record: dict, tokenizer) -> tuple[list[int], list[bool]]:
+        return self.tokens(record["messages"] if "messages" in record else alpaca_as_chat(record), tokenizer)
+
+    def prompt(self, record: dict[str, str], tokenizer, system: str | None = None) -> list[int]:
+        head = [{"role": "system", "content": system}] if system is not None else []
+        turn = alpaca_as_chat({"instruction": record["instruction"], "input": record.get("input", "")})
+        return self.tokens(head + turn, tokenizer, add_generation_prompt=True)[0]
+
+
+class Llama3Chat(ChatFormat):
+    """Meta's ChatFormat: BOS, then per message <|start_header_id|>role<|end_header_id|>, "\\n\\n", the content and
+    <|eot_id|>; the generation prompt is the assistant's header."""
+
+    name, description = "llama3", "the llama3 chat template"
+    jinja = ("{%- for message in messages -%}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' "
+             "+ message['content'] | trim + '<|eot_id|>' }}{%- endfor -%}{%- if add_generation_prompt -%}"
+             "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif -%}")
+    ollama = ("{{ if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
+              "<|start_header_id|>user<|end_header_id|>\n\n{{ .Prompt }}<|eot_id|>"
+              "<|start_header_id|>assistant<|end_header_id|>\n\n", ["<|eot_id|>"])
+
+    def check(self, tokenizer) -> None:
+        if "eot" not in tokenizer.special:
             raise ValueError("The llama3 chat template needs Llama 3's tokenizer (its tiktoken tokenizer.model); with "
                              "a SentencePiece tokenizer use chat_template llama2")
-        s = tokenizer.special
-        add([s["bos"]])
-        turns = messages + ([{"role": "assistant", "content": None}] if add_generation_prompt else [])
-        for m in turns:
-            add([s["start_header"]] + tokenizer.encode(m["role"]) + [s["end_header"]] + tokenizer.encode("\n\n"))
+
+    def tokens(self, messages: Messages, tokenizer, add_generation_prompt: bool = False
+               ) -> tuple[list[int], list[bool]]:
+        self.check(tokenizer)
+        s, ids, trained = tokenizer.special, [tokenizer.special["bos"]], [False]
+        for m in messages + ([{"role": "assistant", "content": None}] if add_generation_prompt else []):
+            head = [s["start_header"]] + tokenizer.encode(m["role"]) + [s["end_header"]] + tokenizer.encode("\n\n")
+            ids += head
+            trained += [False] * len(head)
             if m["content"] is not None:
-                add(tokenizer.encode(m["content"].strip()) + [s["eot"]], train=m["role"] == "assistant")
-    elif template == "llama2":
+                body = tokenizer.encode(m["content"].strip()) + [s["eot"]]
+                ids += body
+                trained += [m["role"] == "assistant"] * len(body)
+        return ids, trained
+
+    def stop_id(self, tokenizer) -> int:
+        self.check(tokenizer)
+        return tokenizer.special["eot"]
+
+
+class Llama2Chat(ChatFormat):
+    """Meta's chat_completion: per exchange BOS "[INST] user [/INST]" then " answer " EOS, the system message wrapped
+    in <<SYS>> into the first user turn; the generation prompt is the last "[INST] ... [/INST]"."""
+
+    name, description = "llama2", "the llama2 chat template"
+    # BOS is the tokenizer's to add (add_bos_token) at the start, as in training; later ones are written out.
+    jinja = ("{%- set ns = namespace(system=none) -%}{%- if messages[0]['role'] == 'system' -%}"
+             "{%- set ns.system = messages[0]['content'] -%}{%- set messages = messages[1:] -%}{%- endif -%}"
+             "{%- for message in messages -%}{%- if message['role'] == 'user' -%}"
+             "{%- set content = message['content'] -%}{%- if loop.first and ns.system is not none -%}"
+             "{%- set content = '<<SYS>>\n' + ns.system + '\n<</SYS>>\n\n' + content -%}{%- endif -%}"
+             "{%- if not loop.first -%}{{ bos_token }}{%- endif -%}{{ '[INST] ' + content | trim + ' [/INST]' }}"
+             "{%- else -%}{{ ' ' + message['content'] | trim + ' ' + eos_token }}{%- endif -%}{%- endfor -%}")
+    ollama = ("[INST] {{ if .System }}<<SYS>>\n{{ .System }}\n<</SYS>>\n\n{{ end }}{{ .Prompt }} [/INST]", ["</s>"])
+
+    def tokens(self, messages: Messages, tokenizer, add_generation_prompt: bool = False
+               ) -> tuple[list[int], list[bool]]:
         system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
-        turns = messages[1:] if system is not None else messages
-        for i, m in enumerate(turns):
+        ids: list[int] = []
+        trained: list[bool] = []
+        for i, m in enumerate(messages[1:] if system is not None else messages):
             if m["role"] == "user":  # Meta strips the first user turn with the system message merged into it
                 content = m["content"]
                 if i == 0 and system is not None:
                     content = f"{LLAMA2_SYS[0]}{system}{LLAMA2_SYS[1]}{content}"
-                content = content.strip()
-                add(tokenizer.encode(f"{LLAMA2_INST[0]} {content} {LLAMA2_INST[1]}", bos=True))
+                part = tokenizer.encode(f"{LLAMA2_INST[0]} {content.strip()} {LLAMA2_INST[1]}", bos=True)
             else:
-                add(tokenizer.encode(f"{m['content'].strip()} ", eos=True), train=True)
-    else:
+                part = tokenizer.encode(f"{m['content'].strip()} ", eos=True)
+            ids += part
+            trained += [m["role"] == "assistant"] * len(part)
+        return ids, trained
+
+
+FORMATS: dict[str, PromptFormat] = {f.name: f for f in (Alpaca(), Llama3Chat(), Llama2Chat())}
+
+
+def resolve_format(data_format: str | None = None, chat_template: str | None = None, tokenizer=None) -> PromptFormat:
+    """The one rule for a run's prompt format: the chat template chosen, else for chat data the tokenizer family's
+    (llama3 for Llama 3's tiktoken file, llama2 for SentencePiece), else Alpaca's prompt (instruction data; text runs
+    are prompted in it too)."""
+    if chat_template is None and data_format == "chat":
+        chat_template = "llama3" if tokenizer is not None and "eot" in tokenizer.special else "llama2"
+    name = chat_template or "alpaca"
+    if name not in FORMATS:
+        raise ValueError(f"Unknown prompt format {name!r}; choose one of {', '.join(CHAT_TEMPLATES)} (or none for "
+                         "Alpaca's prompt)")
+    fmt = FORMATS[name]
+    if tokenizer is not None:
+        fmt.check(tokenizer)
+    return fmt
+
+
+def format_of_jinja(text: str) -> PromptFormat | None:
+    """The format whose Jinja ``text`` is (a template this project wrote beside a model or adapter), or None."""
+    return next((f for f in FORMATS.values() if f.jinja == text), None)
+
+
+def chat_tokens(messages: Messages, tokenizer, template: str, add_generation_prompt: bool = False
+                ) -> tuple[list[int], list[bool]]:
+    """(ids, trained) of a conversation in chat template ``template`` (see ``ChatFormat``)."""
+    fmt = FORMATS.get(template)
+    if not isinstance(fmt, ChatFormat):
         raise ValueError(f"Unknown chat template {template!r}; choose one of {', '.join(CHAT_TEMPLATES)}")
-    return ids, trained
-
-
-def end_of_turn(tokenizer, template: str) -> int:
-    """The id that ends an assistant turn in ``template``: generation stops there."""
-    return tokenizer.special["eot"] if template == "llama3" else tokenizer.eos_id
-
-
-def alpaca_as_chat(record: dict[str, str]) -> list[dict[str, str]]:
-    """An Alpaca record as a conversation, for a chat template chosen for Alpaca data: the instruction (and its input,
-    after a blank line) is the user's turn, the output the assistant's."""
-    user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+    return fmt.tokens(messages, tokenizer, add_generation_prompt)

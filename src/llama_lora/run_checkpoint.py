@@ -7,7 +7,9 @@ A checkpoint is Lightning's dict (loops, optimizer and scheduler states, callbac
 - ``state_dict``: the trained tensors only, under ``model.`` names (LoRA's, or every weight for full fine-tuning);
 - ``trainable_keys``: their names, kept when a strategy pops ``state_dict`` (FSDP2 loads it itself);
 - ``rng``: the Python and torch RNG states, restored at the first batch after resuming;
-- ``llama_lora``: ``{"version": 2, "plan": RunPlan.to_dict(), "run": the run's settings}`` (``SETTINGS``).
+- ``llama_lora``: ``{"version": 2, "plan": RunPlan.to_dict(), "run": the run's settings (``SETTINGS``),
+  "prompt_format": the name of the prompt format it trained in}`` (checkpoints of version 2 written before the
+  prompt formats lack the last: it is then resolved from the data settings, by the same rule).
 
 Version 1 (checkpoints written before the run plan, 2026-12) has ``base_dtype`` ("nf4" or the resolved dtype name)
 instead of ``llama_lora``, and records neither accumulation nor devices: it still loads, and a resume from it checks
@@ -23,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .lora import LoRASettings
 from .plan import RunPlan, make_plan
 
 log = logging.getLogger(__name__)
@@ -80,8 +83,16 @@ def save(checkpoint: dict[str, Any], module: Any) -> None:
     checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
     checkpoint["trainable_keys"] = sorted(checkpoint["state_dict"])
     trainer = module._trainer
+    datamodule = getattr(trainer, "datamodule", None)
     checkpoint[KEY] = {"version": VERSION, "plan": module.plan.to_dict(),
-                       "run": run_settings(module, getattr(trainer, "datamodule", None), trainer)}
+                       "run": run_settings(module, datamodule, trainer)}
+    if hasattr(datamodule, "prompt_format"):
+        checkpoint[KEY]["prompt_format"] = datamodule.prompt_format.name
+
+
+def trainable_keys(checkpoint: dict[str, Any]) -> list[str]:
+    """The names of the trained tensors a checkpoint holds (kept when a strategy has popped its state_dict)."""
+    return checkpoint.get("trainable_keys") or sorted(checkpoint.get("state_dict", {}))
 
 
 @dataclass
@@ -96,6 +107,42 @@ class RunRecord:
     run: dict[str, Any] = field(default_factory=dict)  # the run's settings; {} for version 1
     version: int = VERSION
     global_step: int = 0
+    prompt_format: str | None = None  # as recorded; None: resolve it from the data settings
+
+    # What a later command reads of the run, typed: nothing outside this module reads the settings by key.
+    @property
+    def preset(self) -> str | None:
+        return self.hparams.get("model")
+
+    @property
+    def checkpoint_dir(self) -> str | None:
+        return self.hparams.get("checkpoint_dir")
+
+    @property
+    def init_seed(self) -> int:
+        return self.hparams.get("init_seed", 0)  # checkpoints from before the setting: every run started from 0
+
+    @property
+    def lora(self) -> LoRASettings | None:
+        return LoRASettings(**self.hparams["lora"]) if self.hparams.get("lora") is not None else None
+
+    @property
+    def data_format(self) -> str | None:
+        return self.datamodule_hparams.get("format")
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.datamodule_hparams.get("chat_template")
+
+    @property
+    def tokenizer_path(self) -> str | None:
+        return self.datamodule_hparams.get("tokenizer_path")
+
+    @property
+    def demo_tokenizer(self) -> tuple[int, str | None] | None:
+        """(vocabulary size, cache folder) of the demo's own tokenizer, for a run on the demo data without one."""
+        data = self.datamodule_hparams
+        return (data["demo_vocab_size"], data.get("cache_dir")) if data.get("data_path") == "demo" else None
 
 
 def read(path: str | Path, checkpoint: dict[str, Any] | None = None) -> RunRecord:
@@ -121,7 +168,7 @@ def read(path: str | Path, checkpoint: dict[str, Any] | None = None) -> RunRecor
         raise ValueError(f"{path}: written by a newer llama-lora (checkpoint version {record['version']}, this one "
                          f"reads up to {VERSION}); upgrade llama-lora")
     return RunRecord(path, tensors, hp, data, RunPlan.from_dict(record["plan"]), record["run"], record["version"],
-                     checkpoint.get("global_step", 0))
+                     checkpoint.get("global_step", 0), record.get("prompt_format"))
 
 
 def newest_first(folders: list[Path]) -> list[Path]:

@@ -8,16 +8,14 @@ import lightning as L
 import torch
 from lightning.fabric.connector import _PRECISION_INPUT
 
-from .plan import resolve_precision
+from .plan import resolve_device, resolve_precision
 
 
 def accelerator_device(accelerator: Any) -> torch.device:
     """The device type an accelerator setting trains on (cuda, cpu, ...)."""
     name = accelerator if isinstance(accelerator, str) else type(accelerator).__name__.lower().replace("accelerator",
                                                                                                       "")
-    if name in ("gpu", "cuda") or (name == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu" if name in ("auto", "cpu") else name)
+    return resolve_device("cuda" if name == "gpu" else name)
 
 
 class Trainer(L.Trainer):

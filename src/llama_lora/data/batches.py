@@ -14,9 +14,10 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ..loss import IGNORE_INDEX
+from ..prompts import PromptFormat
 from ..tokenizer import Tokenizer
 from .packing import pack_first_fit_decreasing
-from .tokenize import preprocess, text_blocks
+from .tokenize import ALPACA, preprocess, text_blocks
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class Batch(TypedDict, total=False):
 
 class SupervisedDataset(Dataset):
     """Tokenized examples: dicts of ``input_ids`` and ``labels`` (lists of ints, same length): Alpaca records with
-    the prompt masked, conversations with the assistant turns alone trained (``chat_template``: ``prompts.py``), or,
+    the prompt masked, conversations with the assistant turns alone trained (``prompt_format``: ``prompts.py``), or,
     with ``format="text"``, blocks of raw text (see ``text_blocks``).
 
     ``indices[i]`` is the position in ``records`` of the record example i came from (``record_ids`` maps them to the
@@ -58,11 +59,11 @@ class SupervisedDataset(Dataset):
     def __init__(self, records: Sequence[dict[str, str]], tokenizer: Tokenizer, max_seq_len: int = 512,
                  mask_prompt: bool = True, source: str = "data", limit: int | None = None,
                  record_ids: Sequence[int] | None = None, format: str = "alpaca",
-                 chat_template: str | None = None) -> None:
+                 prompt_format: PromptFormat = ALPACA) -> None:
         if format == "text":
             examples, self.stats = text_blocks(records, tokenizer, max_seq_len, limit)
         else:
-            examples, self.stats = preprocess(records, tokenizer, max_seq_len, mask_prompt, limit, chat_template)
+            examples, self.stats = preprocess(records, tokenizer, max_seq_len, mask_prompt, limit, prompt_format)
         ids = record_ids if record_ids is not None else range(len(records))
         self.indices = [ids[e.pop("index")] for e in examples]
         self.examples = examples

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from ..demo import default_cache_dir, demo_tokenizer_file, instruction_records, prose
+from ..prompts import ChatTemplateName, PromptFormat, resolve_format
 from ..tokenizer import Tokenizer
 from .batches import DataCollatorForSupervisedDataset, PackedDataset, ResumableBatchSampler, SupervisedDataset
 from .records import ALPACA_URL, load_records
@@ -60,7 +61,7 @@ class AlpacaDataModule(L.LightningDataModule):
         self,
         data_path: str = ALPACA_URL,
         format: Literal["alpaca", "chat", "text"] = "alpaca",
-        chat_template: Literal["llama3", "llama2"] | None = None,
+        chat_template: ChatTemplateName | None = None,
         tokenizer_path: str | None = "checkpoints/Llama-2-7b/tokenizer.model",
         num_samples: int | None = None,
         val_size: int = 100,
@@ -126,20 +127,27 @@ class AlpacaDataModule(L.LightningDataModule):
             self.tokenizer = Tokenizer(self._tokenizer_file())
         return self.tokenizer
 
+    @property
+    def prompt_format(self) -> PromptFormat:
+        """The run's prompt format (``prompts.resolve_format``): what training renders, and what the callbacks and
+        later commands prompt in."""
+        return resolve_format(self.format, self.chat_template, self.load_tokenizer())
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         tokenizer = self.load_tokenizer()
         records = self._records()
+        fmt = self.prompt_format
         train_ids, val_ids = split_records(len(records), self.num_samples, self.val_size, self.seed)
         source = str(self.data_path)
         # The training set is the first num_samples records of the shuffled order that fit max_seq_len.
         self.train_set = SupervisedDataset([records[i] for i in train_ids], tokenizer, self.max_seq_len,
                                            self.mask_prompt, source, limit=self.num_samples, record_ids=train_ids,
-                                           format=self.format, chat_template=self.chat_template)
+                                           format=self.format, prompt_format=fmt)
         self.val_set = SupervisedDataset([records[i] for i in val_ids], tokenizer, self.max_seq_len, self.mask_prompt,
                                          source, record_ids=val_ids, format=self.format,
-                                         chat_template=self.chat_template) if val_ids else None
+                                         prompt_format=fmt) if val_ids else None
         if self.packing:  # rows of up to max_seq_len tokens, several examples each
             examples = len(self.train_set)
             self.train_set = PackedDataset(self.train_set, self.max_seq_len)
@@ -153,9 +161,9 @@ class AlpacaDataModule(L.LightningDataModule):
             log.info("Text data %s: %d train / %d val blocks of up to %d tokens", source, len(self.train_set),
                      len(self.val_set or []), self.max_seq_len)
         else:
-            log.info("Alpaca data %s: %d train / %d val examples (max_seq_len %d; %d dropped, %d truncated)", source,
-                     len(self.train_set), len(self.val_set or []), self.max_seq_len, self.train_set.stats.dropped,
-                     self.train_set.stats.truncated)
+            log.info("%s data %s in %s: %d train / %d val examples (max_seq_len %d; %d dropped, %d truncated)",
+                     self.format.capitalize(), source, fmt.description, len(self.train_set), len(self.val_set or []),
+                     self.max_seq_len, self.train_set.stats.dropped, self.train_set.stats.truncated)
 
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..loss import IGNORE_INDEX
-from ..prompts import alpaca_as_chat, chat_tokens, default_chat_template, format_prompt
+from ..prompts import FORMATS, PromptFormat
 from ..tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -23,26 +23,17 @@ class PreprocessStats:
     truncated: int = 0  # the response was cut to fit
 
 
-def render(record: dict, tokenizer: Tokenizer, chat_template: str | None = None) -> tuple[list[int], list[bool]]:
-    """(ids, trained) of one record, before any cut: an Alpaca record in Stanford's prompt (BOS + prompt, then the
-    response + EOS, tokenized separately so that the prompt's tokens are exactly a prefix: SentencePiece would
-    otherwise merge across the boundary), or a conversation (``{"messages": ...}``, or an Alpaca record when a chat
-    template is chosen) in ``chat_template`` (default: the tokenizer's family's)."""
-    if "messages" in record or chat_template is not None:
-        messages = record["messages"] if "messages" in record else alpaca_as_chat(record)
-        return chat_tokens(messages, tokenizer, chat_template or default_chat_template(tokenizer))
-    prompt = tokenizer.encode(format_prompt(record), bos=True)
-    target = tokenizer.encode(record["output"], eos=True)  # an empty output still trains on EOS
-    return prompt + target, [False] * len(prompt) + [True] * len(target)
+ALPACA = FORMATS["alpaca"]
 
 
 def tokenize_record(record: dict, tokenizer: Tokenizer, max_seq_len: int = 512, mask_prompt: bool = True,
-                    chat_template: str | None = None) -> tuple[list[int], list[int], bool] | None:
-    """(input_ids, labels, truncated) for one record, or None when nothing to train on fits in ``max_seq_len``
-    (an Alpaca prompt, or a conversation's first assistant turn, starts beyond it). Labels are the ids where the
-    record trains (the response and its EOS; each assistant turn and its end of turn) and -100 elsewhere, or, with
-    ``mask_prompt`` off, every id after the first. A cut response loses its end token: it did not end there."""
-    ids, trained = render(record, tokenizer, chat_template)
+                    prompt_format: PromptFormat = ALPACA) -> tuple[list[int], list[int], bool] | None:
+    """(input_ids, labels, truncated) for one record rendered in ``prompt_format`` (``PromptFormat.render``), or None
+    when nothing to train on fits in ``max_seq_len`` (an Alpaca prompt, or a conversation's first assistant turn, starts
+    beyond it). Labels are the ids where the record trains (the response and its EOS; each assistant turn and its end of
+    turn) and -100 elsewhere, or, with ``mask_prompt`` off, every id after the first. A cut response loses its end
+    token: it did not end there."""
+    ids, trained = prompt_format.render(record, tokenizer)
     if True not in trained or trained.index(True) >= max_seq_len:
         return None
     truncated = len(ids) > max_seq_len
@@ -55,7 +46,7 @@ def tokenize_record(record: dict, tokenizer: Tokenizer, max_seq_len: int = 512, 
 
 
 def preprocess(records: Sequence[dict], tokenizer: Tokenizer, max_seq_len: int = 512, mask_prompt: bool = True,
-               limit: int | None = None, chat_template: str | None = None
+               limit: int | None = None, prompt_format: PromptFormat = ALPACA
                ) -> tuple[list[dict[str, list[int]]], PreprocessStats]:
     """Tokenized examples of ``records`` in order; with ``limit``, stop once that many are kept. Each example keeps the
     position of its record in ``records`` as ``index``."""
@@ -63,10 +54,10 @@ def preprocess(records: Sequence[dict], tokenizer: Tokenizer, max_seq_len: int =
     for i, rec in enumerate(records):
         if limit is not None and len(examples) >= limit:
             break
-        out = tokenize_record(rec, tokenizer, max_seq_len, mask_prompt, chat_template)
+        out = tokenize_record(rec, tokenizer, max_seq_len, mask_prompt, prompt_format)
         if out is None:
             stats.dropped += 1
-            _, trained = render(rec, tokenizer, chat_template)
+            _, trained = prompt_format.render(rec, tokenizer)
             stats.longest_dropped = max(stats.longest_dropped, trained.index(True) if True in trained else 0)
             continue
         ids, labels, truncated = out

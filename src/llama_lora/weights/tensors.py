@@ -146,3 +146,32 @@ try:
     _libc = ctypes.CDLL(None)
 except OSError:  # pragma: no cover - no C library to call
     _libc = None
+
+
+def _writable_folder(folder: Path) -> bool:
+    """Whether files can be created in ``folder``, or in the nearest existing folder above it (it will be made)."""
+    while not folder.exists():
+        if folder.parent == folder:
+            return False
+        folder = folder.parent
+    return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
+
+
+def check_output_dir(path: str | Path, what: str) -> None:
+    """Refuse, in one line and before any work, an output folder that is a file or cannot be written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is a file; give a folder to write into")
+    if not _writable_folder(path):
+        raise ValueError(f"{what} {path} cannot be written (permissions or a read-only file system); give a folder "
+                         "you can write to")
+
+
+def check_output_file(path: str | Path, what: str) -> None:
+    """Refuse, in one line and before any work, an output file that cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; give a file name")
+    if (path.exists() and not os.access(path, os.W_OK)) or not _writable_folder(path.parent):
+        raise ValueError(f"{what} {path} cannot be written (permissions or a read-only file system); give a path "
+                         "you can write to")
