@@ -32,6 +32,7 @@ from llama_lora.plan import make_plan
 from llama_lora.resilience import GracefulStop, OutOfMemory, oom_advice, resolve_resume_checkpoint
 from llama_lora.trainer import Trainer
 from llama_lora.weights import save_meta
+from llama_lora.weights.tensors import check_output_dir
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEMO, DEMO_BASE = CONFIGS / "demo.yaml", CONFIGS / "demo_base.yaml"
@@ -106,7 +107,7 @@ def with_bases(argv: list[str]) -> list[str]:
             continue
         path = Path(a.split("=", 1)[1] if "=" in a else next(args, ""))
         chain = [path]
-        while chain[0].is_file() and len(chain) < 8:
+        while chain[0].is_file():
             check_config_files(["--config", str(chain[0])])
             content = yaml.safe_load(chain[0].read_text(encoding="utf-8"))
             parent = content.get("extends") if isinstance(content, dict) else None
@@ -115,6 +116,9 @@ def with_bases(argv: list[str]) -> list[str]:
             base = chain[0].parent / parent
             if not base.is_file():
                 raise FileNotFoundError(f"{chain[0]}: extends {parent}, which is not at {base}; fix the path")
+            if any(base.resolve() == c.resolve() for c in chain):
+                raise ValueError(f"{chain[0]}: extends {parent}, which is already in its chain "
+                                 f"({' <- '.join(str(c) for c in chain)}); a config cannot extend itself")
             chain.insert(0, base)
         out += [x for c in chain for x in ("--config", str(c))] + (["--extends", "null"] if len(chain) > 1 else [])
     return out
@@ -140,12 +144,23 @@ def run(argv: list[str]) -> FitCLI:
     # Every dtype decided, and what cannot run refused, here: in one process, before any rank is started.
     model.plan = model.plan_for(trainer)
     ckpt_path = resolve_resume_checkpoint(trainer, cli.config.ckpt_path)  # before anything large is allocated
+    start = 0
     if ckpt_path is not None and Path(ckpt_path).is_file():  # what a resume must match (docs/robustness.md)
         now = run_checkpoint.run_settings(model, cli.datamodule, trainer)
-        run_checkpoint.check_resume(run_checkpoint.read(ckpt_path), now)
+        saved = run_checkpoint.read(ckpt_path)
+        run_checkpoint.check_resume(saved, now)
+        start = saved.global_step
+        if 0 <= trainer.max_steps <= saved.global_step:
+            raise ValueError(f"--ckpt_path {ckpt_path} is at step {saved.global_step} and trainer.max_steps is "
+                             f"{trainer.max_steps}: nothing is left to train; raise trainer.max_steps to go on")
+    check_outputs(trainer)
     model.plan.log()
     try:
         trainer.fit(model, cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except (ValueError, OSError):
+        if trainer.global_step == start:  # refused at set-up: no empty version_N is left behind
+            remove_unused(trainer.log_dir)
+        raise
     except torch.OutOfMemoryError as e:
         data = cli.datamodule
         advice = oom_advice(gradient_checkpointing=model.gradient_checkpointing,
@@ -157,6 +172,23 @@ def run(argv: list[str]) -> FitCLI:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
         raise OutOfMemory(f"out of memory at step {trainer.global_step + 1} ({first[:200]})\n{advice}") from None
     return cli
+
+
+def check_outputs(trainer) -> None:
+    """The folders a run writes (the logger's, the checkpoints'), checked before it starts."""
+    for logger in trainer.loggers:
+        if getattr(logger, "save_dir", None):
+            check_output_dir(logger.save_dir, "trainer.logger's save_dir")
+    for callback in trainer.checkpoint_callbacks:
+        if getattr(callback, "dirpath", None):
+            check_output_dir(callback.dirpath, "ModelCheckpoint's dirpath")
+
+
+def remove_unused(folder: str | None) -> None:
+    """Remove the log folder of a run that trained nothing: its saved config and an empty event file, no checkpoint."""
+    path = Path(folder) if folder else None
+    if path is not None and path.is_dir() and not list(path.rglob("*.ckpt")):
+        shutil.rmtree(path)
 
 
 if __name__ == "__main__":

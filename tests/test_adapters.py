@@ -141,3 +141,51 @@ def test_export_reads_no_base_weights(tmp_path, lora_model, tiny_config):
     own = lora_state_dict(lora_model)
     assert lora == LoRASettings(**LORA)
     assert all(torch.equal(v, own[k]) for k, v in sd.items())
+
+
+@pytest.fixture
+def tied_lora(tmp_path, tokens):
+    """A tied tiny base (HF folder, tie_word_embeddings) and a PEFT adapter with a LoRA on the output layer."""
+    from llama_lora.config import LlamaConfig
+
+    config = LlamaConfig.from_name("tiny", tie_embeddings=True)
+    save_hf(build_model(config, plan=torch.float32, seed=0).state_dict(), config, tmp_path / "base")
+    model = build_model(config, plan=torch.float32, seed=0)
+    lora = LoRASettings(targets=["wq", "output"], r=4, alpha=8.0, dropout=0.0)
+    apply_lora(model, lora)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_b"):
+                p.normal_(0, 0.2)
+    export_peft(lora_state_dict(model), config, lora, tmp_path / "adapter", "base")
+    return model.eval(), config, lora
+
+
+@pytest.mark.parametrize("fmt", ["hf", "meta"])
+def test_a_lora_on_a_tied_output_layer_merges_into_an_untied_model(tmp_path, tokens, tied_lora, fmt):
+    """Failed before (and with the fix taken out): the merged model stayed tied, with one tensor equal to the
+    embedding + s B A, so the output layer's update changed the input embeddings too and the logits moved."""
+    from llama_lora.export import merge_adapter
+
+    model, config, _ = tied_lora
+    merge_adapter(str(tmp_path / "adapter"), out_dir=str(tmp_path / "merged"), format=fmt,
+                  checkpoint_dir=str(tmp_path / "base"))
+    merged = build_model(checkpoint=tmp_path / "merged", plan=torch.float32)
+    assert not merged.config.tie_embeddings
+    torch.testing.assert_close(merged(tokens), model(tokens), rtol=1e-5, atol=1e-5)
+    base = build_model(checkpoint=tmp_path / "base", plan=torch.float32)
+    assert torch.equal(merged.tok_embeddings.weight, base.tok_embeddings.weight)  # the embedding as it was
+
+
+def test_a_lora_on_a_tied_output_layer_has_no_llama_cpp_lora_form(tmp_path, tied_lora):
+    """Failed before: export_adapter --format gguf wrote output.weight.lora_a/b for a GGUF with no output.weight."""
+    from llama_lora.export import export_adapter
+
+    model, _, lora = tied_lora
+    ckpt = {"state_dict": {f"model.{k}": v for k, v in lora_state_dict(model).items()},
+            "hyper_parameters": {"model": None, "checkpoint_dir": str(tmp_path / "base"),
+                                 "lora": {"targets": lora.targets, "r": lora.r, "alpha": lora.alpha, "dropout": 0.0}}}
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    with pytest.raises(ValueError, match="ties to the embedding"):
+        export_adapter(str(tmp_path / "last.ckpt"), str(tmp_path / "out"), format="gguf")
+    assert not (tmp_path / "out").exists()

@@ -203,5 +203,11 @@ def test_a_llama3_shaped_base_trains_on_chat_data_and_answers_in_its_template(tm
     _, _, merged = load_checkpoint(tmp_path / "merged")
     assert merged.rope_scaling == config.rope_scaling and merged.tie_embeddings and merged.rope_theta == 500000.0
     assert script("export_adapter.py", "--adapter", str(ckpt), "--out_dir", str(tmp_path / "peft")).returncode == 0
+    # The template travels with what was written (failed before: both were prompted in Alpaca's format, silently).
+    for where in (("--adapter", str(tmp_path / "peft"), "--checkpoint_dir", str(tmp_path / "base"),
+                   "--tokenizer_path", str(llama3_tok.path)),
+                  ("--checkpoint_dir", str(tmp_path / "merged"), "--tokenizer_path", str(llama3_tok.path))):
+        proc = script("generate.py", *where, "--greedy", "--max_new_tokens", "4", "Hi")
+        assert proc.returncode == 0 and "the llama3 chat template" in proc.stderr, proc.stderr[-2000:]
     proc = script("generate.py", "--adapter", str(ckpt), "--system", "x", "--mode", "completion", "Hi")
     assert proc.returncode != 0 and "--system is a chat template's" in proc.stderr

@@ -418,3 +418,22 @@ def test_validation_and_checkpoints_at_the_same_optimizer_steps(config):
         assert trainer["enable_checkpointing"] is False
         return
     assert trainer["val_check_interval"] == every[0] * trainer.get("accumulate_grad_batches", 1)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data.data_path", "BAD"], "has no 'output'"),
+    (["--data.demo_vocab_size", "600"], "The tokenizer has 600 pieces"),
+], ids=["data-file", "tokenizer-vocab"])
+def test_a_run_that_fails_at_set_up_leaves_no_empty_version_folder(tmp_path, cache_dir, args, message):
+    """Failed before for the tokenizer case: a run refused at set-up left an empty version_N behind."""
+    (tmp_path / "bad.json").write_text('[{"instruction": "x"}]')
+    tokenizer = next(cache_dir.glob("demo-tokenizer-512-*.model"), None)
+    if tokenizer is None:
+        (tmp_path / "warm").mkdir()
+        fit(write_tiny_config(tmp_path / "warm", cache_dir, trainer={"max_steps": 1, "limit_val_batches": 0}))
+        tokenizer = next(cache_dir.glob("demo-tokenizer-512-*.model"))
+    if "BAD" in args:
+        args = ["--data.data_path", str(tmp_path / "bad.json"), "--data.tokenizer_path", str(tokenizer)]
+    proc = fit(write_tiny_config(tmp_path, cache_dir), *args, check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert not [p for p in (tmp_path / "logs").rglob("version_*")], list((tmp_path / "logs").rglob("*"))

@@ -307,6 +307,27 @@ CASES = {
     "export-full-fine-tune": ("export_adapter", lambda run, tmp: ["--adapter", str(full_fine_tune(run, tmp)),
                                                                   "--out_dir", str(tmp / "o")], ValueError,
                               "trained without LoRA"),
+    # what a new user hit (each failed before its fix: a traceback, or no error at all)
+    "generate-llama3-template-sentencepiece": ("generate", prompt_args("--chat_template", "llama3", "Hi"), ValueError,
+                                               "needs Llama 3's tokenizer"),
+    "merge-out-dir-is-a-file": ("merge", lambda run, tmp: (tmp / "f").write_text("x") and [
+        "--adapter", str(run / "ckpt" / "last.ckpt"), "--out_dir", str(tmp / "f")], ValueError, "is a file"),
+    "merge-out-dir-unwritable": ("merge", lambda run, tmp: (tmp / "f").write_text("x") and [
+        "--adapter", str(run / "ckpt" / "last.ckpt"), "--out_dir", str(tmp / "f" / "m")], ValueError,
+                                 "cannot be written"),
+    "export-out-dir-unwritable": ("export_adapter", lambda run, tmp: (tmp / "f").write_text("x") and [
+        "--adapter", str(run / "ckpt" / "last.ckpt"), "--out_dir", str(tmp / "f" / "p")], ValueError,
+                                  "cannot be written"),
+    "evaluate-out-unwritable": ("evaluate", lambda run, tmp: (tmp / "f").write_text("x") and [
+        "--adapter", str(run / "ckpt" / "last.ckpt"), "--out", str(tmp / "f" / "e.json")], ValueError,
+                                "evaluate --out"),
+    "fit-log-dir-unwritable": ("fit", lambda run, tmp: (tmp / "f").write_text("x") and [
+        "--trainer.logger.init_args.save_dir", str(tmp / "f" / "logs")], ValueError, "cannot be written"),
+    "resume-nothing-to-train": ("fit", lambda run, tmp: ["--ckpt_path", "last", "--trainer.max_steps", "2"],
+                                ValueError, "nothing is left to train"),
+    "config-circular-extends": ("fit", lambda run, tmp: (tmp / "a.yaml").write_text("extends: b.yaml\n") and (
+        tmp / "b.yaml").write_text("extends: a.yaml\n") and ["--config", str(tmp / "a.yaml")], ValueError,
+                                "already in its chain"),
     "export-peft-folder": ("export_adapter", lambda run, tmp: ["--adapter", str(peft_folder(run, tmp)), "--out_dir",
                                                                str(tmp / "o")], ValueError,
                            "is already a PEFT adapter; export_adapter takes a fit.py .ckpt"),

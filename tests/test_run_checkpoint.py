@@ -182,7 +182,7 @@ def test_a_new_run_starts_from_an_adapters_weights(stopped, tmp_path, cache_dir)
 def test_a_dora_run_starts_from_a_lora_adapter_at_its_model(stopped, tmp_path, cache_dir, tokens):
     """--model.init_adapter of a LoRA adapter into a DoRA run: A and B copied, each magnitude set to ||W + s B A||, so
     the new run starts at the adapter's model exactly (lr 0 keeps it); the reverse is refused in one line."""
-    from llama_lora.adapters import load_model
+    from llama_lora.trained_run import open_run
 
     ckpt = stopped / "ckpt" / "last.ckpt"
     config = config_for(tmp_path, cache_dir, trainer={"max_steps": 1})
@@ -191,8 +191,8 @@ def test_a_dora_run_starts_from_a_lora_adapter_at_its_model(stopped, tmp_path, c
     dora = tmp_path / "ckpt" / "last.ckpt"
     assert any(k.endswith("lora_magnitude") for k in lora_weights(dora))
     with torch.no_grad():
-        torch.testing.assert_close(load_model(adapter=dora, plan=torch.float32).model(tokens),
-                                   load_model(adapter=ckpt, plan=torch.float32).model(tokens), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(open_run(dora).build(torch.float32)(tokens),
+                                   open_run(ckpt).build(torch.float32)(tokens), rtol=1e-5, atol=1e-5)
     again = config_for(tmp_path / "back", cache_dir, trainer={"max_steps": 1})
     error = one_error_line(fit(again, "--model.init_adapter", str(dora), check=False))
     assert "is a DoRA adapter; set model.lora.use_dora: true" in error
@@ -209,3 +209,89 @@ def test_the_module_refuses_trainable_weights_that_are_not_its_own():
     wrong = {"state_dict": {"model.layers.0.attention.wk.lora_a": torch.zeros(2, 64)}}
     with pytest.raises(ValueError, match="does not match this model's trainable weights"):
         module.on_load_checkpoint(wrong)
+
+
+# ----- what the paths point at: the base, the data and the tokenizer -----
+
+def _chat_records(seed: int) -> str:
+    import json
+    import random
+
+    rng = random.Random(seed)
+    return "\n".join(json.dumps({"messages": [{"role": "user", "content": f"Say {rng.randint(0, 99)}."},
+                                              {"role": "assistant", "content": str(rng.randint(0, 99))}]})
+                     for _ in range(40)) + "\n"
+
+
+@pytest.fixture(scope="module")
+def on_files(tmp_path_factory, cache_dir) -> Path:
+    """A chat run of 2 steps on a Meta base folder, a relative data path (``chat.jsonl`` in its working directory)
+    and a tokenizer file, with the chat template left to its default (llama2, the SentencePiece family's)."""
+    from conftest import build_model
+
+    from llama_lora.config import LlamaConfig
+    from llama_lora.weights import save_meta
+
+    d = tmp_path_factory.mktemp("on_files")
+    config = LlamaConfig.from_name("tiny")
+    for name, seed in (("base", 0), ("other_base", 1)):
+        save_meta(build_model(config, plan=torch.bfloat16, seed=seed).state_dict(), config, d / name)
+    (d / "chat.jsonl").write_text(_chat_records(0))
+    fit(config_for(d, cache_dir, trainer={"max_steps": 2}, data={"val_size": 4}))  # trains the demo tokenizer
+    shutil.copyfile(next(cache_dir.glob("demo-tokenizer-512-*.model")), d / "tokenizer.model")
+    shutil.rmtree(d / "ckpt")
+    cfg = config_for(d, cache_dir, trainer={"max_steps": 2},
+                     model={"checkpoint_dir": str(d / "base"), "base_dtype": "auto"},
+                     data={"data_path": "chat.jsonl", "format": "chat", "tokenizer_path": str(d / "tokenizer.model"),
+                           "val_size": 4})
+    fit(cfg, cwd=d)
+    return d
+
+
+def _resume(on_files: Path, tmp_path: Path, cache_dir: Path, *args: str, cwd: Path | None = None):
+    shutil.copytree(on_files / "ckpt", tmp_path / "ckpt")
+    config = config_for(tmp_path, cache_dir, trainer={"max_steps": 4},
+                        model={"checkpoint_dir": str(on_files / "base"), "base_dtype": "auto"},
+                        data={"data_path": "chat.jsonl", "format": "chat",
+                              "tokenizer_path": str(on_files / "tokenizer.model"), "val_size": 4})
+    return fit(config, "--ckpt_path", "last", *args, check=False, cwd=cwd or on_files)
+
+
+def test_a_resume_on_another_base_folder_is_refused(on_files, tmp_path, cache_dir):
+    """Failed before: other weights of the same shape resumed silently (the base was not compared)."""
+    error = one_error_line(_resume(on_files, tmp_path, cache_dir, "--model.checkpoint_dir",
+                                   str(on_files / "other_base")))
+    assert "model.checkpoint_dir" in error and "--model.init_adapter" in error, error
+
+
+def test_a_relative_data_path_pointing_at_another_file_is_refused(on_files, tmp_path, cache_dir):
+    """Failed before: the same name in another working directory continued on other records."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "chat.jsonl").write_text(_chat_records(1))
+    error = one_error_line(_resume(on_files, tmp_path, cache_dir, cwd=elsewhere))
+    assert "data.data_path" in error and "another file" in error, error
+
+
+def test_another_tokenizer_file_on_resume_is_refused(on_files, tmp_path, cache_dir):
+    other = tmp_path / "tokenizer.model"
+    shutil.copyfile(next(cache_dir.glob("demo-tokenizer-1024-*.model"), None) or _train_other(tmp_path), other)
+    error = one_error_line(_resume(on_files, tmp_path, cache_dir, "--data.tokenizer_path", str(other)))
+    assert "data.tokenizer_path" in error, error
+
+
+def _train_other(tmp_path: Path) -> Path:
+    from llama_lora.demo import demo_tokenizer_file
+
+    return demo_tokenizer_file(1024, tmp_path / "cache")
+
+
+@pytest.mark.parametrize("args", [("--data.data_path", "ABS"), ("--data.chat_template", "llama2")],
+                         ids=["absolute-data-path", "explicit-default-template"])
+def test_the_same_file_or_template_said_another_way_resumes(on_files, tmp_path, cache_dir, args):
+    """Failed before: the data file by its absolute path, and an explicit chat template equal to the run's default,
+    were refused as "computing something else"."""
+    args = tuple(str(on_files / "chat.jsonl") if a == "ABS" else a for a in args)
+    proc = _resume(on_files, tmp_path, cache_dir, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "ckpt" / "step00004.ckpt").is_file(), proc.stderr[-3000:]

@@ -17,7 +17,7 @@ from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 from rich.console import Console
 from rich.logging import RichHandler
 
-USER_ERRORS = (ValueError, FileNotFoundError)
+USER_ERRORS = (ValueError, OSError)  # OSError: FileNotFoundError, and a folder that cannot be written
 
 
 def script_arguments(function: Callable[..., Any], argv: Sequence[str], description: str | None = None, *,

@@ -18,6 +18,8 @@ what it records.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,13 +54,60 @@ SETTINGS: dict[str, str] = {
 }
 
 
+# What a path or an unset setting resolves to, compared instead of the setting where a checkpoint recorded it: the
+# base's weights and the data and tokenizer files by a fingerprint of their content (the same file by another path
+# resumes; another file under the same relative path does not), and the prompt format once resolved (an explicit
+# chat template equal to the run's default resumes). Their kind is "step".
+RESOLVED: dict[str, str] = {"model.base": "model.checkpoint_dir", "data.data_file": "data.data_path",
+                            "data.tokenizer": "data.tokenizer_path", "data.prompt_format": "data.chat_template"}
+_WHOLE = 64 * 2**20  # files up to this size are hashed whole; larger ones by their size, head and tail
+
+
+@functools.lru_cache(maxsize=64)
+def _file_fingerprint(path: Path, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= _WHOLE:
+            digest.update(f.read())
+        else:
+            digest.update(f.read(_WHOLE // 2))
+            f.seek(size - _WHOLE // 2)
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def fingerprint(path: str | Path | None) -> str | None:
+    """What a file, or a folder's weight and config files, hold (a short sha256), cheaply; None for no path. A path
+    that names no local file (``demo``, a URL) is its own identity."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_file():
+        stat = path.stat()
+        return _file_fingerprint(path.resolve(), stat.st_size, stat.st_mtime_ns)
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix in (".pth", ".safetensors", ".bin",
+                                                                                  ".gguf", ".json"))
+        return hashlib.sha256("".join(f"{f.name}:{fingerprint(f)};" for f in files).encode()).hexdigest()[:16]
+    return str(path)
+
+
 def run_settings(module: Any, datamodule: Any = None, trainer: Any = None) -> dict[str, Any]:
-    """The values of ``SETTINGS`` for a module (its hyperparameters and plan), data module and Trainer."""
+    """The values of ``SETTINGS`` and ``RESOLVED`` for a module (its hyperparameters and plan), data module and
+    Trainer."""
     hp, data = dict(module.hparams), dict(getattr(datamodule, "hparams", {}) or {})
     optimizer = type(module.optimizer_factory([torch.nn.Parameter(torch.zeros(1))])).__name__  # its class: AdamW
-    return _settings(hp, data, module.plan.quantization, optimizer,
-                     trainer.accumulate_grad_batches if trainer is not None else None,
-                     trainer.world_size if trainer is not None else None)
+    values = _settings(hp, data, module.plan.quantization, optimizer,
+                       trainer.accumulate_grad_batches if trainer is not None else None,
+                       trainer.world_size if trainer is not None else None)
+    base = hp.get("checkpoint_dir")
+    values.update({"model.checkpoint_dir": base, "model.base": fingerprint(base)})
+    if datamodule is not None and hasattr(datamodule, "prompt_format"):
+        tokenizer = datamodule.tokenizer_file()
+        values.update({"data.tokenizer_path": str(tokenizer), "data.tokenizer": fingerprint(tokenizer),
+                       "data.data_file": fingerprint(datamodule.data_path),
+                       "data.prompt_format": datamodule.prompt_format.name})
+    return values
 
 
 def _settings(hp: dict, data: dict, quantization: str | None, optimizer: str | None, accumulate: int | None,
@@ -213,7 +262,20 @@ def check_resume(saved: RunRecord, now: dict[str, Any]) -> None:
     then = saved.run
     fresh = ("start a new run from its weights instead: --model.init_adapter "
              f"{saved.path} without --ckpt_path")
+    for key, setting in RESOLVED.items():
+        if key in then and then[key] != now.get(key):
+            old, new = then.get(setting), now.get(setting)
+            if key == "data.prompt_format":
+                what = f"{setting}: {_shown(key, then[key])} in the checkpoint, {_shown(key, now.get(key))} now"
+            else:
+                what = (f"{setting}: {_shown(setting, old)} in the checkpoint, {_shown(setting, new)} now, which holds "
+                        "another file" + ("s" if key == "model.base" else "") + " (its content differs)")
+            raise ValueError(f"cannot resume {saved.path}: {what}; the run would go on computing something else. "
+                             f"Resume with the checkpoint's files, or {fresh}")
+    superseded = {setting for key, setting in RESOLVED.items() if key in then}
     for key, kind in SETTINGS.items():
+        if key in superseded:
+            continue  # compared as what it resolves to, above
         if key not in then or then[key] is None and key.startswith(("trainer.", "model.optimizer")):
             continue  # not recorded (version 1)
         old, new = then[key], now.get(key)
@@ -228,10 +290,15 @@ def check_resume(saved: RunRecord, now: dict[str, Any]) -> None:
         if key in ("data.micro_batch_size", "trainer.devices"):
             reason = ("a resume continues only with the same global batch (data.micro_batch_size x devices = "
                       f"{then['data.micro_batch_size']} x {then.get('trainer.devices') or 1})")
+        elif key == "model.lora.lr_ratio":
+            reason = "the optimizer's state holds the parameter groups the checkpoint's lr_ratio made"
         elif kind == "state":
             reason = "the checkpoint's trainable weights are of another kind or shape"
         else:
             reason = "the run would go on computing something else"
+        if key == "model.lora.use_dora" and old:  # a DoRA adapter cannot start a LoRA run: no fresh start to offer
+            raise ValueError(f"cannot resume {saved.path}: {what}; {reason}. Resume with model.lora.use_dora: true "
+                             "(a DoRA adapter's magnitudes have no LoRA form)")
         raise ValueError(f"cannot resume {saved.path}: {what}; {reason}. Resume with the checkpoint's value, or "
                          f"{fresh}")
     if saved.version == 1:

@@ -108,7 +108,7 @@ class AlpacaDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Runs on one process: download the data file or train the demo tokenizer, so setup() only reads."""
         self._records()
-        self._tokenizer_file()
+        self.tokenizer_file()
 
     def _records(self) -> list[dict[str, str]]:
         if self.data_path == DEMO and self.format == "text":
@@ -117,14 +117,14 @@ class AlpacaDataModule(L.LightningDataModule):
             return instruction_records(self.demo_records)
         return load_records(self.data_path, self.cache_dir, self.format)
 
-    def _tokenizer_file(self) -> Path:
+    def tokenizer_file(self) -> Path:
         if self.tokenizer_path is None:
             return demo_tokenizer_file(self.demo_vocab_size, self.cache_dir)
         return Path(self.tokenizer_path)
 
     def load_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
-            self.tokenizer = Tokenizer(self._tokenizer_file())
+            self.tokenizer = Tokenizer(self.tokenizer_file())
         return self.tokenizer
 
     @property
