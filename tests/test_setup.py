@@ -36,3 +36,28 @@ def test_make_does_what_the_long_form_does(tmp_path):
     long_form = readme_block("long-form")
     for line in ("python3 -m venv .venv", "pip install torch==2.13.0", 'pip install -e ".[test]"', "pytest"):
         assert line in long_form
+
+
+def test_the_readmes_map_is_the_tree():
+    """Every name in "Where things live" exists, and every module, config, script, benchmark and docs page is in it."""
+    block = re.search(r"## Where things live\n\n```\n(.*?)```", README, re.S).group(1)
+    folders = {"src/llama_lora/": ROOT / "src" / "llama_lora", "configs/": ROOT / "configs",
+               "scripts/": ROOT / "scripts", "benchmarks/": ROOT / "benchmarks", "docs/": ROOT / "docs"}
+    sections: dict[str, str] = {}
+    current = None
+    for line in block.splitlines():
+        head = line.split()[0] if line and not line.startswith(" ") else None
+        if head is not None:
+            current = head
+        sections[current] = sections.get(current, "") + " " + line
+    # the names outside the parenthesised descriptions, after the section's own folder
+    bare = {key: re.sub(r"\([^)]*\)", "", text).replace(key, "", 1) for key, text in sections.items()}
+    named = {key: set(re.findall(r"([\w.]+\.(?:py|c|yaml|md|sh)|\w+/)", text)) for key, text in bare.items()}
+    for key, folder in folders.items():
+        assert key in sections, f"{key} is missing from the map"
+        present = {p.name + ("/" if p.is_dir() else "") for p in folder.iterdir()
+                   if not p.name.startswith((".", "__")) and p.name != "llama_lora.egg-info"}
+        listed = named[key]
+        assert listed - present == set(), f"{key}: the map names {sorted(listed - present)}, which do not exist"
+        assert present - listed == set(), f"{key}: {sorted(present - listed)} are not in the map"
+    assert "Makefile" in sections and (ROOT / "Makefile").is_file()
