@@ -24,9 +24,9 @@ from lightning.pytorch.cli import LightningCLI
 
 import llama_lora
 from llama_lora import run_checkpoint
+from llama_lora.cache import default_cache_dir
 from llama_lora.cli import check_config_files, configure_logging, main_guard
 from llama_lora.data import AlpacaDataModule
-from llama_lora.demo import default_cache_dir
 from llama_lora.module import LlamaLoRAModule
 from llama_lora.plan import make_plan
 from llama_lora.resilience import GracefulStop, OutOfMemory, oom_advice, resolve_resume_checkpoint
@@ -163,10 +163,8 @@ def run(argv: list[str]) -> FitCLI:
         raise
     except torch.OutOfMemoryError as e:
         data = cli.datamodule
-        advice = oom_advice(gradient_checkpointing=model.gradient_checkpointing,
-                            checkpoint_layers=model.checkpoint_layers,
-                            micro_batch_size=data.micro_batch_size, precision=str(trainer.precision),
-                            base_dtype=cli.config.model.base_dtype,
+        advice = oom_advice(model.plan, gradient_checkpointing=model.gradient_checkpointing,
+                            checkpoint_layers=model.checkpoint_layers, micro_batch_size=data.micro_batch_size,
                             lora_targets=model.lora.targets if model.lora is not None else None,
                             max_seq_len=data.max_seq_len)
         first = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"

@@ -185,20 +185,27 @@ def test_a_llama3_shaped_base_trains_on_chat_data_and_answers_in_its_template(tm
              for c in conversations(40, seed=3)]
     (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n")
     ddp = {"devices": 2, "strategy": "ddp"} if variant == "ddp" else {}
-    fit(write_tiny_config(tmp_path, tmp_path / "cache", trainer={"max_steps": 2, "limit_val_batches": 1, **ddp},
-                          model={"checkpoint_dir": str(tmp_path / "base"), "model": None,
-                                 "base_dtype": "nf4" if variant == "nf4-packing" else "auto"},
-                          data={"data_path": str(tmp_path / "chat.jsonl"), "format": "chat", "val_size": 4,
-                                "tokenizer_path": str(llama3_tok.path), "max_seq_len": 128,
-                                "packing": variant == "nf4-packing"}))
+    config_file = write_tiny_config(tmp_path, tmp_path / "cache",
+                                    trainer={"max_steps": 2, "limit_val_batches": 1, **ddp},
+                                    model={"checkpoint_dir": str(tmp_path / "base"), "model": None,
+                                           "base_dtype": "nf4" if variant == "nf4-packing" else "auto"},
+                                    data={"data_path": str(tmp_path / "chat.jsonl"), "format": "chat", "val_size": 4,
+                                          "tokenizer_path": str(llama3_tok.path), "max_seq_len": 128,
+                                          "packing": variant == "nf4-packing"})
+    trained = fit(config_file)
+    if variant != "ddp":  # model null: read once per process (failed before: twice)
+        assert trained.stderr.count("Read meta checkpoint") == 1, trained.stderr[-2000:]
     ckpt = tmp_path / "ckpt" / "last.ckpt"
 
     def script(name, *args):
         return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
                               timeout=300)
-    for extra in ((), ("--system", "Be brief.")):
-        proc = script("generate.py", "--adapter", str(ckpt), "--greedy", "--max_new_tokens", "6", *extra, "Hi")
+    for adapter, extra in ((ckpt, ()), (ckpt.parent, ("--system", "Be brief."))):  # a .ckpt, and a run folder
+        proc = script("generate.py", "--adapter", str(adapter), "--greedy", "--max_new_tokens", "6", *extra, "Hi")
         assert proc.returncode == 0 and "the llama3 chat template" in proc.stderr, proc.stderr[-2000:]
+        # each said once (failed before: the adapter and the base were each read, and logged, twice)
+        assert proc.stderr.count("Read meta checkpoint") == 1, proc.stderr[-2000:]
+        assert proc.stderr.count("Adapter:") == (1 if adapter == ckpt.parent else 0), proc.stderr[-2000:]
     assert script("merge.py", "--adapter", str(ckpt), "--out_dir", str(tmp_path / "merged")).returncode == 0
     _, _, merged = load_checkpoint(tmp_path / "merged")
     assert merged.rope_scaling == config.rope_scaling and merged.tie_embeddings and merged.rope_theta == 500000.0

@@ -64,8 +64,10 @@ def test_sharded_breakdown_splits_the_states_and_adds_two_gathered_blocks():
     from llama_lora.memory import memory_breakdown, sharded_breakdown
 
     c = LlamaConfig.from_name("llama2-70b")
-    settings = dict(base_dtype="fp16", lora_targets=("wq", "wk", "wv"), lora_r=16, micro_batch=1, seq_len=512,
-                    autocast=True, gradient_checkpointing=True)
+    from llama_lora.plan import make_plan
+
+    settings = dict(plan=make_plan("cuda", "16-mixed", "fp16"), lora_targets=("wq", "wk", "wv"), lora_r=16,
+                    micro_batch=1, seq_len=512, gradient_checkpointing=True)
     one, eight = memory_breakdown(c, **settings), sharded_breakdown(c, 8, **settings)
     assert eight["params"] == one["params"] // 8 and eight["optimizer"] == one["optimizer"] // 8
     assert eight["activations"] == one["activations"] and sharded_breakdown(c, 1, **settings)["gathered"] == 0

@@ -381,7 +381,7 @@ def test_what_nf4_cannot_do_is_refused_in_one_line(tmp_path, cache_dir):
     with pytest.raises(ValueError, match="needs model.lora"):
         make_plan(base_dtype="nf4", lora=False)
     with pytest.raises(ValueError, match="model.compile with model.base_dtype nf4"):
-        LlamaLoRAModule(model="tiny", base_dtype="nf4", compile=True)
+        LlamaLoRAModule(model="tiny", base_dtype="nf4", compile=True).plan_for(None)  # the plan refuses it
     with pytest.raises(ValueError, match="FSDP2\\) with model.base_dtype nf4 is not supported.*ddp"):
         make_plan(base_dtype="nf4", strategy=ModelParallelStrategy(save_distributed_checkpoint=False))
 

@@ -235,12 +235,14 @@ def test_last_without_checkpoints_starts_over(tmp_path):
 
 
 def test_oom_advice_lists_the_levers_not_yet_used():
-    advice = oom_advice(gradient_checkpointing=False, micro_batch_size=4, precision="32-true", base_dtype="fp32",
+    from llama_lora.plan import make_plan
+
+    advice = oom_advice(make_plan("cuda", "32-true", "fp32"), gradient_checkpointing=False, micro_batch_size=4,
                         lora_targets=["wq", "wk", "wv"], max_seq_len=512)
     for lever in ("gradient_checkpointing: true", "micro_batch_size", "16-mixed", "fewer model.lora.targets",
                   "max_seq_len"):
         assert lever in advice
-    used = oom_advice(gradient_checkpointing=True, micro_batch_size=1, precision="16-mixed", base_dtype="fp16",
+    used = oom_advice(make_plan("cuda", "16-mixed", "fp16"), gradient_checkpointing=True, micro_batch_size=1,
                       lora_targets=["wq", "wv"], max_seq_len=512)
     assert "gradient_checkpointing" not in used and "micro_batch_size" not in used and "16-mixed" not in used
 

@@ -121,6 +121,7 @@ def test_an_unchanged_resume_continues_the_schedule_silently(stopped, tmp_path, 
     (["--data.num_samples", "50"], "data.num_samples", "null", "50"),
     (["--data.packing", "true"], "data.packing", "false", "true"),
     (["--model.model", "demo"], "model.model", "tiny", "demo"),
+    (["--model.lora.lr_ratio", "16"], "model.lora.lr_ratio", "null", "16.0"),
 ])
 def test_a_resume_that_cannot_continue_the_run_is_refused_in_one_line(stopped, tmp_path, cache_dir, args, setting,
                                                                       old, new):
@@ -130,6 +131,8 @@ def test_a_resume_that_cannot_continue_the_run_is_refused_in_one_line(stopped, t
     error = one_error_line(fit(config, "--ckpt_path", "last", *args, check=False))
     assert f"{setting}: {old} in the checkpoint, {new} now" in error, error
     assert "--model.init_adapter" in error  # the way to start a new run from these weights
+    # what is refused is said truly (failed before for lr_ratio: "trainable weights of another kind or shape")
+    assert ("parameter groups" in error) == (setting == "model.lora.lr_ratio"), error
     assert not (tmp_path / "logs").exists()  # refused at start-up: no run was started
 
 
@@ -196,6 +199,10 @@ def test_a_dora_run_starts_from_a_lora_adapter_at_its_model(stopped, tmp_path, c
     again = config_for(tmp_path / "back", cache_dir, trainer={"max_steps": 1})
     error = one_error_line(fit(again, "--model.init_adapter", str(dora), check=False))
     assert "is a DoRA adapter; set model.lora.use_dora: true" in error
+    # Resuming the DoRA run without DoRA is refused without advising init_adapter, which refuses it too (failed
+    # before: the refusal pointed at --model.init_adapter).
+    error = one_error_line(fit(config, "--ckpt_path", str(dora), "--trainer.max_steps", "2", check=False))
+    assert "model.lora.use_dora: true in the checkpoint" in error and "init_adapter" not in error, error
 
 
 def test_the_module_refuses_trainable_weights_that_are_not_its_own():

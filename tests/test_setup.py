@@ -61,3 +61,8 @@ def test_the_readmes_map_is_the_tree():
         assert listed - present == set(), f"{key}: the map names {sorted(listed - present)}, which do not exist"
         assert present - listed == set(), f"{key}: {sorted(present - listed)} are not in the map"
     assert "Makefile" in sections and (ROOT / "Makefile").is_file()
+
+
+def test_the_readme_says_to_use_the_venv_before_its_first_python_command():
+    """After `make demo`, a bare `python scripts/...` has no torch (failed before: nothing said to activate .venv)."""
+    assert README.index(". .venv/bin/activate") < README.index("python scripts/")

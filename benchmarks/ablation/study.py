@@ -16,7 +16,7 @@ from typing import Any, Literal
 from llama_lora import memory
 from llama_lora.config import LlamaConfig
 from llama_lora.memory import GIB
-from llama_lora.plan import native_precision
+from llama_lora.plan import make_plan, native_precision
 
 
 @dataclass(frozen=True)
@@ -87,10 +87,11 @@ class StudySettings:
 def memory_breakdown(config: LlamaConfig, cell: Cell, settings: StudySettings, loss_chunk: int = 1024
                      ) -> dict[str, int]:
     """The library's analytic model (llama_lora.memory) for one cell of the grid, at full-length sequences."""
+    plan = make_plan(settings.device, settings.precision(cell), settings.base_dtype(cell), lora=cell.lora)
     return memory.memory_breakdown(
-        config, base_dtype=settings.base_dtype(cell), lora_targets=settings.lora_targets if cell.lora else None,
-        lora_r=settings.lora_r, micro_batch=settings.micro_batch(cell), seq_len=settings.seq_len, autocast=cell.mp,
-        gradient_checkpointing=cell.gc, loss_chunk=loss_chunk, dora=cell.dora)
+        config, plan=plan, lora_targets=settings.lora_targets if cell.lora else None, lora_r=settings.lora_r,
+        micro_batch=settings.micro_batch(cell), seq_len=settings.seq_len, gradient_checkpointing=cell.gc,
+        loss_chunk=loss_chunk, dora=cell.dora)
 
 
 # ----- measuring one cell -----

@@ -10,7 +10,10 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from .data import load_records
+from .demo import heldout_records
 from .lora import trainable_summary
+from .loss import IGNORE_INDEX, token_loss_sum
 from .memory import peak_rss_bytes, reset_peak_rss
 
 log = logging.getLogger(__name__)
@@ -195,17 +198,11 @@ class InstructionAccuracy(L.Callback):
 
     def _records(self) -> list[dict[str, str]]:
         if self.records == "demo":
-            from .demo import heldout_records
-
             return heldout_records()
-        from .data import load_records
-
         return load_records(self.records)
 
     @torch.no_grad()
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        from .loss import IGNORE_INDEX, token_loss_sum
-
         tok, fmt = trainer.datamodule.load_tokenizer(), trainer.datamodule.prompt_format
         records, answers, loss_sum, n = self._records(), [], 0.0, 0
         was_training = pl_module.model.training

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from pathlib import Path
 
+from .cache import default_cache_dir
 from .prompts import format_prompt
 from .tokenizer import train_tokenizer
 
@@ -128,6 +128,3 @@ def demo_tokenizer_file(vocab_size: int, cache_dir: str | Path | None = None) ->
         train_tokenizer(texts, vocab_size, path)
     return path
 
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("LLAMA_LORA_CACHE", Path.home() / ".cache" / "llama_lora"))

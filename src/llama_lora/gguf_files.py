@@ -15,11 +15,13 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from .config import LlamaConfig
 from .layout import gguf_name
 from .lora import LoRASettings
+from .model import llama3_scaled, rope_frequencies
 from .prompts import PromptFormat
 from .tokenizer import Tokenizer
 from .weights.tensors import publish
@@ -60,8 +62,6 @@ def _tensor_type(gguf: Any, name: str, shape: tuple[int, ...], wanted: str) -> A
 
 def _encode(gguf: Any, t: torch.Tensor, qtype: Any) -> Any:
     """A tensor's bytes for the file: f32/f16 as arrays, the rest through the gguf package's quantizer."""
-    import numpy as np
-
     data = t.detach().to(torch.float32).contiguous().numpy()
     types = gguf.GGMLQuantizationType
     if qtype == types.F32:
@@ -73,8 +73,6 @@ def _encode(gguf: Any, t: torch.Tensor, qtype: Any) -> Any:
 
 def _byte_shape(gguf: Any, shape: tuple[int, ...], qtype: Any) -> tuple[tuple[int, ...], Any, int]:
     """(shape to declare, numpy dtype, bytes) of a tensor of ``shape`` stored as ``qtype``."""
-    import numpy as np
-
     types = gguf.GGMLQuantizationType
     if qtype in (types.F32, types.F16):
         dtype = np.float32 if qtype == types.F32 else np.float16
@@ -134,8 +132,6 @@ def _add_bpe_tokenizer(writer: Any, gguf: Any, tokenizer: Any) -> None:
 def rope_factors(config: LlamaConfig) -> torch.Tensor:
     """llama.cpp's rope_freqs.weight: what each RoPE frequency is divided by under Llama 3.1's scaling
     (``model.llama3_scaled``), as llama.cpp's own converter computes it."""
-    from .model import llama3_scaled, rope_frequencies
-
     freqs = rope_frequencies(config.head_dim, config.rope_theta)
     return freqs / llama3_scaled(freqs, **config.rope_scaling)
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layout import LORA_TARGETS
+from .quant import CHUNK_VALUES, NF4Weight
 
 
 @dataclass
@@ -127,8 +128,6 @@ class LoRALinear(nn.Linear):
     def weight_norm(self) -> torch.Tensor:
         """DoRA's ||W + s B A|| per output row, (out,), in fp32, a row chunk at a time: no full-precision copy of
         the whole weight (an NF4 base is dequantized in the chunks its matmul uses). A constant for autograd."""
-        from .quant import CHUNK_VALUES, NF4Weight
-
         if isinstance(self.weight, NF4Weight):
             chunks = self.weight.row_chunks(torch.float32, "scratch")
         else:
@@ -152,8 +151,6 @@ class LoRALinear(nn.Linear):
         """Fold the update into ``weight`` (computed in fp32, cast once). Calling it again does nothing."""
         if self.merged:
             return
-        from .quant import NF4Weight
-
         nf4 = isinstance(self.weight, NF4Weight)
         merged = merged_weight(self.weight.dequantize(torch.float32) if nf4 else self.weight.float(), self.lora_a,
                                self.lora_b, self.scaling, self.lora_magnitude)

@@ -11,6 +11,7 @@ import torch
 
 from .config import LlamaConfig
 from .layout import BY_TARGET
+from .plan import RunPlan
 from .quant import BLOCK, CHUNK_VALUES, KEEP_DTYPES, SCALE_GROUP
 
 GIB = 2**30
@@ -37,7 +38,8 @@ def reset_peak_rss() -> bool:
 
 # ----- the analytic model: where a training step's memory goes -----
 
-BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+def _bytes(dtype: torch.dtype) -> int:
+    return dtype.itemsize
 NF4_BITS = 4 + 8 / BLOCK + 32 / (BLOCK * SCALE_GROUP)  # codes, int8 block scales, an fp32 factor per group
 
 
@@ -76,15 +78,16 @@ def activation_bytes_per_token_per_layer(config: LlamaConfig, act_bytes: int, lo
     return norms + attention + ffn + lora + magnitude
 
 
-def memory_breakdown(config: LlamaConfig, *, base_dtype: str, lora_targets: Sequence[str] | None, lora_r: int,
-                     micro_batch: int, seq_len: int, autocast: bool, gradient_checkpointing: bool,
-                     loss_chunk: int = 1024, dora: bool = False) -> dict[str, int]:
-    """Analytic peak memory of one training step, in bytes, by component, for full-length sequences.
+def memory_breakdown(config: LlamaConfig, *, plan: RunPlan, lora_targets: Sequence[str] | None, lora_r: int,
+                     micro_batch: int, seq_len: int, gradient_checkpointing: bool, loss_chunk: int = 1024,
+                     dora: bool = False) -> dict[str, int]:
+    """Analytic peak memory of one training step, in bytes, by component, for full-length sequences, with each tensor
+    stored as the run ``plan`` says.
 
-    ``lora_targets`` None means full fine-tuning (all weights trained, fp32). ``autocast`` is mixed precision: half
-    precision activations, and a half copy of every fp32 matmul weight that autocast casts and caches.
-    ``base_dtype`` nf4: the blocks' linear weights at 4.127 bits, the rest in the compute dtype, and one chunk of a
-    weight dequantized at a time (``dequantized``). ``dora``: DoRA's magnitudes, what its correction keeps, and the
+    ``lora_targets`` None means full fine-tuning (all weights trained, fp32). The plan's autocast is mixed precision:
+    half precision activations, and a half copy of every fp32 matmul weight that autocast casts and caches. An NF4
+    plan: the blocks' linear weights at 4.127 bits, the embedding, norms and output in the plan's dtypes, and one chunk
+    of a weight dequantized at a time (``dequantized``). ``dora``: DoRA's magnitudes, what its correction keeps, and the
     fp32 row chunk its weight norm is taken over (also counted under ``dequantized``: a transient weight copy).
     """
     n = config.n_params
@@ -92,20 +95,21 @@ def memory_breakdown(config: LlamaConfig, *, base_dtype: str, lora_targets: Sequ
     n_lora = lora_param_count(config, lora_targets, lora_r, dora) if lora_targets is not None else 0
     trainable = n_lora if lora_targets is not None else n
     dequantized = 0
-    if base_dtype == "nf4":
+    autocast, compute = plan.autocast, _bytes(plan.compute_dtype)
+    if plan.quantization == "nf4":
         blocks = matmul_params(config) - config.vocab_size * config.dim  # the quantized linear weights
-        compute = 2 if autocast else 4
-        embedding = config.vocab_size * config.dim  # kept in half precision (the rest in the compute dtype)
-        params = int(blocks * NF4_BITS / 8) + embedding * 2 + (n - blocks - embedding) * compute + n_lora * 4
+        embedding = config.vocab_size * config.dim
+        params = (int(blocks * NF4_BITS / 8) + embedding * _bytes(plan.embedding_dtype)
+                  + (n - blocks - embedding) * _bytes(plan.norm_dtype) + n_lora * 4)
         # one row chunk of a weight at a time (quant.CHUNK_VALUES values) and, on a GPU, the fp32 products the torch
         # ops make of it (a CPU's kernel writes the chunk alone); under checkpointing, one block's weights, dequantized
         # by its recomputation and kept for its backward (quant.keep_dequantized, the dtypes of quant.KEEP_DTYPES)
         dequantized = min(CHUNK_VALUES, config.hidden_dim * config.dim) * (compute + 4)
-        if gradient_checkpointing and (torch.bfloat16 if autocast else torch.float32) in KEEP_DTYPES:
+        if gradient_checkpointing and plan.compute_dtype in KEEP_DTYPES:
             dequantized += blocks // config.n_layers * compute
         base_bytes = compute
     else:
-        base_bytes = BYTES[base_dtype]
+        base_bytes = _bytes(plan.linear_dtype)
         params = n * base_bytes + n_lora * 4
     if dora:  # the norm's row chunk: the weight's rows in fp32 plus W + s B A, beside a dequantized chunk if any
         widest = max(BY_TARGET[t].shape(config)[0] * BY_TARGET[t].shape(config)[1] for t in lora_targets)
@@ -115,7 +119,7 @@ def memory_breakdown(config: LlamaConfig, *, base_dtype: str, lora_targets: Sequ
     # Autocast casts each fp32 weight it multiplies to half precision and caches the copy for the whole forward
     # (and backward): the seed experiment's "MP raises memory". A half-precision base has nothing to cast.
     autocast_cache = matmul_params(config) * 2 if autocast and base_bytes == 4 else 0
-    act_bytes = 2 if autocast else 4
+    act_bytes = 2 if autocast else compute
     tokens = micro_batch * seq_len
     per_layer = activation_bytes_per_token_per_layer(config, act_bytes, lora_targets or (), autocast, dora)
     if gradient_checkpointing:  # each block's input is kept, plus one block's activations while it is recomputed
@@ -135,7 +139,8 @@ def sharded_breakdown(config: LlamaConfig, world: int, **settings) -> dict[str, 
     prefetched). Activations and the loss are each rank's own micro-batch."""
     b = memory_breakdown(config, **settings)
     block = (matmul_params(config) - config.vocab_size * config.dim) // config.n_layers + 2 * config.dim
-    gathered = 2 * block * BYTES.get(settings["base_dtype"], 2) if world > 1 else 0
+    plan = settings["plan"]
+    gathered = 2 * block * (2 if plan.quantization else _bytes(plan.linear_dtype)) if world > 1 else 0
     shared = {k: b[k] // world for k in ("params", "grads", "optimizer")}
     out = {**b, **shared, "gathered": gathered}
     out["total"] = sum(v for k, v in out.items() if k != "total")

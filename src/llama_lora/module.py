@@ -15,6 +15,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
@@ -27,7 +29,15 @@ from .plan import BaseDtypeName, RunPlan, make_plan
 from .quant import NF4Weight
 from .resilience import GracefulStop, NumericsGuard
 from .trained_run import TrainedRun, open_run
-from .weights import WEIGHTS_HELP, build_model, check_state_dict, detect_format, fill_shards, open_checkpoint
+from .weights import (
+    WEIGHTS_HELP,
+    build_model,
+    check_state_dict,
+    checkpoint_config,
+    detect_format,
+    fill_shards,
+    open_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +113,12 @@ class LlamaLoRAModule(L.LightningModule):
             raise ValueError("model.model: give a preset name, or model.checkpoint_dir to take the model's own config "
                              "from its params.json / config.json")
         self.config = LlamaConfig.from_name(model, max_seq_len=max_seq_len) if model is not None else (
-            dataclasses.replace(open_checkpoint(checkpoint_dir)[2], max_seq_len=max_seq_len))
+            dataclasses.replace(checkpoint_config(checkpoint_dir), max_seq_len=max_seq_len))
         if init_adapter is not None and not Path(init_adapter).exists():
             raise FileNotFoundError(f"model.init_adapter {init_adapter} does not exist; give a fit.py .ckpt or a "
                                     "PEFT adapter folder")
         if init_adapter is not None and lora is None:
             raise ValueError("model.init_adapter starts from an adapter's LoRA weights: it needs model.lora")
-        if compile and base_dtype == "nf4":
-            raise ValueError("model.compile with model.base_dtype nf4 is not supported; set model.compile: false")
         self.lora = lora
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "lora"])
         self.hparams["lora"] = asdict(lora) if lora is not None else None  # plain types: weights_only loading
@@ -150,10 +158,11 @@ class LlamaLoRAModule(L.LightningModule):
         """The run plan of this module's settings under ``trainer`` (its device, precision and strategy). Without a
         Trainer, the module builds on the CPU: the plan of "auto" there."""
         if trainer is None:
-            return make_plan("cpu", "auto", self.base_dtype_name, lora=self.lora is not None)
+            return make_plan("cpu", "auto", self.base_dtype_name, lora=self.lora is not None,
+                             compile=self.compile_blocks)
         plan = make_plan(trainer.strategy.root_device, trainer.precision, self.base_dtype_name,
                          lora=self.lora is not None, strategy=trainer.strategy,
-                         dora=self.lora is not None and self.lora.use_dora)
+                         dora=self.lora is not None and self.lora.use_dora, compile=self.compile_blocks)
         why = getattr(trainer, "precision_reason", "")  # Trainer(precision="auto") says why it chose
         return dataclasses.replace(plan, reason=why) if why else plan
 
@@ -201,8 +210,6 @@ class LlamaLoRAModule(L.LightningModule):
         if mesh is not None:
             # FSDP2 over the data-parallel ranks: each block, the output layer (the chunked loss calls it on its own),
             # then the root (embeddings, final norm).
-            from torch.distributed.fsdp import fully_shard
-
             data_parallel = mesh["data_parallel"]
             for layer in self.model.layers:
                 fully_shard(layer, mesh=data_parallel)
@@ -257,8 +264,6 @@ class LlamaLoRAModule(L.LightningModule):
 
     def release_base(self) -> None:
         """Free the frozen base weights (the trained ones stay). The next ``configure_model`` builds the base again."""
-        from torch.distributed.tensor import DTensor
-
         released = 0
         for module in self.model.modules():
             for name, p in list(module._parameters.items()):
@@ -362,22 +367,21 @@ class LlamaLoRAModule(L.LightningModule):
     # ----- adapter-only checkpoints (run_checkpoint.py says what they hold) -----
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        run_checkpoint.save(checkpoint, self)
-        checkpoint["rng"] = _get_rng_state()
+        run_checkpoint.save(checkpoint, self, rng=_get_rng_state())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.model is None:  # loading outside a Trainer (e.g. for generation): build first
             self.configure_model()
         # ModelParallelStrategy loads and removes "state_dict" before this hook; the key list is kept beside it.
         expected = {n for n, p in self.named_parameters() if p.requires_grad}
-        got = set(checkpoint["state_dict"]) if "state_dict" in checkpoint else set(checkpoint.get("trainable_keys", ()))
+        got = set(run_checkpoint.trainable_keys(checkpoint))
         missing, unexpected = sorted(expected - got), sorted(got - expected)
         if missing or unexpected:
             raise ValueError(
                 f"Checkpoint does not match this model's trainable weights: {len(missing)} missing "
                 f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}); resume with the "
                 "same model preset and LoRA settings it was trained with")
-        self._rng_to_restore = checkpoint.get("rng")
+        self._rng_to_restore = run_checkpoint.rng_state(checkpoint)
         self._resumed = True
 
 

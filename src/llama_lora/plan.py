@@ -20,6 +20,16 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+from .layout import is_block_linear
+
+try:  # torch's variable-length flash attention, which model.py calls for packed rows on a GPU
+    from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    VARLEN = True
+except ImportError:
+    VARLEN = False
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +118,6 @@ class RunPlan:
     def dtype_of(self, name: str, tied: bool = False) -> torch.dtype:
         """The storage dtype of a base tensor by its Meta name (``tied``: the output layer is the embedding, which
         then computes as the output layer does)."""
-        from .layout import is_block_linear
-
         if name.endswith("tok_embeddings.weight"):
             return self.norm_dtype if tied else self.embedding_dtype
         return self.linear_dtype if is_block_linear(name) else self.norm_dtype
@@ -131,8 +139,6 @@ class RunPlan:
 
     def log(self) -> None:
         """The plan line and its warnings, once per run (rank 0)."""
-        from lightning.fabric.utilities.rank_zero import rank_zero_only
-
         if getattr(rank_zero_only, "rank", 0) != 0:
             return
         for warning in self.warnings:
@@ -161,15 +167,14 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 def _packed_attention(device: str, compute: torch.dtype) -> str:
     if device == "cpu":
         return "spans"  # one causal attention per example: the cost of the examples alone
-    from .model import varlen_attn
-
-    if device == "cuda" and varlen_attn is not None and compute in (torch.float16, torch.bfloat16):
+    if device == "cuda" and VARLEN and compute in (torch.float16, torch.bfloat16):
         return "varlen"
     return "mask"
 
 
 def make_plan(device: str | torch.device = "cpu", precision: Any = "auto", base_dtype: str = "auto",
-              lora: bool = True, strategy: Any = None, trained_base: str | None = None, dora: bool = False) -> RunPlan:
+              lora: bool = True, strategy: Any = None, trained_base: str | None = None, dora: bool = False,
+              compile: bool = False) -> RunPlan:
     """The plan for these settings (see the module docstring); refuses, in one line, what cannot run.
 
     ``base_dtype`` auto stores the frozen base in the dtype the compute runs in (fp32 masters for full fine-tuning);
@@ -207,6 +212,9 @@ def make_plan(device: str | torch.device = "cpu", precision: Any = "auto", base_
                          f"100x longer. Use trainer.precision auto and model.base_dtype auto ({_native(device)[0]} "
                          "here)")
     _check_strategy(strategy, quantization, dora)
+    if compile and quantization:
+        raise ValueError("model.compile with model.base_dtype nf4 (an NF4 base) is not supported; set model.compile: "
+                         "false")
     return RunPlan(device=device.type, precision=precision, compute_dtype=compute, autocast=autocast,
                    linear_dtype=compute if quantization else storage, quantization=quantization,
                    embedding_dtype=embedding, norm_dtype=norm, lora_dtype=half if true_half else torch.float32,
@@ -228,8 +236,6 @@ def _check_strategy(strategy: Any, quantization: str | None, dora: bool = False)
     """
     if strategy is None:
         return
-    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-
     if isinstance(strategy, FSDPStrategy):
         raise ValueError("trainer.strategy: FSDP1 (fsdp) is not supported, it cannot clip gradients by norm; use "
                          "ModelParallelStrategy (FSDP2) with save_distributed_checkpoint: false, or ddp")

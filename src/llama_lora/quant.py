@@ -21,6 +21,12 @@ need one too) that writes into buffers reused from weight to weight, so no page 
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +34,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from .cache import default_cache_dir
+
+log = logging.getLogger(__name__)
 
 BLOCK, SCALE_GROUP = 64, 256
 # The 16 NF4 levels: quantiles of N(0, 1) normalised to [-1, 1], with an exact zero (the QLoRA paper, Appendix E).
@@ -102,14 +112,6 @@ def _build_kernel(capability: str | None = None) -> Any:
     """The kernel's function for ``capability`` (default: torch's own on this CPU, ``_ISA_FLAGS``), compiled once
     into the cache folder (keyed by source, compiler and flags), or None with one warning where no C compiler works:
     dequantization then runs as torch ops, about 10x slower."""
-    import hashlib
-    import os
-    import shutil
-    import subprocess
-    import tempfile
-
-    from .demo import default_cache_dir
-
     source = Path(__file__).with_name("nf4_kernel.c")
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     isa = _ISA_FLAGS.get(capability or torch.backends.cpu.get_cpu_capability(), [])
@@ -136,9 +138,7 @@ def _build_kernel(capability: str | None = None) -> Any:
         call.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int]
         call.restype = ctypes.c_int
         return call
-    import logging
-
-    logging.getLogger(__name__).warning("NF4: the dequantization kernel could not be built (%s); dequantizing with "
+    log.warning("NF4: the dequantization kernel could not be built (%s); dequantizing with "
                                         "torch ops, about 10x slower", reason)
     return None
 
@@ -165,10 +165,9 @@ def _dequantize(packed: torch.Tensor, block_scale: torch.Tensor, dtype: torch.dt
     values = _dequantize_eager(packed, block_scale, dtype)
     return values if out is None else out.view(n_blocks, BLOCK).copy_(values)
 
-# Dequantize at most this many values at once (8 MB in bf16), into one buffer reused by every weight (``_scratch``).
-# A 4-block model of 7B's shape, native bf16, 1 x 128, checkpointing (the bf16 base: 0.90 s): 2.5 s a step at 256K
-# values, 1.57 s at 1M, 1.39 s at 2M, 1.24 s at 4M, 1.52 s at 8M, 1.56 s at 16M. Smaller chunks stay in cache but make
-# the matmuls that read them narrow.
+# Dequantize at most this many values at once (8 MB in bf16), into one buffer reused by every weight (``_scratch``):
+# 4M was the fastest chunk measured; smaller ones stay in cache but make the matmuls that read them narrow
+# (docs/performance.md, the chunk sizes).
 CHUNK_VALUES = 1 << 22
 _SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
@@ -182,9 +181,8 @@ def _scratch(device: torch.device, dtype: torch.dtype, rows: int, cols: int) -> 
 
 
 _KEEP = {"recomputing": False}
-# Kept only in half precision. In fp32 (an AVX2-only CPU) the block kept doubles to 0.8 GiB for 7B and the matmuls
-# dominate the step: on a 4-block 7B-shaped model, 1 x 128, AVX2 kind, keeping took a step from 5.0 s to 4.5-5.1 s
-# for 0.84 GiB more peak RSS.
+# Kept only in half precision: in fp32 (an AVX2-only CPU) the block kept doubles in size and the matmuls dominate the
+# step, so keeping saved little for much memory (docs/performance.md, issue 25).
 KEEP_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -196,11 +194,10 @@ except (OSError, AttributeError):  # pragma: no cover - another C library
 
 def _release_heap() -> None:
     """After an NF4 linear's forward on a CPU where nothing is kept (fp32, not in KEEP_DTYPES): glibc keeps the step's
-    freed activations in its heap, so return them (the dequantized chunks are not among them: ``_scratch``). 7B,
-    1 x 128, AVX2 kind, fp32: 4.58 GiB for a 30.5 s step, against 5.32 GiB and 24.5 s without. Not where a block is
-    kept (bf16, fp16): there the native bf16 step went from 8.8 to 12.0 s for 0.07 GiB, the freed pages faulting in
-    again; at 4 x 512 the epoch's step peaks 1.2 GiB higher without it (docs/performance.md). glibc's mmap threshold
-    at 2 MB instead cost as much at 1 x 128 and 41% at 4 x 512; trimming after the backward too saved nothing more."""
+    freed activations in its heap, so return them (the dequantized chunks are not among them: ``_scratch``): it keeps
+    7B's fp32 step under 5 GiB at some cost in time. Not where a block is kept (bf16, fp16): there the freed pages
+    fault in again for little memory saved. The figures, and the heap policies measured and dropped, are in
+    docs/performance.md (issue 25)."""
     if _malloc_trim is not None:
         _malloc_trim(0)
 

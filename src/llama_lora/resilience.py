@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from . import run_checkpoint
+from .plan import DTYPE_NAMES, RunPlan
 
 log = logging.getLogger(__name__)
 
@@ -234,9 +235,9 @@ def checkpoint_problem(path: str | Path) -> str | None:
     if path.stat().st_size == 0:
         return "empty file"
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - any failure to read means: not usable
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+        ckpt = run_checkpoint.load(path)
+    except ValueError as e:  # any failure to read means: not usable
+        first = str(e).split(" (", 1)[-1].rstrip(")").split(". ")[0]
         return f"truncated or corrupt ({first[:160]})"
     if not isinstance(ckpt, dict) or "loops" not in ckpt or "global_step" not in ckpt:
         return "not a training checkpoint of fit.py (no loop state)"
@@ -300,9 +301,10 @@ class OutOfMemory(RunFailed):
     """CUDA ran out of memory; the message lists the memory levers with this run's settings."""
 
 
-def oom_advice(*, gradient_checkpointing: bool, micro_batch_size: int, precision: str, base_dtype: str,
-               lora_targets: list[str] | None, max_seq_len: int, checkpoint_layers: int | None = None) -> str:
-    """The memory levers, each with this run's setting: printed when CUDA runs out of memory."""
+def oom_advice(plan: RunPlan, *, gradient_checkpointing: bool, micro_batch_size: int, lora_targets: list[str] | None,
+               max_seq_len: int, checkpoint_layers: int | None = None) -> str:
+    """The memory levers, each with this run's setting (its dtypes as the run plan decided them): printed when CUDA
+    runs out of memory."""
     lines = ["Ways to fit in memory (this run's setting in brackets):"]
     if not gradient_checkpointing:
         lines.append("  - model.gradient_checkpointing: true (recompute activations) [false]")
@@ -311,9 +313,10 @@ def oom_advice(*, gradient_checkpointing: bool, micro_batch_size: int, precision
     if micro_batch_size > 1:
         lines.append(f"  - a smaller data.micro_batch_size with a larger trainer.accumulate_grad_batches, same "
                      f"global batch [{micro_batch_size}]")
-    if not precision.startswith(("16", "bf16")) or base_dtype == "fp32":
+    base = "nf4" if plan.quantization else DTYPE_NAMES[plan.linear_dtype]
+    if plan.compute_dtype == torch.float32 or base == "fp32":
         lines.append(f"  - trainer.precision: 16-mixed (bf16-mixed) with model.base_dtype: fp16 (bf16) "
-                     f"[{precision}, {base_dtype}]")
+                     f"[{plan.precision}, {base}]")
     if lora_targets is None:
         lines.append("  - LoRA instead of full fine-tuning: model.lora [null]")
     elif len(lora_targets) > 2:

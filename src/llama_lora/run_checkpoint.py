@@ -126,8 +126,9 @@ def _settings(hp: dict, data: dict, quantization: str | None, optimizer: str | N
     return values
 
 
-def save(checkpoint: dict[str, Any], module: Any) -> None:
-    """Write this project's part of a checkpoint (``on_save_checkpoint``): the trained tensors only, and the record."""
+def save(checkpoint: dict[str, Any], module: Any, rng: dict[str, Any]) -> None:
+    """Write this project's part of a checkpoint (``on_save_checkpoint``): the trained tensors only, the record, and
+    the RNG states to restore at the first batch after a resume."""
     keep = {n for n, p in module.named_parameters() if p.requires_grad}
     checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
     checkpoint["trainable_keys"] = sorted(checkpoint["state_dict"])
@@ -137,11 +138,27 @@ def save(checkpoint: dict[str, Any], module: Any) -> None:
                        "run": run_settings(module, datamodule, trainer)}
     if hasattr(datamodule, "prompt_format"):
         checkpoint[KEY]["prompt_format"] = datamodule.prompt_format.name
+    checkpoint["rng"] = rng
+
+
+def rng_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    return checkpoint.get("rng")
 
 
 def trainable_keys(checkpoint: dict[str, Any]) -> list[str]:
-    """The names of the trained tensors a checkpoint holds (kept when a strategy has popped its state_dict)."""
-    return checkpoint.get("trainable_keys") or sorted(checkpoint.get("state_dict", {}))
+    """The names of the trained tensors a checkpoint holds (ModelParallelStrategy loads and pops its state_dict
+    before the module sees it; the key list is kept beside it)."""
+    if "state_dict" in checkpoint:
+        return list(checkpoint["state_dict"])
+    return list(checkpoint.get("trainable_keys", ()))
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """A .ckpt as a dict: weights only (no pickled code runs) and memory-mapped (no tensor data is read yet)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - whatever the reason, it is not a checkpoint we can read
+        raise ValueError(f"{path}: not a readable fit.py checkpoint ({str(e).splitlines()[0]})") from None
 
 
 @dataclass
@@ -198,10 +215,7 @@ def read(path: str | Path, checkpoint: dict[str, Any] | None = None) -> RunRecor
     """A fit.py checkpoint (weights only: no pickled code runs). ``checkpoint``: the dict, when it is already loaded."""
     path = Path(path)
     if checkpoint is None:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # noqa: BLE001 - whatever the reason, it is not a checkpoint we can read
-            raise ValueError(f"{path}: not a readable fit.py checkpoint ({str(e).splitlines()[0]})") from None
+        checkpoint = load(path)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint and "trainable_keys" not in checkpoint:
         raise ValueError(f"{path}: no state_dict; is it a fit.py checkpoint?")
     hp = dict(checkpoint.get("hyper_parameters", {}))

@@ -25,7 +25,7 @@ from .peft import CHAT_TEMPLATE_FILE, import_peft, is_peft
 from .plan import RunPlan, make_plan, resolve_device
 from .prompts import PromptFormat, format_of_jinja, resolve_format
 from .tokenizer import Tokenizer
-from .weights import build_model, open_checkpoint
+from .weights import build_model, checkpoint_config
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def open_run(adapter: str | Path | None = None, checkpoint_dir: str | Path | Non
         model = model or record.preset
     config = LlamaConfig.from_name(model) if model else None
     if config is None and checkpoint_dir is not None:
-        _, _, config = open_checkpoint(checkpoint_dir)  # the header: the model's shape, no weight read
+        config = checkpoint_config(checkpoint_dir)  # the model's shape, no weight read
     tokenizer = _tokenizer_file(tokenizer_path, record, checkpoint_dir)
     # The prompt format, in this order: the one given; the run's (as recorded, or from its data settings, for a
     # chat run written before checkpoints recorded it by its tokenizer's family); the one an exported adapter or a

@@ -11,7 +11,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from ..demo import default_cache_dir, demo_tokenizer_file, instruction_records, prose
+from ..cache import default_cache_dir
+from ..demo import demo_tokenizer_file, instruction_records, prose
 from ..prompts import ChatTemplateName, PromptFormat, resolve_format
 from ..tokenizer import Tokenizer
 from .batches import DataCollatorForSupervisedDataset, PackedDataset, ResumableBatchSampler, SupervisedDataset

@@ -12,7 +12,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from ..demo import default_cache_dir
+from ..cache import default_cache_dir
+from ..prompts import check_conversation
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,6 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 def chat_record(rec: Any, index: int, source: str | Path = "data") -> dict[str, list[dict[str, str]]]:
     """A conversation as {"messages": [{"role", "content"}, ...]}: from the messages form (OpenAI's, TRL's) or the
     ShareGPT form ({"conversations": [{"from": human/gpt/system, "value"}]}), checked turn by turn."""
-    from ..prompts import check_conversation
 
     where = f"{source}: record {index}"
     if isinstance(rec, dict) and isinstance(rec.get("messages"), list):

@@ -13,9 +13,9 @@ from .build import build_model, fill_shards
 from .hf import hf_key_to_meta, meta_key_to_hf, save_hf
 from .llama2c import save_llama2c
 from .meta import save_meta
-from .source import WEIGHTS_HELP, check_state_dict, detect_format, load_checkpoint, open_checkpoint
+from .source import WEIGHTS_HELP, check_state_dict, checkpoint_config, detect_format, load_checkpoint, open_checkpoint
 from .tensors import LazyStateDict
 
-__all__ = ["WEIGHTS_HELP", "LazyStateDict", "build_model", "check_state_dict", "detect_format", "fill_shards",
-           "hf_key_to_meta", "load_checkpoint", "meta_key_to_hf", "open_checkpoint", "save_hf", "save_llama2c",
-           "save_meta"]
+__all__ = ["WEIGHTS_HELP", "LazyStateDict", "build_model", "check_state_dict", "checkpoint_config", "detect_format",
+           "fill_shards", "hf_key_to_meta", "load_checkpoint", "meta_key_to_hf", "open_checkpoint", "save_hf",
+           "save_llama2c", "save_meta"]

@@ -7,11 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from ..config import LlamaConfig
 from ..layout import is_block_linear
+from ..lora import init_lora_a
 from ..model import Llama, init_base_tensor
 from ..plan import RunPlan
+from ..quant import quantize
 from .source import check_state_dict, open_checkpoint
 from .tensors import LazyStateDict
 
@@ -32,8 +35,6 @@ def build_model(
     dropped, so the half-precision model never exists in memory. With both ``config`` and ``checkpoint`` given, the
     checkpoint must match the config's shapes.
     """
-    from ..quant import quantize
-
     plan = plan if isinstance(plan, RunPlan) else RunPlan.uniform(plan, device)
     sd = sources = None
     if checkpoint is not None:
@@ -72,10 +73,6 @@ def fill_shards(model: torch.nn.Module, sd: LazyStateDict | None, seed: int | No
     the single-process random init (every full tensor in turn, same generator) and keeps its rows. LoRA weights are
     drawn as LoRALinear draws them. Device memory per rank is about 1/W of the base; no rank holds a whole tensor
     read from the checkpoint."""
-    from torch.distributed.tensor import DTensor
-
-    from ..lora import init_lora_a
-
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if sd is None and seed is not None else None
     base = [(n, p) for n, p in model.named_parameters() if "lora_" not in n]

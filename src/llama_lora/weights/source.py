@@ -43,11 +43,23 @@ def detect_format(path: str | Path) -> str:
 def load_checkpoint(path: str | Path) -> tuple[LazyStateDict, dict[str, str], LlamaConfig | None]:
     """State dict in Meta names (read lazily, see LazyStateDict), the file each tensor came from, and the config the
     checkpoint describes."""
-    path = Path(path)
-    fmt = detect_format(path)
-    sd, sources, config = {"meta": load_meta, "hf": load_hf, "llama2c": load_llama2c}[fmt](path)
+    sd, sources, config, fmt = _read(path)
     log.info("Read %s checkpoint %s: %d tensors", fmt, path, len(sd))
     return sd, sources, config
+
+
+def _read(path: str | Path) -> tuple[LazyStateDict, dict[str, str], LlamaConfig | None, str]:
+    fmt = detect_format(Path(path))
+    return (*{"meta": load_meta, "hf": load_hf, "llama2c": load_llama2c}[fmt](Path(path)), fmt)
+
+
+def checkpoint_config(path: str | Path) -> LlamaConfig:
+    """The config a checkpoint describes (its params.json / config.json, with the shapes its tensors say), for a
+    model to be built from it later: the tensors are not read, and the checkpoint is not announced as read."""
+    config = _read(path)[2]
+    if config is None:
+        raise ValueError(f"{path}: no params.json/config.json found; pass a model config or preset")
+    return config
 
 
 def check_state_dict(model: torch.nn.Module, sd: LazyStateDict, sources: dict[str, str], what: str = "the model"
