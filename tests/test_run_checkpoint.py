@@ -264,6 +264,7 @@ def _resume(on_files: Path, tmp_path: Path, cache_dir: Path, *args: str, cwd: Pa
     return fit(config, "--ckpt_path", "last", *args, check=False, cwd=cwd or on_files)
 
 
+@pytest.mark.slow
 def test_a_resume_on_another_base_folder_is_refused(on_files, tmp_path, cache_dir):
     """Failed before: other weights of the same shape resumed silently (the base was not compared)."""
     error = one_error_line(_resume(on_files, tmp_path, cache_dir, "--model.checkpoint_dir",
@@ -271,6 +272,7 @@ def test_a_resume_on_another_base_folder_is_refused(on_files, tmp_path, cache_di
     assert "model.checkpoint_dir" in error and "--model.init_adapter" in error, error
 
 
+@pytest.mark.slow
 def test_a_relative_data_path_pointing_at_another_file_is_refused(on_files, tmp_path, cache_dir):
     """Failed before: the same name in another working directory continued on other records."""
     elsewhere = tmp_path / "elsewhere"
@@ -280,6 +282,7 @@ def test_a_relative_data_path_pointing_at_another_file_is_refused(on_files, tmp_
     assert "data.data_path" in error and "another file" in error, error
 
 
+@pytest.mark.slow
 def test_another_tokenizer_file_on_resume_is_refused(on_files, tmp_path, cache_dir):
     other = tmp_path / "tokenizer.model"
     shutil.copyfile(next(cache_dir.glob("demo-tokenizer-1024-*.model"), None) or _train_other(tmp_path), other)
@@ -293,6 +296,7 @@ def _train_other(tmp_path: Path) -> Path:
     return demo_tokenizer_file(1024, tmp_path / "cache")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [("--data.data_path", "ABS"), ("--data.chat_template", "llama2")],
                          ids=["absolute-data-path", "explicit-default-template"])
 def test_the_same_file_or_template_said_another_way_resumes(on_files, tmp_path, cache_dir, args):
