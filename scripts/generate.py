@@ -19,7 +19,7 @@ import torch
 from llama_lora.cli import configure_logging, main_guard, script_arguments
 from llama_lora.model import Llama, check_sampling
 from llama_lora.plan import BaseDtypeName, PrecisionName, resolve_device
-from llama_lora.prompts import SEED_PROMPTS, ChatTemplateName
+from llama_lora.prompts import SEED_PROMPTS, PromptFormatName
 from llama_lora.trained_run import open_run
 
 SAMPLING = ("temperature", "top_k", "top_p")  # Llama.generate_stream's own defaults
@@ -81,7 +81,7 @@ def check_prompt_lengths(prompts: list[list[int]], context: int) -> None:
 def generate(prompts: list[str] = [], adapter: str | None = None, checkpoint_dir: str | None = None,  # noqa: B006
              model: str | None = None, tokenizer_path: str | None = None,
              mode: Literal["instruction", "completion"] = "instruction", input: str = "", file: str | None = None,
-             chat_template: ChatTemplateName | None = None, system: str | None = None,
+             chat_template: PromptFormatName | None = None, system: str | None = None,
              seed_prompts: bool = False, max_new_tokens: int = 128, greedy: bool = False, seed: int = 1234,
              precision: PrecisionName = "auto", base_dtype: BaseDtypeName = "auto", device: str | None = None,
              sampling: dict[str, Any] | None = None) -> None:
@@ -96,8 +96,8 @@ def generate(prompts: list[str] = [], adapter: str | None = None, checkpoint_dir
         mode: instruction (Alpaca template, or a chat template; the response only) or completion (raw text).
         input: the Alpaca 'input' field for every instruction (in a chat template: after it, in the user's turn).
         chat_template: llama3 or llama2: each prompt a user turn in that template, the response ending at its end of
-            turn (default: the format the adapter trained in, or the one a merged model or PEFT folder carries;
-            else Alpaca's prompt).
+            turn; alpaca: Alpaca's prompt (default: the format the adapter trained in, else the one a merged model,
+            PEFT folder or GGUF carries, a model's own Jinja template included; else Alpaca's prompt).
         system: a system message before each prompt (chat templates).
         file: prompts: one per line, or a JSON list of strings or {instruction, input} records.
         seed_prompts: the original experiment's four completion prompts.

@@ -24,6 +24,7 @@ from .lora import LoRASettings
 from .model import llama3_scaled, rope_frequencies
 from .prompts import PromptFormat
 from .tokenizer import Tokenizer
+from .weights.gguf import gguf_package
 from .weights.tensors import publish
 
 log = logging.getLogger(__name__)
@@ -33,16 +34,6 @@ log = logging.getLogger(__name__)
 GGUFType = Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]
 _FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
                "q5_1": "MOSTLY_Q5_1", "q5_0": "MOSTLY_Q5_0", "q4_1": "MOSTLY_Q4_1", "q4_0": "MOSTLY_Q4_0"}
-
-
-def gguf_package() -> Any:
-    """The gguf package, imported here only, or one line that says how to get it."""
-    try:
-        import gguf
-    except ImportError:
-        raise ValueError('GGUF files need the gguf package (llama.cpp\'s own writer): pip install -e ".[gguf]", or '
-                         "pip install gguf") from None
-    return gguf
 
 
 def _tensor_type(gguf: Any, name: str, shape: tuple[int, ...], wanted: str) -> Any:

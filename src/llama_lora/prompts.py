@@ -29,6 +29,7 @@ SEED_PROMPTS = [
 
 ChatTemplateName = Literal["llama3", "llama2"]  # the names a config or a script takes (data.chat_template)
 CHAT_TEMPLATES: tuple[str, ...] = ChatTemplateName.__args__
+PromptFormatName = Literal["alpaca", "llama3", "llama2"]  # generate.py --chat_template: Alpaca's prompt too
 LLAMA2_INST, LLAMA2_SYS = ("[INST]", "[/INST]"), ("<<SYS>>\n", "\n<</SYS>>\n\n")
 
 Messages = list[dict[str, str]]
@@ -214,6 +215,74 @@ class Llama2Chat(ChatFormat):
             ids += part
             trained += [m["role"] == "assistant"] * len(part)
         return ids, trained
+
+
+def jinja_package():
+    """jinja2, imported here only, or one line that says how to get it."""
+    try:
+        import jinja2.sandbox
+    except ImportError:
+        raise ValueError('A model\'s own chat template needs jinja2: pip install -e ".[tokenizers]", or pip install '
+                         "jinja2") from None
+    return jinja2
+
+
+class ModelChat(ChatFormat):
+    """The model's own chat template (Jinja, from its tokenizer_config.json, chat_template.jinja or GGUF), rendered
+    as transformers renders it: a sandboxed environment with ``raise_exception``, ``bos_token``, ``eos_token`` and
+    ``add_generation_prompt``, the text then tokenized whole with its special tokens parsed. The loss falls on each
+    assistant turn as the template writes it, up to and with its end-of-turn token: the span between the conversation
+    rendered up to the turn's generation prompt and rendered through the turn."""
+
+    name, description, ollama = "model", "the model's own chat template", None
+
+    def __init__(self, template: str, source: str = "the model") -> None:
+        self.jinja, self.source = template, source
+        jinja2 = jinja_package()
+
+        def raise_exception(message: str) -> None:
+            raise ValueError(f"{source}: the chat template says: {message}")
+
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            self.compiled = env.from_string(template)
+        except jinja2.TemplateError as e:
+            raise ValueError(f"{source}: the chat template is not valid Jinja ({e})") from None
+
+    def check(self, tokenizer) -> None:
+        if not hasattr(tokenizer, "encode_rendered"):
+            raise ValueError(f"{self.source}: the model's own chat template writes its special tokens as text, which "
+                             "its own tokenizer (tokenizer.json or the GGUF's) parses; give that with --tokenizer_path")
+
+    def render_text(self, messages: Messages, tokenizer, add_generation_prompt: bool = False) -> str:
+        return self.compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                    bos_token=tokenizer.token_text(tokenizer.bos_id) or "",
+                                    eos_token=tokenizer.token_text(tokenizer.eos_id) or "")
+
+    def tokens(self, messages: Messages, tokenizer, add_generation_prompt: bool = False
+               ) -> tuple[list[int], list[bool]]:
+        self.check(tokenizer)
+        text = self.render_text(messages, tokenizer, add_generation_prompt)
+        ids, offsets = tokenizer.encode_rendered(text)
+        stop = tokenizer.token_text(self.stop_id(tokenizer))
+        spans = []
+        for k, m in enumerate(messages):
+            if m["role"] != "assistant" or add_generation_prompt:
+                continue
+            before = self.render_text(messages[:k], tokenizer, add_generation_prompt=True)
+            through = self.render_text(messages[: k + 1], tokenizer)
+            if not (through.startswith(before) and text.startswith(through)):
+                raise ValueError(f"{self.source}: the chat template cannot be split into turns (the conversation "
+                                 "rendered up to an answer is not a prefix of it rendered whole), so the loss cannot "
+                                 "fall on the answers alone; choose --data.chat_template")
+            end = through.find(stop, len(before)) if stop else -1
+            spans.append((len(before), end + len(stop) if end >= 0 else len(through.rstrip())))
+        trained = [any(a <= lo and hi <= b for a, b in spans) for lo, hi in offsets]
+        return ids, trained
+
+    def stop_id(self, tokenizer) -> int:
+        return tokenizer.special.get("eot", tokenizer.eos_id)
 
 
 FORMATS: dict[str, PromptFormat] = {f.name: f for f in (Alpaca(), Llama3Chat(), Llama2Chat())}

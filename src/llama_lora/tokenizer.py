@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
 import os
 import tempfile
@@ -13,6 +14,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import sentencepiece as spm
+
+from .weights.gguf import field, is_gguf_file, read_gguf
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ class Tokenizer:
 
     def __new__(cls, path: str | Path | None = None):
         if cls is Tokenizer and path is not None:
-            cls = TiktokenTokenizer if is_tiktoken_file(_existing(path)) else SentencePieceTokenizer
+            cls = _kind_of(_existing(path))
         return super().__new__(cls)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
@@ -72,6 +75,16 @@ def _existing(path: str | Path) -> Path:
             "the demo trains its own (see configs/demo.yaml)"
         )
     return path
+
+
+def _kind_of(path: Path) -> type[Tokenizer]:
+    """The tokenizer a file holds, by its content: a GGUF's or a tokenizer.json's BPE, Llama 3's tiktoken file, or
+    a SentencePiece model."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if is_gguf_file(path) or head[:1] == b"{":
+        return BPETokenizer
+    return TiktokenTokenizer if is_tiktoken_file(path) else SentencePieceTokenizer
 
 
 def is_tiktoken_file(path: Path) -> bool:
@@ -209,6 +222,131 @@ class TiktokenTokenizer(Tokenizer):
             if len(parts) == 2:
                 out.append((parts[0], parts[1]))
         return out
+
+
+def tokenizers_package():
+    """HF's tokenizers (the reference implementation of tokenizer.json), imported here only, or one line that says
+    how to get it."""
+    try:
+        import tokenizers
+    except ImportError:
+        raise ValueError('tokenizer.json and a GGUF\'s own tokenizer need HF\'s tokenizers: pip install -e '
+                         '".[tokenizers]", or pip install tokenizers') from None
+    return tokenizers
+
+
+# llama.cpp's pre-tokenizers (tokenizer.ggml.pre) read here, as tokenizers' pre-tokenizers: the regex llama.cpp
+# splits with (llama-vocab.cpp), then GPT-2's byte alphabet.
+GGUF_PRE_TOKENIZERS = ("llama-bpe", "smollm")
+
+
+def _pre_tokenizer(tokenizers, pre: str, source: Path):
+    p = tokenizers.pre_tokenizers
+    if pre == "llama-bpe":  # Llama 3's split pattern
+        return p.Sequence([p.Split(tokenizers.Regex(LLAMA3_PATTERN), behavior="isolated"),
+                           p.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if pre == "smollm":  # each digit alone, then GPT-2's pattern (llama.cpp: \p{N}, then GPT-2's)
+        return p.Sequence([p.Digits(individual_digits=True), p.ByteLevel(add_prefix_space=False, use_regex=True)])
+    raise ValueError(f"{source}: the GGUF's pre-tokenizer {pre!r} is not read yet ({', '.join(GGUF_PRE_TOKENIZERS)} "
+                     "are); give the model's tokenizer.json with --tokenizer_path")
+
+
+class BPETokenizer(Tokenizer):
+    """A byte-level BPE as HF's tokenizers runs it: a ``tokenizer.json`` (its BOS/EOS and whether BOS is added from
+    ``tokenizer_config.json`` beside it, the end of turn from ``generation_config.json``), or the vocabulary a GGUF
+    carries (``tokenizer.ggml.model`` gpt2: its tokens, merges and pre-tokenizer, control tokens as special)."""
+
+    kind = "bpe"
+
+    def __init__(self, path: str | Path) -> None:
+        path = _existing(path)
+        self.path = path
+        tokenizers = tokenizers_package()
+        if is_gguf_file(path):
+            reader = read_gguf(path)
+            model = field(reader, "tokenizer.ggml.model")
+            if model != "gpt2":
+                raise ValueError(f"{path}: the GGUF's tokenizer is {model!r}; this version reads its byte-level BPE "
+                                 "(gpt2) alone: give the model's tokenizer.model or tokenizer.json with "
+                                 "--tokenizer_path")
+            tokens, types = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.token_type")
+            merges = [tuple(m.split(" ", 1)) for m in field(reader, "tokenizer.ggml.merges")]
+            self.tk = tokenizers.Tokenizer(tokenizers.models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+            self.tk.pre_tokenizer = _pre_tokenizer(tokenizers, field(reader, "tokenizer.ggml.pre", "default"), path)
+            self.tk.decoder = tokenizers.decoders.ByteLevel()
+            control = [tokenizers.AddedToken(tokens[i], special=True, normalized=False)
+                       for i, kind in enumerate(types) if kind in (3, 4)]  # CONTROL, USER_DEFINED
+            self.tk.add_special_tokens(control)
+            self.bos_id = field(reader, "tokenizer.ggml.bos_token_id")
+            self.eos_id = field(reader, "tokenizer.ggml.eos_token_id")
+            self.add_bos = bool(field(reader, "tokenizer.ggml.add_bos_token", True))
+            eot = field(reader, "tokenizer.ggml.eot_token_id")
+            pad = field(reader, "tokenizer.ggml.padding_token_id")
+        else:
+            try:
+                self.tk = tokenizers.Tokenizer.from_file(str(path))
+            except Exception as e:  # noqa: BLE001 - not JSON, or not a tokenizer the library reads
+                raise ValueError(f"{path}: not a readable tokenizer.json ({str(e).splitlines()[0][:200]})") from None
+            kind = json.loads(self.tk.to_str())["model"]["type"]
+            if kind != "BPE":
+                raise ValueError(f"{path}: a {kind} tokenizer.json; this version reads BPE ones (Llama's, Qwen's, "
+                                 "SmolLM's, Mistral's)")
+            config = _json_beside(path, "tokenizer_config.json")
+            self.bos_id, self.eos_id = (self._token_id(config.get(k), path, k) for k in ("bos_token", "eos_token"))
+            self.add_bos = bool(config.get("add_bos_token", False)) and self.bos_id is not None
+            generation = _json_beside(path, "generation_config.json").get("eos_token_id")
+            eot = generation[-1] if isinstance(generation, list) else generation
+            pad = self._token_id(config.get("pad_token"), path, "pad_token")
+        self.tk.encode_special_tokens = True  # text is text: a "<|im_end|>" typed in a record stays text
+        self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
+        self.pad_id = pad if pad is not None else self.eos_id
+        self.special = {"bos": self.bos_id, "eos": self.eos_id}
+        if eot is not None and eot != self.eos_id:
+            self.special["eot"] = eot
+
+    def _token_id(self, token, path: Path, what: str) -> int | None:
+        if isinstance(token, dict):  # {"content": ..., ...} as transformers writes an AddedToken
+            token = token.get("content")
+        if token is None:
+            return None
+        i = self.tk.token_to_id(token)
+        if i is None:
+            raise ValueError(f"{path}: {what} {token!r} of tokenizer_config.json is not in the vocabulary")
+        return i
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Token ids of ``text`` (special-token strings in it stay text); ``bos``: as the model starts a sequence
+        (nothing where its tokenizer adds no BOS)."""
+        ids = self.tk.encode(text, add_special_tokens=False).ids
+        return [self.bos_id] * (bos and self.add_bos) + ids + [self.eos_id] * eos
+
+    def encode_rendered(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and character offsets of a chat template's output, its special tokens parsed as such."""
+        self.tk.encode_special_tokens = False
+        try:
+            out = self.tk.encode(text, add_special_tokens=False)
+        finally:
+            self.tk.encode_special_tokens = True
+        return out.ids, out.offsets
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tk.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def id_to_piece(self, i: int) -> str:
+        return self.tk.id_to_token(int(i))
+
+    def token_text(self, i: int | None) -> str | None:
+        return None if i is None else self.tk.id_to_token(int(i))
+
+
+def _json_beside(path: Path, name: str) -> dict:
+    other = path.with_name(name)
+    if not other.is_file():
+        return {}
+    try:
+        return json.loads(other.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{other}: invalid JSON at line {e.lineno}: {e.msg}") from None
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, path: str | Path) -> Path:

@@ -23,9 +23,11 @@ from .lora import LoRASettings, apply_lora
 from .model import Llama
 from .peft import CHAT_TEMPLATE_FILE, import_peft, is_peft
 from .plan import RunPlan, make_plan, resolve_device
-from .prompts import PromptFormat, format_of_jinja, resolve_format
+from .prompts import ModelChat, PromptFormat, format_of_jinja, resolve_format
 from .tokenizer import Tokenizer
 from .weights import build_model, checkpoint_config
+from .weights.gguf import field as gguf_field
+from .weights.gguf import is_gguf_file, read_gguf
 
 log = logging.getLogger(__name__)
 
@@ -131,16 +133,21 @@ def open_run(adapter: str | Path | None = None, checkpoint_dir: str | Path | Non
     # The prompt format, in this order: the one given; the run's (as recorded, or from its data settings, for a
     # chat run written before checkpoints recorded it by its tokenizer's family); the one an exported adapter or a
     # merged base carries beside its files; else Alpaca's.
+    carried = None
     if chat_template is not None:
         name, source = chat_template, "--chat_template"
     elif record is not None:
         name, source = record.prompt_format or record.chat_template, "the run"
     else:
-        name, source = next(((carried.name, str(path)) for path in _template_files(adapter, checkpoint_dir)
-                             if (carried := _carried_format(path)) is not None), (None, None))
-    legacy = name is None and record is not None and record.data_format == "chat"
-    tok = Tokenizer(tokenizer) if legacy and tokenizer is not None else None
-    fmt = resolve_format(record.data_format if record is not None else None, name, tok)
+        name, source = None, None
+        carried = next(((fmt, str(path)) for path in _template_files(adapter, checkpoint_dir)
+                        if (fmt := _carried_format(path)) is not None), None)
+    if carried is not None:
+        fmt, source = carried
+    else:
+        legacy = name is None and record is not None and record.data_format == "chat"
+        tok = Tokenizer(tokenizer) if legacy and tokenizer is not None else None
+        fmt = resolve_format(record.data_format if record is not None else None, name, tok)
     run = TrainedRun(config, None if checkpoint_dir is None else str(checkpoint_dir), fmt, tokenizer, source,
                      preset=model)
     if record is not None:
@@ -163,31 +170,48 @@ def _tokenizer_file(given: str | Path | None, record: run_checkpoint.RunRecord |
     if path is None and demo is not None:
         path = demo_tokenizer_file(*demo)
     if path is None and checkpoint_dir is not None:
-        folder = Path(checkpoint_dir)
-        path = (folder.parent if folder.is_file() else folder) / "tokenizer.model"
+        path = base_tokenizer(Path(checkpoint_dir))
     return None if path is None else Path(path)
 
 
+def base_tokenizer(checkpoint: Path) -> Path:
+    """The tokenizer a base ships: a GGUF's own; in a folder, tokenizer.model (SentencePiece, or Llama 3's tiktoken
+    file under original/), else tokenizer.json."""
+    if checkpoint.is_file():
+        return checkpoint if is_gguf_file(checkpoint) else checkpoint.parent / "tokenizer.model"
+    for name in ("tokenizer.model", "original/tokenizer.model", "tokenizer.json"):
+        if (checkpoint / name).is_file():
+            return checkpoint / name
+    return checkpoint / "tokenizer.model"
+
+
 def _template_files(adapter: str | Path | None, checkpoint_dir: str | Path | None) -> list[Path]:
-    """Where a folder carries its chat template: beside a PEFT adapter, then beside the base's weights."""
-    folders = [Path(f) if Path(f).is_dir() else Path(f).parent for f in (adapter, checkpoint_dir) if f is not None]
-    return [f / name for f in folders for name in (CHAT_TEMPLATE_FILE, "tokenizer_config.json") if (f / name).is_file()]
+    """Where a chat template is carried: beside a PEFT adapter, then beside the base's weights, or inside its GGUF."""
+    found = []
+    for f in (Path(p) for p in (adapter, checkpoint_dir) if p is not None):
+        if f.is_file() and is_gguf_file(f):
+            found.append(f)
+            continue
+        folder = f if f.is_dir() else f.parent
+        found += [folder / n for n in (CHAT_TEMPLATE_FILE, "tokenizer_config.json") if (folder / n).is_file()]
+    return found
 
 
 def _carried_format(path: Path) -> PromptFormat | None:
-    """The prompt format a chat_template.jinja (or tokenizer_config.json's chat_template) names, when this project
-    wrote it; another template is logged and left to --chat_template."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
+    """The prompt format a chat_template.jinja, tokenizer_config.json's chat_template or a GGUF's
+    tokenizer.chat_template holds: one of this project's by name where it wrote it, else the model's own."""
+    if is_gguf_file(path):
+        text = gguf_field(read_gguf(path), "tokenizer.chat_template")
+    elif path.suffix == ".json":
         try:
-            text = json.loads(text).get("chat_template")
+            text = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
         except (json.JSONDecodeError, AttributeError):
             return None
-        if not isinstance(text, str):
-            return None
-    fmt = format_of_jinja(text)
-    if fmt is None:
-        log.info("%s: a chat template this version does not render; prompting in Alpaca's unless --chat_template "
-                 "says otherwise", path)
-    return fmt
+        if isinstance(text, list):  # named templates: transformers takes "default"
+            text = next((t.get("template") for t in text if t.get("name") == "default"), None)
+    else:
+        text = path.read_text(encoding="utf-8")
+    if not isinstance(text, str) or not text.strip():
+        return None
+    return format_of_jinja(text) or ModelChat(text, str(path))
 

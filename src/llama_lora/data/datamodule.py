@@ -50,7 +50,8 @@ class AlpacaDataModule(L.LightningDataModule):
     ShareGPT's ``conversations`` with from/value; the loss on the assistant turns, in ``chat_template``: llama3 or
     llama2, by default the tokenizer's family's; a chat template chosen for Alpaca records makes each a two-turn
     conversation) or ``text`` for continued pretraining (.txt, or JSON/JSONL with a
-    ``text`` field; see ``text_blocks``). ``tokenizer_path``: a SentencePiece model; None with the demo data trains
+    ``text`` field; see ``text_blocks``). ``tokenizer_path``: a SentencePiece or tiktoken ``tokenizer.model``, a
+    ``tokenizer.json`` or a GGUF (its own tokenizer); None: fit.py takes the base's own, and with the demo data trains
     the demo's own tokenizer (``demo_vocab_size`` pieces, cached). ``num_samples``: the number of training records
     (documents for text), taken after a seeded shuffle (200 reproduces the seed experiment; None takes all).
     ``val_size``: records held out for validation, never from the training sample. ``packing``: several examples per
@@ -87,7 +88,8 @@ class AlpacaDataModule(L.LightningDataModule):
         if val_size < 0:
             raise ValueError(f"data.val_size must be >= 0, got {val_size}")
         if tokenizer_path is None and data_path != DEMO:
-            raise ValueError("data.tokenizer_path is required unless data_path is 'demo'; point it at the "
+            raise ValueError("data.tokenizer_path is required unless data_path is 'demo' or model.checkpoint_dir names "
+                             "the base whose tokenizer to take; point it at the "
                              "tokenizer.model that comes with the LLaMA-2 weights")
         self.save_hyperparameters()
         if format == "text" and chat_template is not None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..config import LlamaConfig
+from .gguf import is_gguf_file, load_gguf
 from .hf import load_hf
 from .llama2c import load_llama2c
 from .meta import load_meta
@@ -25,14 +26,17 @@ WEIGHTS_HELP = (
 
 
 def detect_format(path: str | Path) -> str:
-    """'meta', 'hf' or 'llama2c' for a checkpoint dir (or a llama2.c .bin file)."""
+    """'meta', 'hf', 'llama2c' or 'gguf' for a checkpoint dir (or a llama2.c .bin or a .gguf file)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"Checkpoint not found: {path}. {WEIGHTS_HELP}")
     if path.is_file():
+        if is_gguf_file(path):
+            return "gguf"
         if path.suffix == ".bin" and not path.name.startswith("pytorch_model"):
             return "llama2c"
-        raise ValueError(f"{path}: a checkpoint file must be a llama2.c .bin; for other layouts pass the directory")
+        raise ValueError(f"{path}: a checkpoint file must be a GGUF or a llama2.c .bin; for other layouts pass the "
+                         "directory")
     if list(path.glob("consolidated.*.pth")):
         return "meta"
     if list(path.glob("*.safetensors")) or list(path.glob("pytorch_model*.bin")):
@@ -50,7 +54,7 @@ def load_checkpoint(path: str | Path) -> tuple[LazyStateDict, dict[str, str], Ll
 
 def _read(path: str | Path) -> tuple[LazyStateDict, dict[str, str], LlamaConfig | None, str]:
     fmt = detect_format(Path(path))
-    return (*{"meta": load_meta, "hf": load_hf, "llama2c": load_llama2c}[fmt](Path(path)), fmt)
+    return (*{"meta": load_meta, "hf": load_hf, "llama2c": load_llama2c, "gguf": load_gguf}[fmt](Path(path)), fmt)
 
 
 def checkpoint_config(path: str | Path) -> LlamaConfig:

