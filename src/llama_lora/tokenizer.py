@@ -39,7 +39,7 @@ class Tokenizer:
 
     def __new__(cls, path: str | Path | None = None):
         if cls is Tokenizer and path is not None:
-            cls = _kind_of(_existing(path))
+            cls = tokenizer_class(_existing(path))
         return super().__new__(cls)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
@@ -77,7 +77,7 @@ def _existing(path: str | Path) -> Path:
     return path
 
 
-def _kind_of(path: Path) -> type[Tokenizer]:
+def tokenizer_class(path: Path) -> type[Tokenizer]:
     """The tokenizer a file holds, by its content: a GGUF's or a tokenizer.json's BPE, Llama 3's tiktoken file, or
     a SentencePiece model."""
     with open(path, "rb") as f:

@@ -24,7 +24,7 @@ from .model import Llama
 from .peft import CHAT_TEMPLATE_FILE, import_peft, is_peft
 from .plan import RunPlan, make_plan, resolve_device
 from .prompts import ModelChat, PromptFormat, format_of_jinja, resolve_format
-from .tokenizer import Tokenizer
+from .tokenizer import BPETokenizer, Tokenizer, tokenizer_class
 from .weights import build_model, checkpoint_config
 from .weights.gguf import field as gguf_field
 from .weights.gguf import is_gguf_file, read_gguf
@@ -142,6 +142,10 @@ def open_run(adapter: str | Path | None = None, checkpoint_dir: str | Path | Non
         name, source = None, None
         carried = next(((fmt, str(path)) for path in _template_files(adapter, checkpoint_dir)
                         if (fmt := _carried_format(path)) is not None), None)
+    if carried is not None and isinstance(carried[0], ModelChat) and not _renders_templates(tokenizer):
+        log.info("%s: the model's own chat template needs its tokenizer.json (or GGUF) tokenizer, not %s; prompting "
+                 "in Alpaca's unless --chat_template or --tokenizer_path says otherwise", carried[1], tokenizer)
+        carried = None
     if carried is not None:
         fmt, source = carried
     else:
@@ -172,6 +176,11 @@ def _tokenizer_file(given: str | Path | None, record: run_checkpoint.RunRecord |
     if path is None and checkpoint_dir is not None:
         path = base_tokenizer(Path(checkpoint_dir))
     return None if path is None else Path(path)
+
+
+def _renders_templates(tokenizer: Path | None) -> bool:
+    """Whether a tokenizer file can tokenize a Jinja template's output (its special tokens written as text)."""
+    return tokenizer is not None and tokenizer.is_file() and tokenizer_class(tokenizer) is BPETokenizer
 
 
 def base_tokenizer(checkpoint: Path) -> Path:
