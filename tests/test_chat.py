@@ -193,6 +193,8 @@ def test_a_llama3_shaped_base_trains_on_chat_data_and_answers_in_its_template(tm
                                           "tokenizer_path": str(llama3_tok.path), "max_seq_len": 128,
                                           "packing": variant == "nf4-packing"})
     trained = fit(config_file)
+    said = " ".join(trained.stderr.split())  # the log as one line, whatever the terminal's width wrapped
+    assert "Chat data" in said and "in the llama3 chat template" in said  # (failed before: "Alpaca data")
     if variant != "ddp":  # model null: read once per process (failed before: twice)
         assert trained.stderr.count("Read meta checkpoint") == 1, trained.stderr[-2000:]
     ckpt = tmp_path / "ckpt" / "last.ckpt"
