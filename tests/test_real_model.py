@@ -169,3 +169,11 @@ def test_an_hf_folder_with_a_sentencepiece_tokenizer_keeps_alpacas_prompt(tmp_pa
     shutil.copyfile(demo_tok.path, tmp_path / "tokenizer.model")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "[INST] {{ messages[0].content }}"}))
     assert open_run(checkpoint_dir=tmp_path).prompt_format.name == "alpaca"
+
+
+def test_merging_a_bpe_tokenizer_into_a_gguf_is_refused_in_one_line(smollm2, tmp_path):
+    """Not written yet: a GGUF with a tokenizers BPE (merge to HF instead); before, an AttributeError traceback."""
+    from llama_lora.export import merge_adapter
+
+    with pytest.raises(ValueError, match="writing a bpe tokenizer .* into a GGUF is not supported yet"):
+        merge_adapter(None, out_dir=str(tmp_path / "out"), format="gguf", checkpoint_dir=str(smollm2))

@@ -159,6 +159,9 @@ def write_model(path: str | Path, config: LlamaConfig, shapes: Mapping[str, tupl
     yields them (one at a time: a layer's tensor is encoded and written before the next one is asked for).
     ``chat_template``: the prompt format the model was trained with, as Jinja (None: none, as for a base)."""
     gguf = gguf_package()
+    if tokenizer.kind not in ("sentencepiece", "tiktoken"):
+        raise ValueError(f"GGUF: writing a {tokenizer.kind} tokenizer ({tokenizer.path.name}) into a GGUF is not "
+                         "supported yet (SentencePiece and Llama 3's tiktoken file are); merge to --format hf instead")
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(f"GGUF: the tokenizer has {tokenizer.vocab_size} pieces, the model {config.vocab_size}; "
                          "give the tokenizer the model was trained with")
@@ -225,10 +228,11 @@ def write_lora(path: str | Path, config: LlamaConfig, lora: LoRASettings, tensor
 def write_modelfile(gguf_path: Path, prompt_format: PromptFormat) -> Path:
     """An Ollama Modelfile beside a model GGUF, in the prompt format the model was trained with (Ollama's Go template
     and stop strings: ``PromptFormat.ollama``)."""
-    template, stops = prompt_format.ollama
+    template, stops = prompt_format.ollama or (None, [])  # none: Ollama reads the GGUF's own chat template
     text = (f"# Create and run it:  ollama create my-model -f {gguf_path.parent / 'Modelfile'}  &&  ollama run "
             f"my-model\n# The prompt is {prompt_format.description}, as in training.\nFROM ./{gguf_path.name}\n"
-            f"TEMPLATE \"\"\"{template}\"\"\"\n" + "".join(f"PARAMETER stop \"{stop}\"\n" for stop in stops))
+            + (f"TEMPLATE \"\"\"{template}\"\"\"\n" if template else "")
+            + "".join(f"PARAMETER stop \"{stop}\"\n" for stop in stops))
     path = gguf_path.parent / "Modelfile"
     path.write_text(text)
     return path
