@@ -2,13 +2,11 @@
 run's in its chat template, stopping at its end of turn; an Alpaca run's in Alpaca's prompt."""
 
 import json
-import random
 from types import SimpleNamespace
 
 import pytest
 import torch
-from test_chat import random_text
-from test_tokenizer import write_bpe_file
+from test_chat import llama3_tok  # noqa: F401, F811 - the fixture: a small Llama 3 tiktoken file
 
 from llama_lora.callbacks import InstructionAccuracy, SampleGenerations
 from llama_lora.config import LlamaConfig
@@ -18,15 +16,6 @@ from llama_lora.plan import make_plan
 from llama_lora.prompts import FORMATS, format_prompt
 from llama_lora.tokenizer import Tokenizer
 from llama_lora.weights import build_model
-
-
-@pytest.fixture(scope="module")
-def llama3_tokenizer_file(tmp_path_factory):
-    pytest.importorskip("tiktoken", reason="Llama 3's tokenizer needs tiktoken (pip install -e '.[llama3]')")
-    path = tmp_path_factory.mktemp("bpe") / "tokenizer.model"
-    corpus = " ".join(random_text(random.Random(i)) for i in range(100))
-    write_bpe_file(path, corpus + " system user assistant Add 2 3 5 " * 20, merges=80)
-    return path
 
 
 def _run(tokenizer_path, data_format, tmp_path, records):
@@ -52,11 +41,11 @@ def _run(tokenizer_path, data_format, tmp_path, records):
     return tok, trainer, module, calls
 
 
-def test_a_llama3_chat_runs_samples_and_heldout_answers_are_prompted_in_its_template(llama3_tokenizer_file,
+def test_a_llama3_chat_runs_samples_and_heldout_answers_are_prompted_in_its_template(llama3_tok,  # noqa: F811
                                                                                       tmp_path):
     """Failed before the prompt formats: both callbacks wrote Alpaca's prompt and stopped at <|end_of_text|>."""
     records = [{"instruction": "Add 2 and 3.", "input": "", "output": "5"}]
-    tok, trainer, module, calls = _run(llama3_tokenizer_file, "chat", tmp_path, [
+    tok, trainer, module, calls = _run(llama3_tok.path, "chat", tmp_path, [
         {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}])
     llama3 = FORMATS["llama3"]
     SampleGenerations(prompts=["Say hi."], max_new_tokens=2).on_validation_end(trainer, module)
