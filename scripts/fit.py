@@ -93,7 +93,7 @@ def demo_base(cache_dir: str | None) -> Path:
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_meta(cli.model.model.state_dict(), cli.model.config, tmp)
-    shutil.copyfile(cli.datamodule.load_tokenizer().path, tmp / "tokenizer.model")
+    cli.datamodule.load_tokenizer().save_to(tmp)
     os.replace(tmp, folder)  # complete or absent: an interrupted pretraining leaves no half-written base
     log.info("Demo base model: %s", folder)
     return folder

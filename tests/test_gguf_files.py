@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from conftest import ROOT, fit, lora_weights, run_on_meta_base, write_tiny_confi
 from llama_lora.config import LlamaConfig
 from llama_lora.demo import demo_tokenizer_file
 from llama_lora.export import merged_weights
+from llama_lora.gguf_files import write_model
 from llama_lora.layout import gguf_name
 from llama_lora.prompts import format_prompt
 from llama_lora.tokenizer import Tokenizer
@@ -100,6 +102,42 @@ def test_a_merged_gguf_holds_the_metadata_the_tokenizer_and_the_merged_weights(r
             assert (err.abs() <= bound).all(), key
     modelfile = (tmp_path / "out" / "Modelfile").read_text()
     assert f"FROM ./model-{kind}.gguf" in modelfile and "ollama create" in modelfile
+
+
+SPM_CORPUS = ["Name three fruits.", " leading space", "Bonjour 🚀 我爱你 café ❤️ fin", "12345 digits\tand\n\nruns",
+              "</s> typed <s> as text", "", "   ", "x=3; y = f(x)"]
+
+
+def test_a_ggufs_sentencepiece_tokenizer_is_the_model_it_was_written_from(run, tmp_path):
+    """A GGUF's "llama" tokenizer (pieces, scores, types) read back as a SentencePiece model: the same ids and text as
+    the tokenizer.model it was written from, the demo's and LLaMA-2's (32,000 pieces); and the GGUF alone is a base
+    that generate.py answers from with its own tokenizer."""
+    from llama_lora.tokenizer import SentencePieceTokenizer
+
+    proc = script("merge.py", "--adapter", str(run / "ckpt" / "last.ckpt"), "--out_dir", str(tmp_path / "out"),
+                  "--format", "gguf", "--gguf_type", "f32")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    path = tmp_path / "out" / "model-f32.gguf"
+    pairs = [(Tokenizer(run / "base" / "tokenizer.model"), Tokenizer(path))]
+    if os.environ.get("LLAMA_LORA_TEST_ASSETS"):
+        assets = Path(os.environ["LLAMA_LORA_TEST_ASSETS"])
+        config = LlamaConfig.from_name("tiny", vocab_size=32000)
+        shapes = {k: tuple(v.shape) for k, v in build_model(config, plan=torch.float32).state_dict().items()}
+        real = Tokenizer(assets / "tokenizer.model")
+        write_model(tmp_path / "real.gguf", config, shapes,
+                    build_model(config, plan=torch.float32).state_dict().items(), real, "f32")
+        pairs.append((real, Tokenizer(tmp_path / "real.gguf")))
+    for original, read in pairs:
+        assert isinstance(read, SentencePieceTokenizer) and read.vocab_size == original.vocab_size
+        assert (read.bos_id, read.eos_id, read.pad_id) == (original.bos_id, original.eos_id, original.pad_id)
+        for text in SPM_CORPUS:
+            assert read.encode(text, bos=True) == original.encode(text, bos=True), text
+            assert read.decode(original.encode(text)) == original.decode(original.encode(text))
+    proc = script("generate.py", "--checkpoint_dir", str(path), "--greedy", "--max_new_tokens", "4", "Hi")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with_adapter = script("generate.py", "--adapter", str(run / "ckpt" / "last.ckpt"), "--greedy",
+                          "--max_new_tokens", "4", "--precision", "32-true", "Hi")
+    assert proc.stdout == with_adapter.stdout
 
 
 def test_an_hf_base_gives_the_gguf_of_its_meta_form(run, tmp_path):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Literal
@@ -17,9 +16,10 @@ import torch
 from .gguf_files import GGUFType, write_lora, write_model, write_modelfile
 from .layout import is_block_linear
 from .lora import merged_weight
-from .peft import CHAT_TEMPLATE_FILE, export_peft, is_peft
+from .peft import export_peft, is_peft
 from .plan import DTYPES
 from .quant import NF4Weight, quantize
+from .tokenizer import CHAT_TEMPLATE_FILE
 from .trained_run import TrainedRun, open_run
 from .weights import build_model, open_checkpoint, save_hf, save_meta
 from .weights.tensors import LazyStateDict, check_output_dir
@@ -103,7 +103,8 @@ def merge_adapter(adapter: str | None = None, *, out_dir: str, format: Literal["
         gguf_type: the GGUF's type: f32, f16, bf16, q8_0, or q5_1, q5_0, q4_1, q4_0 (llama.cpp's llama-quantize
             makes the k-quants, e.g. Q4_K_M, from the f16 file).
         max_shard_bytes: the largest HF shard.
-        tokenizer_path: the tokenizer.model to copy beside the weights (default: the adapter's, or the base's).
+        tokenizer_path: the tokenizer to write beside the weights or into the GGUF (default: the adapter's, or the
+            base's): tokenizer.model as it is, a tokenizer.json or a GGUF's own as tokenizer.json.
     """
     if adapter is None and checkpoint_dir is None:
         raise ValueError("merge: give --adapter (a fit.py checkpoint or a PEFT folder), or --checkpoint_dir alone to "
@@ -163,7 +164,7 @@ def merge_adapter(adapter: str | None = None, *, out_dir: str, format: Literal["
     else:
         save_hf(merged, config, out_dir, max_shard_bytes=max_shard_bytes)
     if tokenizer is not None:
-        shutil.copyfile(tokenizer.path, Path(out_dir) / "tokenizer.model")
+        tokenizer.save_to(Path(out_dir))
     if fmt is not None:
         (Path(out_dir) / CHAT_TEMPLATE_FILE).write_text(fmt.jinja)
     return Path(out_dir)

@@ -23,7 +23,7 @@ from .layout import gguf_name
 from .lora import LoRASettings
 from .model import llama3_scaled, rope_frequencies
 from .prompts import PromptFormat
-from .tokenizer import Tokenizer
+from .tokenizer import GGUF_PRE_TOKENIZERS, Tokenizer
 from .weights.gguf import gguf_package
 from .weights.tensors import publish
 
@@ -86,37 +86,22 @@ def _add_sentencepiece_tokenizer(writer: Any, gguf: Any, tokenizer: Tokenizer) -
     writer.add_unk_token_id(sp.unk_id())
 
 
-def _byte_chars() -> list[str]:
-    """GPT-2's byte-level alphabet, which llama.cpp's "gpt2" tokenizer spells tokens in: each printable byte is its
-    own character, the others (spaces and controls among them) the characters from U+0100 on, in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
-
-
-def _add_bpe_tokenizer(writer: Any, gguf: Any, tokenizer: Any) -> None:
-    """Llama 3's tiktoken BPE as llama.cpp's "gpt2" tokenizer with the llama-bpe pre-tokenizer (Meta's split pattern):
-    the ranked tokens in GPT-2's byte alphabet, the merges, then the special tokens as control tokens."""
-    chars = _byte_chars()
-
-    def spell(token: bytes) -> str:
-        return "".join(chars[b] for b in token)
-
-    ranked = sorted(tokenizer.ranks, key=tokenizer.ranks.__getitem__)
-    specials = sorted(tokenizer.special_tokens, key=tokenizer.special_tokens.__getitem__)
+def _add_bpe_tokenizer(writer: Any, gguf: Any, tokenizer: Tokenizer) -> None:
+    """A byte-level BPE (Llama 3's tiktoken file, a tokenizer.json, a GGUF's own) as llama.cpp's "gpt2" tokenizer: its
+    tokens in GPT-2's byte alphabet, the merges, the special tokens as control tokens, and the pre-tokenizer by
+    llama.cpp's name."""
+    if tokenizer.gguf_pre is None:
+        raise ValueError(f"GGUF: {tokenizer.path.name}'s pre-tokenizer is none that llama.cpp names here "
+                         f"({', '.join(GGUF_PRE_TOKENIZERS)}); merge to --format hf instead")
+    tokens, merges, special = tokenizer.vocabulary()
     kinds = gguf.TokenType
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("llama-bpe")
-    writer.add_token_list([spell(t) for t in ranked] + specials)
-    writer.add_token_types([kinds.NORMAL] * len(ranked) + [kinds.CONTROL] * len(specials))
-    writer.add_token_merges([f"{spell(a)} {spell(b)}" for a, b in tokenizer.merges()])
-    writer.add_eot_token_id(tokenizer.special["eot"])
+    writer.add_tokenizer_pre(tokenizer.gguf_pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types([kinds.CONTROL if s else kinds.NORMAL for s in special])
+    writer.add_token_merges([f"{a} {b}" for a, b in merges])
+    if "eot" in tokenizer.special:
+        writer.add_eot_token_id(tokenizer.special["eot"])
     writer.add_pad_token_id(tokenizer.pad_id)
 
 
@@ -140,13 +125,14 @@ def _add_metadata(writer: Any, gguf: Any, config: LlamaConfig, tokenizer: Tokeni
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    if tokenizer.kind == "tiktoken":
-        _add_bpe_tokenizer(writer, gguf, tokenizer)
-    else:
+    if tokenizer.kind == "sentencepiece":
         _add_sentencepiece_tokenizer(writer, gguf, tokenizer)
-    writer.add_bos_token_id(tokenizer.bos_id)
+    else:
+        _add_bpe_tokenizer(writer, gguf, tokenizer)
+    if tokenizer.bos_id is not None:
+        writer.add_bos_token_id(tokenizer.bos_id)
     writer.add_eos_token_id(tokenizer.eos_id)
-    writer.add_add_bos_token(True)
+    writer.add_add_bos_token(tokenizer.add_bos)
     writer.add_add_eos_token(False)
     if chat_template is not None:
         writer.add_chat_template(chat_template)
@@ -159,9 +145,6 @@ def write_model(path: str | Path, config: LlamaConfig, shapes: Mapping[str, tupl
     yields them (one at a time: a layer's tensor is encoded and written before the next one is asked for).
     ``chat_template``: the prompt format the model was trained with, as Jinja (None: none, as for a base)."""
     gguf = gguf_package()
-    if tokenizer.kind not in ("sentencepiece", "tiktoken"):
-        raise ValueError(f"GGUF: writing a {tokenizer.kind} tokenizer ({tokenizer.path.name}) into a GGUF is not "
-                         "supported yet (SentencePiece and Llama 3's tiktoken file are); merge to --format hf instead")
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(f"GGUF: the tokenizer has {tokenizer.vocab_size} pieces, the model {config.vocab_size}; "
                          "give the tokenizer the model was trained with")

@@ -17,6 +17,7 @@ from .config import LlamaConfig
 from .layout import BY_TARGET, LORA_TARGETS, permute_from_hf, rope_heads, to_hf_layout
 from .lora import LoRASettings
 from .prompts import PromptFormat
+from .tokenizer import CHAT_TEMPLATE_FILE
 from .weights import hf_key_to_meta, meta_key_to_hf
 from .weights.tensors import publish
 
@@ -25,7 +26,6 @@ _TARGET_OF_HF = {layer.hf_module_name: target for target, layer in BY_TARGET.ite
 log = logging.getLogger(__name__)
 
 
-CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers' file for a chat template beside a tokenizer
 
 
 def is_peft(path: Path) -> bool:

@@ -27,9 +27,12 @@ SEED_PROMPTS = [
     "plush girafe => girafe peluche\ncheese =>",
 ]
 
-ChatTemplateName = Literal["llama3", "llama2"]  # the names a config or a script takes (data.chat_template)
+# The names a config or a script takes (data.chat_template); "model": the model's own Jinja template, which its
+# tokenizer carries (a GGUF's tokenizer.chat_template; tokenizer_config.json's or chat_template.jinja beside a
+# tokenizer.json).
+ChatTemplateName = Literal["llama3", "llama2", "chatml", "model"]
 CHAT_TEMPLATES: tuple[str, ...] = ChatTemplateName.__args__
-PromptFormatName = Literal["alpaca", "llama3", "llama2"]  # generate.py --chat_template: Alpaca's prompt too
+PromptFormatName = Literal["alpaca", "llama3", "llama2", "chatml", "model"]  # generate.py: Alpaca's prompt too
 LLAMA2_INST, LLAMA2_SYS = ("[INST]", "[/INST]"), ("<<SYS>>\n", "\n<</SYS>>\n\n")
 
 Messages = list[dict[str, str]]
@@ -161,9 +164,9 @@ class Llama3Chat(ChatFormat):
               "<|start_header_id|>assistant<|end_header_id|>\n\n", ["<|eot_id|>"])
 
     def check(self, tokenizer) -> None:
-        if "eot" not in tokenizer.special:
-            raise ValueError("The llama3 chat template needs Llama 3's tokenizer (its tiktoken tokenizer.model); with "
-                             "a SentencePiece tokenizer use chat_template llama2")
+        if not {"eot", "start_header", "end_header"} <= tokenizer.special.keys():
+            raise ValueError("The llama3 chat template needs Llama 3's tokenizer (its tiktoken tokenizer.model or "
+                             "tokenizer.json); with a SentencePiece tokenizer use chat_template llama2")
 
     def tokens(self, messages: Messages, tokenizer, add_generation_prompt: bool = False
                ) -> tuple[list[int], list[bool]]:
@@ -285,22 +288,72 @@ class ModelChat(ChatFormat):
         return tokenizer.special.get("eot", tokenizer.eos_id)
 
 
-FORMATS: dict[str, PromptFormat] = {f.name: f for f in (Alpaca(), Llama3Chat(), Llama2Chat())}
+class ChatML(ModelChat):
+    """ChatML (Qwen's, SmolLM's and many others'): per message <|im_start|>role, a newline, the content, <|im_end|> and
+    a newline; the generation prompt is the assistant's header. Rendered and masked as a model's own template is, so
+    it needs a tokenizer that has the two tokens (a tokenizer.json or GGUF)."""
+
+    name, description = "chatml", "the ChatML chat template"
+    START, END = "<|im_start|>", "<|im_end|>"
+    TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                "{% endif %}")
+    ollama = ("{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}<|im_start|>user\n"
+              "{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n", ["<|im_end|>"])
+
+    def __init__(self) -> None:
+        self.jinja, self.source, self.compiled = self.TEMPLATE, "chatml", None
+
+    def render_text(self, messages: Messages, tokenizer, add_generation_prompt: bool = False) -> str:
+        if self.compiled is None:  # jinja2 is an optional extra: compiled when first used
+            super().__init__(self.TEMPLATE, "chatml")
+        return super().render_text(messages, tokenizer, add_generation_prompt)
+
+    def check(self, tokenizer) -> None:
+        super().check(tokenizer)
+        if any(tokenizer.token_id(t) is None for t in (self.START, self.END)):
+            raise ValueError(f"The chatml chat template needs a tokenizer with {self.START} and {self.END} tokens; "
+                             f"{tokenizer.path.name} has none: choose another data.chat_template")
+
+    def stop_id(self, tokenizer) -> int:
+        return tokenizer.token_id(self.END)
+
+
+FORMATS: dict[str, PromptFormat] = {f.name: f for f in (Alpaca(), Llama3Chat(), Llama2Chat(), ChatML())}
 
 
 def resolve_format(data_format: str | None = None, chat_template: str | None = None, tokenizer=None) -> PromptFormat:
-    """The one rule for a run's prompt format: the chat template chosen, else for chat data the tokenizer family's
-    (llama3 for Llama 3's tiktoken file, llama2 for SentencePiece), else Alpaca's prompt (instruction data; text runs
-    are prompted in it too)."""
+    """The one rule for a run's prompt format: the chat template chosen ("model": the one the tokenizer carries),
+    else for chat data the model's own where its tokenizer carries one, else the tokenizer family's (llama3 for Llama
+    3's tiktoken file, llama2 for SentencePiece), else Alpaca's prompt (instruction data; text runs are prompted in
+    it too)."""
     if chat_template is None and data_format == "chat":
-        chat_template = "llama3" if tokenizer is not None and "eot" in tokenizer.special else "llama2"
+        if tokenizer is not None and tokenizer.chat_template is not None:
+            chat_template = "model"
+        else:
+            chat_template = "llama3" if tokenizer is not None and "eot" in tokenizer.special else "llama2"
     name = chat_template or "alpaca"
+    if name == "model":
+        return model_format(tokenizer)
     if name not in FORMATS:
         raise ValueError(f"Unknown prompt format {name!r}; choose one of {', '.join(CHAT_TEMPLATES)} (or none for "
                          "Alpaca's prompt)")
     fmt = FORMATS[name]
     if tokenizer is not None:
         fmt.check(tokenizer)
+    return fmt
+
+
+def model_format(tokenizer) -> PromptFormat:
+    """The model's own chat template, as its tokenizer carries it (one of this project's where it wrote it)."""
+    template = tokenizer.chat_template if tokenizer is not None else None
+    if template is None:
+        where = tokenizer.path if tokenizer is not None else "the run's tokenizer"
+        raise ValueError(f"chat_template model: {where} carries no chat template (a GGUF's tokenizer.chat_template, "
+                         "or tokenizer_config.json's or chat_template.jinja beside a tokenizer.json); choose "
+                         f"{', '.join(t for t in CHAT_TEMPLATES if t != 'model')}")
+    fmt = format_of_jinja(template) or ModelChat(template, str(tokenizer.path))
+    fmt.check(tokenizer)
     return fmt
 
 

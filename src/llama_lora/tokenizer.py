@@ -9,6 +9,7 @@ import binascii
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -36,6 +37,9 @@ class Tokenizer:
     eos_id: int
     pad_id: int
     special: dict[str, int]
+    chat_template: str | None = None  # the model's own Jinja template, where the tokenizer's files carry one
+    add_bos: bool = True  # whether a sequence starts with BOS (LLaMA's do; some BPE models' do not)
+    gguf_pre: str | None = None  # a byte-level BPE's pre-tokenizer by llama.cpp's name (GGUF_PRE_TOKENIZERS)
 
     def __new__(cls, path: str | Path | None = None):
         if cls is Tokenizer and path is not None:
@@ -47,6 +51,13 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
+
+    def save_to(self, folder: Path) -> Path:
+        """The tokenizer's file beside a model's weights, as the model ships it (SentencePiece and tiktoken:
+        ``tokenizer.model``)."""
+        out = Path(folder) / "tokenizer.model"
+        shutil.copyfile(self.path, out)
+        return out
 
     def stream(self, ids: Iterable[int]) -> Iterator[str]:
         """The text of ``ids`` piece by piece as they come, for printing while generating: joined, the pieces equal
@@ -77,12 +88,34 @@ def _existing(path: str | Path) -> Path:
     return path
 
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers' file for a chat template beside a tokenizer
+
+
+def read_chat_template(path: Path) -> str | None:
+    """The chat template a file carries: a GGUF's tokenizer.chat_template, a tokenizer_config.json's chat_template
+    (of named ones, transformers' "default"), or a chat_template.jinja; None where it holds none."""
+    if is_gguf_file(path):
+        text = field(read_gguf(path), "tokenizer.chat_template")
+    elif path.suffix == ".json":
+        try:
+            text = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
+        except (json.JSONDecodeError, AttributeError):
+            return None
+        if isinstance(text, list):
+            text = next((t.get("template") for t in text if t.get("name") == "default"), None)
+    else:
+        text = path.read_text(encoding="utf-8")
+    return text if isinstance(text, str) and text.strip() else None
+
+
 def tokenizer_class(path: Path) -> type[Tokenizer]:
     """The tokenizer a file holds, by its content: a GGUF's or a tokenizer.json's BPE, Llama 3's tiktoken file, or
     a SentencePiece model."""
     with open(path, "rb") as f:
         head = f.read(4)
-    if is_gguf_file(path) or head[:1] == b"{":
+    if is_gguf_file(path):  # SentencePiece's pieces and scores ("llama"), or a byte-level BPE
+        return SentencePieceTokenizer if field(read_gguf(path), "tokenizer.ggml.model") == "llama" else BPETokenizer
+    if head[:1] == b"{":
         return BPETokenizer
     return TiktokenTokenizer if is_tiktoken_file(path) else SentencePieceTokenizer
 
@@ -108,7 +141,10 @@ class SentencePieceTokenizer(Tokenizer):
         self.path = path
         self.sp = spm.SentencePieceProcessor()
         try:
-            self.sp.Load(str(path))
+            if is_gguf_file(path):
+                self.sp.LoadFromSerializedProto(gguf_sentencepiece(read_gguf(path), path))
+            else:
+                self.sp.Load(str(path))
         except (OSError, RuntimeError):
             raise ValueError(f"{path} is neither a SentencePiece model (LLaMA-2's) nor a tiktoken BPE file (Llama "
                              "3's original/tokenizer.model)") from None
@@ -133,6 +169,32 @@ class SentencePieceTokenizer(Tokenizer):
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.IdToPiece(int(i))
+
+
+def gguf_sentencepiece(reader, path: Path) -> bytes:
+    """A GGUF's "llama" tokenizer as the SentencePiece model it was written from: its pieces, scores and types (GGUF's
+    token types are SentencePiece's numbers), BPE with byte fallback, whitespace escaped to U+2581 and, unless the
+    file says otherwise (tokenizer.ggml.add_space_prefix), a space put before the text, as llama.cpp tokenizes it."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    tokens, scores = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.scores")
+    types = field(reader, "tokenizer.ggml.token_type")
+    if tokens is None or scores is None or types is None or not len(tokens) == len(scores) == len(types):
+        raise ValueError(f"{path}: the GGUF's SentencePiece tokenizer lacks its tokens, scores or types")
+    model = pb.ModelProto()
+    for piece, score, kind in zip(tokens, scores, types):
+        model.pieces.add(piece=piece, score=float(score), type=int(kind))
+    spec = model.trainer_spec
+    spec.model_type, spec.vocab_size, spec.byte_fallback = pb.TrainerSpec.BPE, len(tokens), True
+    spec.unk_id = field(reader, "tokenizer.ggml.unknown_token_id", 0)
+    spec.bos_id = field(reader, "tokenizer.ggml.bos_token_id", 1)
+    spec.eos_id = field(reader, "tokenizer.ggml.eos_token_id", 2)
+    spec.pad_id = -1
+    spec.unk_piece, spec.bos_piece, spec.eos_piece = (tokens[i] for i in (spec.unk_id, spec.bos_id, spec.eos_id))
+    norm = model.normalizer_spec
+    norm.name, norm.remove_extra_whitespaces, norm.escape_whitespaces = "identity", False, True
+    norm.add_dummy_prefix = bool(field(reader, "tokenizer.ggml.add_space_prefix", True))
+    return model.SerializeToString()
 
 
 # Meta's Llama 3 tokenizer (llama-models, llama3/tokenizer.py): its split pattern, and 256 special tokens after the
@@ -205,6 +267,21 @@ class TiktokenTokenizer(Tokenizer):
     def id_to_piece(self, i: int) -> str:
         return self.model.decode_single_token_bytes(int(i)).decode("utf-8", errors="replace")
 
+    gguf_pre = "llama-bpe"  # Meta's split pattern
+
+    def vocabulary(self) -> tuple[list[str], list[tuple[str, str]], list[bool]]:
+        """As ``BPETokenizer.vocabulary``: the ranked tokens then the special tokens, spelled in GPT-2's byte
+        alphabet (the form tokenizer.json and a GGUF's gpt2 tokenizer hold), the merges, which are special."""
+        chars = byte_alphabet()
+
+        def spell(token: bytes) -> str:
+            return "".join(chars[b] for b in token)
+
+        ranked = sorted(self.ranks, key=self.ranks.__getitem__)
+        specials = sorted(self.special_tokens, key=self.special_tokens.__getitem__)
+        return ([spell(t) for t in ranked] + specials, [(spell(a), spell(b)) for a, b in self.merges()],
+                [False] * len(ranked) + [True] * len(specials))
+
     def merges(self) -> list[tuple[bytes, bytes]]:
         """The BPE's merges in rank order, as a merge-list tokenizer (HF's, llama.cpp's) needs them: each token of
         two or more bytes is the pair that BPE, with the ranks below its own, leaves its bytes in."""
@@ -222,6 +299,17 @@ class TiktokenTokenizer(Tokenizer):
             if len(parts) == 2:
                 out.append((parts[0], parts[1]))
         return out
+
+
+def byte_alphabet() -> list[str]:
+    """GPT-2's byte-level alphabet, which byte-level BPE vocabularies spell tokens in: each printable byte is its own
+    character, the others (spaces and controls among them) the characters from U+0100 on, in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)}
+    chars, extra = [], 0
+    for b in range(256):
+        chars.append(chr(b) if b in printable else chr(256 + extra))
+        extra += b not in printable
+    return chars
 
 
 def tokenizers_package():
@@ -272,7 +360,8 @@ class BPETokenizer(Tokenizer):
             tokens, types = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.token_type")
             merges = [tuple(m.split(" ", 1)) for m in field(reader, "tokenizer.ggml.merges")]
             self.tk = tokenizers.Tokenizer(tokenizers.models.BPE({t: i for i, t in enumerate(tokens)}, merges))
-            self.tk.pre_tokenizer = _pre_tokenizer(tokenizers, field(reader, "tokenizer.ggml.pre", "default"), path)
+            self.gguf_pre = field(reader, "tokenizer.ggml.pre", "default")
+            self.tk.pre_tokenizer = _pre_tokenizer(tokenizers, self.gguf_pre, path)
             self.tk.decoder = tokenizers.decoders.ByteLevel()
             control = [tokenizers.AddedToken(tokens[i], special=True, normalized=False)
                        for i, kind in enumerate(types) if kind in (3, 4)]  # CONTROL, USER_DEFINED
@@ -282,6 +371,7 @@ class BPETokenizer(Tokenizer):
             self.add_bos = bool(field(reader, "tokenizer.ggml.add_bos_token", True))
             eot = field(reader, "tokenizer.ggml.eot_token_id")
             pad = field(reader, "tokenizer.ggml.padding_token_id")
+            self.chat_template = field(reader, "tokenizer.chat_template")
         else:
             try:
                 self.tk = tokenizers.Tokenizer.from_file(str(path))
@@ -297,12 +387,21 @@ class BPETokenizer(Tokenizer):
             generation = _json_beside(path, "generation_config.json").get("eos_token_id")
             eot = generation[-1] if isinstance(generation, list) else generation
             pad = self._token_id(config.get("pad_token"), path, "pad_token")
+            self.gguf_pre = _gguf_pre_name(tokenizers, self.tk)
+            self.chat_template = next((t for f in (path.with_name(CHAT_TEMPLATE_FILE),
+                                                   path.with_name("tokenizer_config.json"))
+                                       if f.is_file() and (t := read_chat_template(f)) is not None), None)
         self.tk.encode_special_tokens = True  # text is text: a "<|im_end|>" typed in a record stays text
         self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
         self.pad_id = pad if pad is not None else self.eos_id
         self.special = {"bos": self.bos_id, "eos": self.eos_id}
         if eot is not None and eot != self.eos_id:
             self.special["eot"] = eot
+        # Llama 3's header tokens, where the vocabulary is Llama 3's (its tokenizer.json): the llama3 template's
+        for name, token in (("start_header", "<|start_header_id|>"), ("end_header", "<|end_header_id|>"),
+                            ("eot", "<|eot_id|>")):
+            if self.special.get(name) is None and (i := self.tk.token_to_id(token)) is not None:
+                self.special[name] = i
 
     def _token_id(self, token, path: Path, what: str) -> int | None:
         if isinstance(token, dict):  # {"content": ..., ...} as transformers writes an AddedToken
@@ -337,6 +436,49 @@ class BPETokenizer(Tokenizer):
 
     def token_text(self, i: int | None) -> str | None:
         return None if i is None else self.tk.id_to_token(int(i))
+
+    def save_to(self, folder: Path) -> Path:
+        """``tokenizer.json``, with a ``tokenizer_config.json`` holding BOS, EOS, padding and whether BOS is added, and
+        a ``generation_config.json`` with the end of turn where it is not EOS: as an HF folder ships them."""
+        folder = Path(folder)
+        self.tk.encode_special_tokens = False  # the library's default, as the file is read elsewhere
+        try:
+            self.tk.save(str(folder / "tokenizer.json"))
+        finally:
+            self.tk.encode_special_tokens = True
+        config = {"bos_token": self.token_text(self.bos_id), "eos_token": self.token_text(self.eos_id),
+                  "pad_token": self.token_text(self.pad_id), "add_bos_token": self.add_bos}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2))
+        if self.special.get("eot", self.eos_id) != self.eos_id:
+            (folder / "generation_config.json").write_text(json.dumps(
+                {"eos_token_id": [self.eos_id, self.special["eot"]]}))
+        return folder / "tokenizer.json"
+
+    def token_id(self, text: str) -> int | None:
+        """The id of a token spelled ``text`` (a special token's), or None where the vocabulary has none."""
+        return self.tk.token_to_id(text)
+
+    def vocabulary(self) -> tuple[list[str], list[tuple[str, str]], list[bool]]:
+        """Every token as the vocabulary spells it (GPT-2's byte alphabet), in id order; the merges in rank order;
+        and which tokens are special (control tokens to llama.cpp). What a GGUF's gpt2 tokenizer holds."""
+        model = json.loads(self.tk.to_str())["model"]
+        merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        tokens = [self.tk.id_to_token(i) for i in range(self.vocab_size)]
+        special = {i for i, t in self.tk.get_added_tokens_decoder().items() if t.special}
+        return tokens, merges, [i in special for i in range(self.vocab_size)]
+
+
+def _gguf_pre_name(tokenizers, tk) -> str | None:
+    """The llama.cpp pre-tokenizer (of ``GGUF_PRE_TOKENIZERS``) a tokenizer.json's pre-tokenizer splits text as, by
+    its splits of a probe text (None: none of them)."""
+    if tk.pre_tokenizer is None:
+        return None
+    probe = "Hello, it's 2026! 12345 café  我爱你\n\n\t spaces   end's ÜBER x=3;🚀"
+    theirs = tk.pre_tokenizer.pre_tokenize_str(probe)
+    for name in GGUF_PRE_TOKENIZERS:
+        if _pre_tokenizer(tokenizers, name, Path()).pre_tokenize_str(probe) == theirs:
+            return name
+    return None
 
 
 def _json_beside(path: Path, name: str) -> dict:

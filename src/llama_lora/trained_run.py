@@ -8,7 +8,6 @@ PEFT adapter folder or a bare base, with the command line's overrides applied on
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +20,12 @@ from .config import LlamaConfig
 from .demo import demo_tokenizer_file
 from .lora import LoRASettings, apply_lora
 from .model import Llama
-from .peft import CHAT_TEMPLATE_FILE, import_peft, is_peft
+from .peft import import_peft, is_peft
 from .plan import RunPlan, make_plan, resolve_device
 from .prompts import ModelChat, PromptFormat, format_of_jinja, resolve_format
-from .tokenizer import BPETokenizer, Tokenizer, tokenizer_class
+from .tokenizer import CHAT_TEMPLATE_FILE, BPETokenizer, Tokenizer, read_chat_template, tokenizer_class
 from .weights import build_model, checkpoint_config
-from .weights.gguf import field as gguf_field
-from .weights.gguf import is_gguf_file, read_gguf
+from .weights.gguf import is_gguf_file
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +148,7 @@ def open_run(adapter: str | Path | None = None, checkpoint_dir: str | Path | Non
         fmt, source = carried
     else:
         legacy = name is None and record is not None and record.data_format == "chat"
-        tok = Tokenizer(tokenizer) if legacy and tokenizer is not None else None
+        tok = Tokenizer(tokenizer) if (legacy or name == "model") and tokenizer is not None else None
         fmt = resolve_format(record.data_format if record is not None else None, name, tok)
     run = TrainedRun(config, None if checkpoint_dir is None else str(checkpoint_dir), fmt, tokenizer, source,
                      preset=model)
@@ -209,18 +207,5 @@ def _template_files(adapter: str | Path | None, checkpoint_dir: str | Path | Non
 def _carried_format(path: Path) -> PromptFormat | None:
     """The prompt format a chat_template.jinja, tokenizer_config.json's chat_template or a GGUF's
     tokenizer.chat_template holds: one of this project's by name where it wrote it, else the model's own."""
-    if is_gguf_file(path):
-        text = gguf_field(read_gguf(path), "tokenizer.chat_template")
-    elif path.suffix == ".json":
-        try:
-            text = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
-        except (json.JSONDecodeError, AttributeError):
-            return None
-        if isinstance(text, list):  # named templates: transformers takes "default"
-            text = next((t.get("template") for t in text if t.get("name") == "default"), None)
-    else:
-        text = path.read_text(encoding="utf-8")
-    if not isinstance(text, str) or not text.strip():
-        return None
-    return format_of_jinja(text) or ModelChat(text, str(path))
-
+    text = read_chat_template(path)
+    return None if text is None else format_of_jinja(text) or ModelChat(text, str(path))

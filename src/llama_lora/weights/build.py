@@ -32,7 +32,8 @@ def build_model(
 
     Each tensor is stored as ``plan`` says (a dtype: every tensor in it, ``RunPlan.uniform``). Under an NF4 plan the
     blocks' linear weights are quantized as they are read, and their pages of the memory-mapped checkpoint are
-    dropped, so the half-precision model never exists in memory. With both ``config`` and ``checkpoint`` given, the
+    dropped, so the half-precision model never exists in memory; so are the pages of any tensor cast to another
+    dtype (an fp32 or f16 base in a bf16 plan), so that the file and the model are not both resident. With both ``config`` and ``checkpoint`` given, the
     checkpoint must match the config's shapes.
     """
     plan = plan if isinstance(plan, RunPlan) else RunPlan.uniform(plan, device)
@@ -60,7 +61,10 @@ def build_model(
                 tensors[k] = quantize(sd[k].to(device), dtype=plan.linear_dtype)
                 sd.release(k)
             else:
-                tensors[k] = sd[k].to(device=device, dtype=plan.dtype_of(k, tied))
+                stored = sd[k]
+                tensors[k] = stored.to(device=device, dtype=plan.dtype_of(k, tied))
+                if tensors[k].data_ptr() != stored.data_ptr():  # a copy (cast or moved): the file's pages can go
+                    sd.release(k)
     model.load_state_dict(tensors, assign=True, strict=sd is not None)
     model.tie_weights()  # assign=True placed the shared tensor as two parameters
     return model
