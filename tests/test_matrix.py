@@ -59,7 +59,15 @@ def pairwise(knobs: dict[str, tuple], seed: int = 0, candidates: int = 50) -> li
     return rows
 
 
-COMBINATIONS = pairwise(KNOBS)
+# Two rows beyond the pairwise set, for the bases a user brings with their own tokenizer: a GGUF file (its
+# SentencePiece tokenizer inside) trained into NF4 with packing, and an HF folder with only a tokenizer.json (and its
+# ChatML template) trained in two processes.
+OWN_TOKENIZER = [
+    {"precision": "bf16-mixed", "base_dtype": "nf4", "source": "gguf-q8_0", "targets": "all", "packing": True,
+     "gc": True, "accumulate": 2, "processes": 1},
+    {"precision": "32-true", "base_dtype": "auto", "source": "hf-tokenizer.json", "targets": "attention",
+     "packing": False, "gc": False, "accumulate": 1, "processes": 2}]
+COMBINATIONS = pairwise(KNOBS) + OWN_TOKENIZER
 FAST = [0]  # the slice in the default suite (NF4, bf16-mixed, packing, checkpointing)
 
 
@@ -68,20 +76,59 @@ def test_the_combinations_cover_every_pair():
     for a, b in itertools.combinations(names, 2):
         for x, y in itertools.product(KNOBS[a], KNOBS[b]):
             assert any(row[a] == x and row[b] == y for row in COMBINATIONS), (a, x, b, y)
-    assert len(COMBINATIONS) <= 24
+    assert len(COMBINATIONS) <= 24 + len(OWN_TOKENIZER)
 
 
-def source_checkpoint(kind: str, folder: Path) -> str | None:
-    """The base as users download it: Meta's bf16 consolidated.00.pth, HF's fp16 safetensors, or a llama2.c .bin
-    (fp32, shared classifier)."""
+def source_checkpoint(kind: str, folder: Path, cache_dir: Path) -> tuple[str | None, str | None]:
+    """The base as users download it, and the tokenizer the run reads (None: the demo's own): Meta's bf16
+    consolidated.00.pth, HF's fp16 safetensors, a llama2.c .bin (fp32, shared classifier), a q8_0 GGUF with its
+    SentencePiece tokenizer inside, or an HF folder whose tokenizer is a byte-level BPE tokenizer.json with a ChatML
+    chat template in its tokenizer_config.json."""
     if kind == "random":
-        return None
+        return None, None
     config = LlamaConfig.from_name("tiny", tie_embeddings=kind == "llama2c")
-    dtype = {"meta-bf16": torch.bfloat16, "hf-fp16": torch.float16, "llama2c": torch.float32}[kind]
+    dtype = {"meta-bf16": torch.bfloat16, "hf-fp16": torch.float16, "llama2c": torch.float32,
+             "gguf-q8_0": torch.float32, "hf-tokenizer.json": torch.bfloat16}[kind]
     sd = build_model(config, plan=dtype, seed=11).state_dict()
     if kind == "llama2c":
-        return str(save_llama2c(sd, config, folder / "base.bin"))
-    return str((save_meta if kind == "meta-bf16" else save_hf)(sd, config, folder / "base"))
+        return str(save_llama2c(sd, config, folder / "base.bin")), None
+    if kind == "gguf-q8_0":
+        from llama_lora.demo import demo_tokenizer_file
+        from llama_lora.gguf_files import write_model
+        from llama_lora.tokenizer import Tokenizer
+
+        path = write_model(folder / "base.gguf", config, {k: tuple(v.shape) for k, v in sd.items()}, sd.items(),
+                           Tokenizer(demo_tokenizer_file(512, cache_dir)), "q8_0")
+        return str(path), str(path)
+    base = (save_meta if kind == "meta-bf16" else save_hf)(sd, config, folder / "base")
+    if kind == "hf-tokenizer.json":
+        return str(base), str(bpe_tokenizer_json(Path(base), config.vocab_size))
+    return str(base), None
+
+
+def bpe_tokenizer_json(folder: Path, vocab_size: int) -> Path:
+    """A byte-level BPE of ``vocab_size`` tokens trained by HF's tokenizers on the demo's prose, with ChatML's tokens,
+    as an HF folder ships it: tokenizer.json and a tokenizer_config.json with its BOS/EOS and chat template."""
+    import json
+
+    import tokenizers
+
+    from llama_lora.demo import prose
+    from llama_lora.prompts import FORMATS
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = tokenizers.decoders.ByteLevel()
+    tk.train_from_iterator(prose(200), tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    assert tk.get_vocab_size() == vocab_size
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "add_bos_token": False,
+        "chat_template": FORMATS["chatml"].jinja}))
+    return folder / "tokenizer.json"
 
 
 def run(*argv: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -100,7 +147,7 @@ def refused_in_one_line(proc: subprocess.CompletedProcess) -> str:
 
 
 def run_combination(c: dict, tmp_path: Path, cache_dir: Path) -> None:
-    base = source_checkpoint(c["source"], tmp_path)
+    base, own_tokenizer = source_checkpoint(c["source"], tmp_path, cache_dir)
     lora = {"targets": TARGETS[c["targets"]], "r": 4, "alpha": 8, "dropout": 0.0} if TARGETS[c["targets"]] else None
     config = write_tiny_config(
         tmp_path, cache_dir,
@@ -108,7 +155,9 @@ def run_combination(c: dict, tmp_path: Path, cache_dir: Path) -> None:
                  "limit_val_batches": 1, "accumulate_grad_batches": c["accumulate"], "devices": c["processes"],
                  **({"strategy": "ddp"} if c["processes"] > 1 else {})},
         model={"base_dtype": c["base_dtype"], "checkpoint_dir": base, "lora": lora, "gradient_checkpointing": c["gc"]},
-        data={"packing": c["packing"], "micro_batch_size": 2})
+        data={"packing": c["packing"], "micro_batch_size": 2, "tokenizer_path": own_tokenizer,
+              # a tokenizer.json base's own (ChatML) template: the demo's instructions as two-turn conversations
+              "chat_template": "model" if c["source"] == "hf-tokenizer.json" else None})
     cfg = yaml.safe_load(config.read_text())
     cfg["model"]["scheduler"]["init_args"].pop("max_steps")  # the run's length, so the resume below stretches it
     cfg["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 1
@@ -127,7 +176,13 @@ def run_combination(c: dict, tmp_path: Path, cache_dir: Path) -> None:
     passed(run(str(ROOT / "scripts" / "fit.py"), "--config", str(config), "--ckpt_path", "last",
                "--trainer.max_steps", "3"), "resume", c)
     assert torch.load(ckpt, weights_only=True)["global_step"] == 3
-    tokenizer = str(next(cache_dir.glob("demo-tokenizer-512-*.model")))
+    if own_tokenizer is not None:  # the run reads back with the base's own tokenizer (and template)
+        from llama_lora.trained_run import open_run
+
+        run_back = open_run(ckpt)
+        assert str(run_back.tokenizer_path) == own_tokenizer
+        assert run_back.prompt_format.name == ("chatml" if c["source"] == "hf-tokenizer.json" else "alpaca")
+    tokenizer = own_tokenizer or str(next(cache_dir.glob("demo-tokenizer-512-*.model")))
     scripts = ROOT / "scripts"
     prompt = "What colour is a lemon? Café 東京"
     passed(run(str(scripts / "generate.py"), "--adapter", str(ckpt), "--greedy", "--max_new_tokens", "4",
