@@ -132,9 +132,7 @@ def generate(prompts: list[str] = [], adapter: str | None = None, checkpoint_dir
     plan = run.plan_for(device, precision, base_dtype)
     plan.log()
     llama = run.build(plan, device)
-    if tok.vocab_size != llama.config.vocab_size:
-        raise ValueError(f"The tokenizer has {tok.vocab_size} pieces, the model {llama.config.vocab_size}; "
-                         "use the tokenizer that matches the model")
+    tok.check_fits(llama.config.vocab_size)
     check_prompt_lengths(ids, llama.config.max_seq_len)
     eos_id = fmt.stop_id(tok) if mode == "instruction" else tok.eos_id
     generator = torch.Generator(device=device).manual_seed(seed)

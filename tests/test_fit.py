@@ -422,7 +422,7 @@ def test_validation_and_checkpoints_at_the_same_optimizer_steps(config):
 
 @pytest.mark.parametrize("args, message", [
     pytest.param(["--data.data_path", "BAD"], "has no 'output'", marks=pytest.mark.slow),
-    (["--data.demo_vocab_size", "600"], "The tokenizer has 600 pieces"),
+    (["--data.demo_vocab_size", "600"], "has 600 pieces, the model 512"),
 ], ids=["data-file", "tokenizer-vocab"])
 def test_a_run_that_fails_at_set_up_leaves_no_empty_version_folder(tmp_path, cache_dir, args, message):
     """Failed before for the tokenizer case: a run refused at set-up left an empty version_N behind."""

@@ -239,7 +239,7 @@ CASES = {
     "config-nonfinite-patience": ("fit", lambda run, tmp: ["--model.max_nonfinite_steps", "0"], ValueError,
                                   "model.max_nonfinite_steps must be >= 1"),
     "config-tokenizer-vocab": ("fit", lambda run, tmp: ["--data.demo_vocab_size", "600"], ValueError,
-                               "The tokenizer has 600 pieces, model 'tiny' has vocab 512"),
+                               "has 600 pieces, the model 512: give the tokenizer"),
     # base checkpoints
     "base-empty-dir": ("fit", lambda run, tmp: ["--model.checkpoint_dir", str(Path(tmp / "empty").mkdir() or
                                                                               tmp / "empty")],

@@ -98,7 +98,7 @@ def test_generate_answers_in_the_models_template_from_the_gguf_alone(smollm2):
     assert "Paris" in proc.stdout and "the model's own chat template" in proc.stderr
 
 
-def test_bad_real_model_inputs_get_one_line(smollm2, tok, tmp_path):
+def test_bad_real_model_inputs_get_one_line(smollm2, tok, tmp_path, demo_tok):
     import gguf
     import tokenizers
 
@@ -126,6 +126,35 @@ def test_bad_real_model_inputs_get_one_line(smollm2, tok, tmp_path):
     run = open_run(checkpoint_dir=smollm2, tokenizer_path=str(ROOT / "tests" / "missing.model"))
     with pytest.raises(FileNotFoundError, match="Tokenizer not found"):
         run.tokenizer()
+    # another model's tokenizer: refused by every script in the same line (merge wrote an HF folder with it before)
+    other = tmp_path / "other.model"
+    shutil.copyfile(demo_tok.path, other)
+    for name, args in (("merge.py", ["--out_dir", str(tmp_path / "merged"), "--format", "hf"]),
+                       ("generate.py", ["hi"]), ("evaluate.py", ["--data_path", "demo"])):
+        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / name), "--checkpoint_dir", str(smollm2),
+                               "--tokenizer_path", str(other), *args], capture_output=True, text=True, timeout=300)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (name, proc.stderr[-2000:])
+        assert errors == [f"error: The tokenizer {other} has 1024 pieces, the model 49152: give the tokenizer the "
+                          "model was trained with (--tokenizer_path)"], (name, errors)
+    for name, model, pre, tokens in (("bert", "bert", "default", ["a", "b", "ab"]),
+                                     ("qwen", "gpt2", "qwen2", ["a", "b", "ab"]), ("cut", "gpt2", "smollm", ["a"])):
+        writer = gguf.GGUFWriter(str(tmp_path / f"{name}.gguf"), arch="llama")
+        writer.add_tokenizer_model(model)
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types([1] * len(tokens))
+        writer.add_token_merges(["a b"])
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    with pytest.raises(ValueError, match="the GGUF's tokenizer is 'bert'; this version reads SentencePiece"):
+        Tokenizer(tmp_path / "bert.gguf")
+    with pytest.raises(ValueError, match="pre-tokenizer 'qwen2' is not read yet \\(llama-bpe, smollm are\\)"):
+        Tokenizer(tmp_path / "qwen.gguf")
+    with pytest.raises(ValueError, match="cut.gguf: not a readable tokenizer"):  # a merge of tokens it lacks
+        Tokenizer(tmp_path / "cut.gguf")
 
 
 @pytest.mark.slow
@@ -257,9 +286,10 @@ def test_llama_cpp_tokenizes_the_file_as_we_do(smollm2, tok, monkeypatch):
 @pytest.mark.slow
 def test_llama_cpp_computes_our_logits_on_the_file_and_on_its_f32_copy(smollm2, f32_copy, tok, monkeypatch):
     """On the f32 GGUF written from the dequantized weights, llama.cpp's logits are ours at fp32's precision
-    (measured 2.6e-6 of the largest logit; checked at 2e-5). On the Q4_1 file itself, ggml multiplies Q4_1 weights by activations it rounds to 8 bits (Q8_1), so it is not exact
-    arithmetic on the dequantized weights: measured 6.8e-2 of the largest logit over this 42-token chat prompt with
-    every argmax equal (llama-cpp-python 0.3.36, AMD EPYC Zen 4), so checked at 0.1 and 90% of the argmaxes."""
+    (measured 2.6e-6 of the largest logit; checked at 2e-5). On the Q4_1 file itself, ggml multiplies Q4_1 weights
+    by activations it rounds to 8 bits (Q8_1), so it is not exact arithmetic on the dequantized weights: measured
+    6.8e-2 of the largest logit over this 42-token chat prompt with every argmax equal (llama-cpp-python 0.3.36, AMD
+    EPYC Zen 4), so checked at 0.1 and 90% of the argmaxes."""
     from llama_lora.trained_run import open_run
 
     ids = chat_prompt(tok)
@@ -356,7 +386,6 @@ def test_a_k_quant_file_made_by_llama_cpp_is_a_base(f32_copy, tok, tmp_path, mon
     and the q5_0/q8_0 it falls back to where a row of 576 does not split into 256-value blocks), dequantized by the
     gguf package as a base: llama.cpp's logits on it at the quantized arithmetic's tolerance, and the answer."""
     import gguf
-
     from test_gguf_files import llama_cpp
 
     from llama_lora.trained_run import open_run

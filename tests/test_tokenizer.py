@@ -148,3 +148,54 @@ def test_without_tiktoken_one_line_says_what_to_install(bpe, monkeypatch):
     monkeypatch.setitem(sys.modules, "tiktoken", None)
     with pytest.raises(ValueError, match=r'pip install -e "\.\[llama3\]"'):
         Tokenizer(bpe[0])
+
+
+def llama2_style_tokenizer_json(sp_tok, folder):
+    """LLaMA-2's tokenizer as its HF repository ships it (tokenizer.json), built here independently of the project:
+    the SentencePiece pieces as a BPE vocabulary with byte fallback, the merges derived from the pieces' scores (as
+    transformers' SentencePieceExtractor does), "▁" prepended and spaces replaced by it, and a tokenizer_config.json
+    with BOS added."""
+    import json
+
+    tokenizers = pytest.importorskip("tokenizers", reason="pip install -e '.[tokenizers]'")
+    sp = sp_tok.sp
+    vocab = {sp.IdToPiece(i): i for i in range(sp.vocab_size())}
+    merges = []
+    for piece, i in sorted(vocab.items(), key=lambda kv: -sp.GetScore(kv[1])):
+        if sp.IsControl(i) or sp.IsUnknown(i) or sp.IsByte(i):
+            continue
+        local = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges, unk_token="<unk>", fuse_unk=True,
+                                                    byte_fallback=True))
+    n = tokenizers.normalizers
+    tk.normalizer = n.Sequence([n.Prepend("▁"), n.Replace(" ", "▁")])
+    d = tokenizers.decoders
+    tk.decoder = d.Sequence([d.Replace("▁", " "), d.ByteFallback(), d.Fuse(), d.Strip(" ", 1, 0)])
+    tk.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")])
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                              "add_bos_token": True}))
+    return folder / "tokenizer.json"
+
+
+def test_a_sentencepiece_style_tokenizer_json_gives_the_sentencepiece_ids(tmp_path, demo_tok):
+    """LLaMA-2's and Mistral's HF repositories ship their SentencePiece BPE as a tokenizer.json (byte fallback, "▁"
+    for spaces): read with HF's tokenizers, it gives the ids and text of the tokenizer.model (the real LLaMA-2 one
+    where the assets are, else the demo's), BOS added as tokenizer_config.json says."""
+    import os
+    from pathlib import Path
+
+    from llama_lora.tokenizer import BPETokenizer
+
+    sources = [demo_tok]
+    if os.environ.get("LLAMA_LORA_TEST_ASSETS"):
+        sources.append(Tokenizer(Path(os.environ["LLAMA_LORA_TEST_ASSETS"]) / "tokenizer.model"))
+    for k, sp_tok in enumerate(sources):
+        (tmp_path / str(k)).mkdir()
+        tok = Tokenizer(llama2_style_tokenizer_json(sp_tok, tmp_path / str(k)))
+        assert isinstance(tok, BPETokenizer) and (tok.bos_id, tok.eos_id, tok.add_bos) == (1, 2, True)
+        assert tok.vocab_size == sp_tok.vocab_size and tok.gguf_pre is None
+        for text in TEXTS[:5] + UNICODE_TEXTS + [" leading", "two  spaces\n\nand\ttabs", "</s> typed", "12345"]:
+            assert tok.encode(text, bos=True) == sp_tok.encode(text, bos=True), text
+            assert tok.decode(tok.encode(text)) == sp_tok.decode(sp_tok.encode(text)), text

@@ -139,6 +139,8 @@ def merge_adapter(adapter: str | None = None, *, out_dir: str, format: Literal["
     else:
         base, _, config = open_checkpoint(run.checkpoint_dir, run.config)
     config = untied_if_adapted(config, trained)
+    if tokenizer is not None:
+        tokenizer.check_fits(config.vocab_size)
     # The prompt the model answers in: the run's, or one the base carries; a base alone, converted, has none.
     fmt = run.prompt_format if run.adapted or run.format_source is not None else None
     if format == "gguf":  # streamed: each merged tensor is encoded and written before the next is made

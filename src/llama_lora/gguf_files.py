@@ -145,9 +145,7 @@ def write_model(path: str | Path, config: LlamaConfig, shapes: Mapping[str, tupl
     yields them (one at a time: a layer's tensor is encoded and written before the next one is asked for).
     ``chat_template``: the prompt format the model was trained with, as Jinja (None: none, as for a base)."""
     gguf = gguf_package()
-    if tokenizer.vocab_size != config.vocab_size:
-        raise ValueError(f"GGUF: the tokenizer has {tokenizer.vocab_size} pieces, the model {config.vocab_size}; "
-                         "give the tokenizer the model was trained with")
+    tokenizer.check_fits(config.vocab_size)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     writer = gguf.GGUFWriter(str(tmp), arch="llama")

@@ -252,10 +252,7 @@ class LlamaLoRAModule(L.LightningModule):
                         "validates every %.1f optimizer steps", interval, accumulate, interval / accumulate)
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "load_tokenizer"):
-            vocab = datamodule.load_tokenizer().vocab_size
-            if vocab != self.config.vocab_size:
-                raise ValueError(f"The tokenizer has {vocab} pieces, model {self.hparams.model!r} has vocab "
-                                 f"{self.config.vocab_size}; use the tokenizer that matches the model")
+            datamodule.load_tokenizer().check_fits(self.config.vocab_size)
 
     def on_train_end(self) -> None:
         # Called after every callback's on_train_end (checkpoints written, summary printed) and before Lightning's

@@ -52,6 +52,12 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
+    def check_fits(self, vocab_size: int) -> None:
+        """Refuse, in one line, a tokenizer of another size than the model's embedding: another model's tokenizer."""
+        if self.vocab_size != vocab_size:
+            raise ValueError(f"The tokenizer {self.path} has {self.vocab_size} pieces, the model {vocab_size}: give "
+                             "the tokenizer the model was trained with (--tokenizer_path)")
+
     def save_to(self, folder: Path) -> Path:
         """The tokenizer's file beside a model's weights, as the model ships it (SentencePiece and tiktoken:
         ``tokenizer.model``)."""
@@ -354,14 +360,16 @@ class BPETokenizer(Tokenizer):
             reader = read_gguf(path)
             model = field(reader, "tokenizer.ggml.model")
             if model != "gpt2":
-                raise ValueError(f"{path}: the GGUF's tokenizer is {model!r}; this version reads its byte-level BPE "
-                                 "(gpt2) alone: give the model's tokenizer.model or tokenizer.json with "
-                                 "--tokenizer_path")
+                raise ValueError(f"{path}: the GGUF's tokenizer is {model!r}; this version reads SentencePiece "
+                                 "(llama) and byte-level BPE (gpt2) ones: give the model's tokenizer.model or "
+                                 "tokenizer.json with --tokenizer_path")
             tokens, types = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.token_type")
-            merges = [tuple(m.split(" ", 1)) for m in field(reader, "tokenizer.ggml.merges")]
-            self.tk = tokenizers.Tokenizer(tokenizers.models.BPE({t: i for i, t in enumerate(tokens)}, merges))
             self.gguf_pre = field(reader, "tokenizer.ggml.pre", "default")
-            self.tk.pre_tokenizer = _pre_tokenizer(tokenizers, self.gguf_pre, path)
+            pre_tokenizer = _pre_tokenizer(tokenizers, self.gguf_pre, path)
+            merges = [tuple(m.split(" ", 1)) for m in field(reader, "tokenizer.ggml.merges", [])]
+            self.tk = _library_call(path, lambda: tokenizers.Tokenizer(
+                tokenizers.models.BPE({t: i for i, t in enumerate(tokens or [])}, merges)))
+            self.tk.pre_tokenizer = pre_tokenizer
             self.tk.decoder = tokenizers.decoders.ByteLevel()
             control = [tokenizers.AddedToken(tokens[i], special=True, normalized=False)
                        for i, kind in enumerate(types) if kind in (3, 4)]  # CONTROL, USER_DEFINED
@@ -373,10 +381,7 @@ class BPETokenizer(Tokenizer):
             pad = field(reader, "tokenizer.ggml.padding_token_id")
             self.chat_template = field(reader, "tokenizer.chat_template")
         else:
-            try:
-                self.tk = tokenizers.Tokenizer.from_file(str(path))
-            except Exception as e:  # noqa: BLE001 - not JSON, or not a tokenizer the library reads
-                raise ValueError(f"{path}: not a readable tokenizer.json ({str(e).splitlines()[0][:200]})") from None
+            self.tk = _library_call(path, lambda: tokenizers.Tokenizer.from_file(str(path)))
             kind = json.loads(self.tk.to_str())["model"]["type"]
             if kind != "BPE":
                 raise ValueError(f"{path}: a {kind} tokenizer.json; this version reads BPE ones (Llama's, Qwen's, "
@@ -466,6 +471,18 @@ class BPETokenizer(Tokenizer):
         tokens = [self.tk.id_to_token(i) for i in range(self.vocab_size)]
         special = {i for i, t in self.tk.get_added_tokens_decoder().items() if t.special}
         return tokens, merges, [i in special for i in range(self.vocab_size)]
+
+
+def _library_call(path: Path, make):
+    """``make()``, a call into HF's tokenizers on a file's contents; what the library says of a file it cannot read
+    (an error, or a Rust panic, which Python sees as a BaseException) becomes one line."""
+    try:
+        return make()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - pyo3's PanicException derives from BaseException
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: not a readable tokenizer ({first}); is the file complete?") from None
 
 
 def _gguf_pre_name(tokenizers, tk) -> str | None:

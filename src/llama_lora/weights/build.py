@@ -33,8 +33,8 @@ def build_model(
     Each tensor is stored as ``plan`` says (a dtype: every tensor in it, ``RunPlan.uniform``). Under an NF4 plan the
     blocks' linear weights are quantized as they are read, and their pages of the memory-mapped checkpoint are
     dropped, so the half-precision model never exists in memory; so are the pages of any tensor cast to another
-    dtype (an fp32 or f16 base in a bf16 plan), so that the file and the model are not both resident. With both ``config`` and ``checkpoint`` given, the
-    checkpoint must match the config's shapes.
+    dtype (an fp32 or f16 base in a bf16 plan), so that the file and the model are not both resident. With both
+    ``config`` and ``checkpoint`` given, the checkpoint must match the config's shapes.
     """
     plan = plan if isinstance(plan, RunPlan) else RunPlan.uniform(plan, device)
     sd = sources = None
