@@ -9,6 +9,7 @@ import inspect
 import json
 import sys
 from pathlib import Path
+from typing import Literal
 
 from rich.console import Console
 from rich.table import Table
@@ -17,15 +18,17 @@ from llama_lora.cli import configure_logging, main_guard, script_arguments
 from llama_lora.data import AlpacaDataModule
 from llama_lora.module import LlamaLoRAModule
 from llama_lora.plan import BaseDtypeName, PrecisionName
+from llama_lora.prompts import ChatTemplateName
 from llama_lora.trained_run import open_run
 from llama_lora.trainer import Trainer
 from llama_lora.weights.tensors import check_output_file
 
 
 def evaluate(adapter: str | None = None, checkpoint_dir: str | None = None, model: str | None = None,
-             data_path: str | None = None, tokenizer_path: str | None = None, val_size: int | None = None,
-             precision: PrecisionName = "auto", base_dtype: BaseDtypeName = "auto", out: str = "evaluation.json"
-             ) -> dict:
+             data_path: str | None = None, data_format: Literal["alpaca", "chat", "text"] | None = None,
+             chat_template: ChatTemplateName | None = None, tokenizer_path: str | None = None,
+             val_size: int | None = None, precision: PrecisionName = "auto", base_dtype: BaseDtypeName = "auto",
+             out: str = "evaluation.json") -> dict:
     """Validate the model on held-out records and write the figures.
 
     Args:
@@ -33,6 +36,9 @@ def evaluate(adapter: str | None = None, checkpoint_dir: str | None = None, mode
         checkpoint_dir: base weights (default: the ones the adapter was trained on).
         model: preset (default: the adapter's).
         data_path: Alpaca .json/.jsonl/URL (default: the adapter's training data).
+        data_format: alpaca, chat or text records (default: the adapter's; alpaca for a base alone).
+        chat_template: the chat template to render them in (default: the adapter's; for chat data on a base alone,
+            the model's own where its tokenizer carries one): llama3, llama2, chatml or model.
         tokenizer_path: tokenizer.model (default: the adapter's, or the one beside the base weights).
         val_size: held-out records (default: the adapter's).
         precision: Lightning precision; auto: mixed precision where the hardware computes it natively.
@@ -44,7 +50,9 @@ def evaluate(adapter: str | None = None, checkpoint_dir: str | None = None, mode
     run = open_run(adapter, checkpoint_dir, model, tokenizer_path)
     data = {k: v for k, v in run.data.items() if k in inspect.signature(AlpacaDataModule).parameters}  # LightningCLI
     # saves keys of its own beside the data module's
-    data.update({k: v for k, v in (("data_path", data_path), ("val_size", val_size)) if v is not None})
+    given = (("data_path", data_path), ("val_size", val_size), ("format", data_format),
+             ("chat_template", chat_template))
+    data.update({k: v for k, v in given if v is not None})
     data["tokenizer_path"] = str(run.tokenizer().path)
     datamodule = AlpacaDataModule(**data)
     trainer = Trainer(precision=precision, logger=False, enable_checkpointing=False, devices=1,

@@ -363,6 +363,9 @@ def test_a_run_in_the_models_template_exports_to_llama_cpp(chat_run, smollm2, f3
 
     assert "the model's own chat template" in script("generate.py", "--adapter", str(ckpt), "--max_new_tokens", "4",
                                                      "--greedy", "Hi").stderr
+    for who in (["--adapter", str(ckpt)], ["--checkpoint_dir", str(smollm2), "--chat_template", "model"]):
+        proc = script("evaluate.py", *who, "--data_path", "demo", "--val_size", "8", "--out", str(tmp_path / "e.json"))
+        assert "in the model's own chat template" in " ".join(proc.stderr.split()), who
     script("merge.py", "--adapter", str(ckpt), "--out_dir", str(tmp_path / "merged"), "--format", "gguf",
            "--gguf_type", "f32")
     assert field(read_gguf(tmp_path / "merged" / "model-f32.gguf"), "tokenizer.chat_template") == tok.chat_template
