@@ -4,9 +4,11 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_ablate_dry_run_writes_json_and_markdown(tmp_path):
     ablate = ROOT / "benchmarks" / "ablation" / "ablate.py"
     proc = subprocess.run([sys.executable, str(ablate), "--dry_run", "--out_dir", str(tmp_path)], capture_output=True,

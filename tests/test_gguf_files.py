@@ -108,6 +108,7 @@ SPM_CORPUS = ["Name three fruits.", " leading space", "Bonjour 🚀 我爱你 ca
               "</s> typed <s> as text", "", "   ", "x=3; y = f(x)"]
 
 
+@pytest.mark.slow
 def test_a_ggufs_sentencepiece_tokenizer_is_the_model_it_was_written_from(run, tmp_path):
     """A GGUF's "llama" tokenizer (pieces, scores, types) read back as a SentencePiece model: the same ids and text as
     the tokenizer.model it was written from, the demo's and LLaMA-2's (32,000 pieces); and the GGUF alone is a base
@@ -266,6 +267,7 @@ def test_an_adapter_of_a_run_without_a_preset_exports(run, tmp_path, fmt):
         assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_a_random_nf4_base_merges_to_gguf_as_it_was_trained(tmp_path, cache_dir):
     """An adapter trained on a random NF4 base: the GGUF holds the dequantized base plus the update, the merge's."""
     fit(write_tiny_config(tmp_path, cache_dir, model={"base_dtype": "nf4"},

@@ -67,6 +67,7 @@ def test_a_bad_lr_ratio_is_refused():
         LoRASettings(lr_ratio=0.0)
 
 
+@pytest.mark.slow
 def test_an_rslora_run_exports_its_scale_to_peft_and_to_llama_cpp(tmp_path, cache_dir):
     """A run with use_rslora: PEFT's adapter_config says use_rslora; llama.cpp's LoRA GGUF (which scales by
     alpha / r) carries the alpha that gives alpha / sqrt(r)."""
@@ -231,6 +232,7 @@ def dora_run(tmp_path_factory):
     return run_on_meta_base(tmp_path_factory, "dora", seed=3, lora={**DORA, "dropout": 0.1})
 
 
+@pytest.mark.slow
 def test_a_dora_run_merges_exports_generates_evaluates_and_resumes(dora_run, tmp_path, tokens):
     """Every script takes a DoRA adapter: merge.py (HF and Meta) computes the adapter's logits, the PEFT export loads
     back to the same model, generate.py and evaluate.py run, a resume continues it, and the llama.cpp LoRA form,

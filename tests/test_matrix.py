@@ -60,13 +60,13 @@ def pairwise(knobs: dict[str, tuple], seed: int = 0, candidates: int = 50) -> li
 
 
 # Two rows beyond the pairwise set, for the bases a user brings with their own tokenizer: a GGUF file (its
-# SentencePiece tokenizer inside) trained into NF4 with packing, and an HF folder with only a tokenizer.json (and its
-# ChatML template) trained in two processes.
+# SentencePiece tokenizer inside) trained into NF4, and an HF folder with only a tokenizer.json (and its ChatML
+# template) trained in two processes; both with packing.
 OWN_TOKENIZER = [
     {"precision": "bf16-mixed", "base_dtype": "nf4", "source": "gguf-q8_0", "targets": "all", "packing": True,
      "gc": True, "accumulate": 2, "processes": 1},
     {"precision": "32-true", "base_dtype": "auto", "source": "hf-tokenizer.json", "targets": "attention",
-     "packing": False, "gc": False, "accumulate": 1, "processes": 2}]
+     "packing": True, "gc": False, "accumulate": 1, "processes": 2}]
 COMBINATIONS = pairwise(KNOBS) + OWN_TOKENIZER
 FAST = [0]  # the slice in the default suite (NF4, bf16-mixed, packing, checkpointing)
 

@@ -98,7 +98,7 @@ def test_generate_answers_in_the_models_template_from_the_gguf_alone(smollm2):
     assert "Paris" in proc.stdout and "the model's own chat template" in proc.stderr
 
 
-def test_bad_real_model_inputs_get_one_line(smollm2, tok, tmp_path, demo_tok):
+def test_bad_real_model_inputs_get_one_line(smollm2, tok, tmp_path):
     import gguf
     import tokenizers
 
@@ -126,17 +126,6 @@ def test_bad_real_model_inputs_get_one_line(smollm2, tok, tmp_path, demo_tok):
     run = open_run(checkpoint_dir=smollm2, tokenizer_path=str(ROOT / "tests" / "missing.model"))
     with pytest.raises(FileNotFoundError, match="Tokenizer not found"):
         run.tokenizer()
-    # another model's tokenizer: refused by every script in the same line (merge wrote an HF folder with it before)
-    other = tmp_path / "other.model"
-    shutil.copyfile(demo_tok.path, other)
-    for name, args in (("merge.py", ["--out_dir", str(tmp_path / "merged"), "--format", "hf"]),
-                       ("generate.py", ["hi"]), ("evaluate.py", ["--data_path", "demo"])):
-        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / name), "--checkpoint_dir", str(smollm2),
-                               "--tokenizer_path", str(other), *args], capture_output=True, text=True, timeout=300)
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (name, proc.stderr[-2000:])
-        assert errors == [f"error: The tokenizer {other} has 1024 pieces, the model 49152: give the tokenizer the "
-                          "model was trained with (--tokenizer_path)"], (name, errors)
     for name, model, pre, tokens in (("bert", "bert", "default", ["a", "b", "ab"]),
                                      ("qwen", "gpt2", "qwen2", ["a", "b", "ab"]), ("cut", "gpt2", "smollm", ["a"])):
         writer = gguf.GGUFWriter(str(tmp_path / f"{name}.gguf"), arch="llama")
@@ -155,6 +144,21 @@ def test_bad_real_model_inputs_get_one_line(smollm2, tok, tmp_path, demo_tok):
         Tokenizer(tmp_path / "qwen.gguf")
     with pytest.raises(ValueError, match="cut.gguf: not a readable tokenizer"):  # a merge of tokens it lacks
         Tokenizer(tmp_path / "cut.gguf")
+
+
+@pytest.mark.slow
+def test_another_models_tokenizer_is_refused_by_every_script_in_one_line(smollm2, tmp_path, demo_tok):
+    """The same line from merge, generate and evaluate (merge.py --format hf wrote a folder with it before)."""
+    other = tmp_path / "other.model"
+    shutil.copyfile(demo_tok.path, other)
+    for name, args in (("merge.py", ["--out_dir", str(tmp_path / "merged"), "--format", "hf"]),
+                       ("generate.py", ["hi"]), ("evaluate.py", ["--data_path", "demo"])):
+        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / name), "--checkpoint_dir", str(smollm2),
+                               "--tokenizer_path", str(other), *args], capture_output=True, text=True, timeout=300)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (name, proc.stderr[-2000:])
+        assert errors == [f"error: The tokenizer {other} has 1024 pieces, the model 49152: give the tokenizer the "
+                          "model was trained with (--tokenizer_path)"], (name, errors)
 
 
 @pytest.mark.slow
@@ -200,6 +204,7 @@ def test_an_hf_folder_with_a_sentencepiece_tokenizer_keeps_alpacas_prompt(tmp_pa
     assert open_run(checkpoint_dir=tmp_path).prompt_format.name == "alpaca"
 
 
+@pytest.mark.slow
 def test_the_gguf_and_hf_folder_written_from_it_carry_its_tokenizer_template_and_weights(smollm2, tok, tmp_path):
     """merge.py from the GGUF alone: an f32 GGUF (gpt2 tokenizer, smollm pre-tokenizer, its chat template) and an HF
     folder (tokenizer.json, tokenizer_config.json, chat_template.jinja) that read back as the same tokenizer, template
@@ -255,7 +260,15 @@ def chat_prompt(tok) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def f32_copy(smollm2, tmp_path_factory) -> Path:
+def lc():
+    """llama-cpp-python, or the test skips (before any fixture after it in the test's arguments is built)."""
+    from test_gguf_files import llama_cpp
+
+    return llama_cpp()
+
+
+@pytest.fixture(scope="module")
+def f32_copy(lc, smollm2, tmp_path_factory) -> Path:
     """The GGUF's weights as the gguf package dequantizes them, written by merge.py as an f32 GGUF."""
     out = tmp_path_factory.mktemp("smollm2-f32")
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "merge.py"), "--checkpoint_dir", str(smollm2),
@@ -266,7 +279,7 @@ def f32_copy(smollm2, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_llama_cpp_tokenizes_the_file_as_we_do(smollm2, tok, monkeypatch):
+def test_llama_cpp_tokenizes_the_file_as_we_do(lc, smollm2, tok, monkeypatch):
     """llama.cpp's own tokenizer of the file: text (English, French, Chinese, emoji, digits, whitespace runs, typed
     special tokens) as text, and a rendered chat template with its special tokens parsed."""
     import random
@@ -284,7 +297,7 @@ def test_llama_cpp_tokenizes_the_file_as_we_do(smollm2, tok, monkeypatch):
 
 
 @pytest.mark.slow
-def test_llama_cpp_computes_our_logits_on_the_file_and_on_its_f32_copy(smollm2, f32_copy, tok, monkeypatch):
+def test_llama_cpp_computes_our_logits_on_the_file_and_on_its_f32_copy(lc, smollm2, f32_copy, tok, monkeypatch):
     """On the f32 GGUF written from the dequantized weights, llama.cpp's logits are ours at fp32's precision
     (measured 2.6e-6 of the largest logit; checked at 2e-5). On the Q4_1 file itself, ggml multiplies Q4_1 weights
     by activations it rounds to 8 bits (Q8_1), so it is not exact arithmetic on the dequantized weights: measured
@@ -305,12 +318,9 @@ def test_llama_cpp_computes_our_logits_on_the_file_and_on_its_f32_copy(smollm2, 
 
 
 @pytest.mark.slow
-def test_llama_cpp_answers_paris_from_our_gguf(f32_copy, tok, monkeypatch):
+def test_llama_cpp_answers_paris_from_our_gguf(lc, f32_copy, tok, monkeypatch):
     """llama.cpp's greedy answer from the GGUF merge.py wrote, prompted in the template the file carries (rendered by
     llama-cpp-python's own Jinja formatter)."""
-    from test_gguf_files import llama_cpp
-
-    lc = llama_cpp()
     llm = llama_cpp_model(f32_copy, monkeypatch)
     formatter = lc.llama_chat_format.Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], "<|im_end|>",
                                                          "<|im_start|>")
@@ -344,31 +354,41 @@ def chat_run(smollm2, tmp_path_factory) -> Path:
     return d
 
 
+def script(name: str, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
 @pytest.mark.slow
-def test_a_run_in_the_models_template_exports_to_llama_cpp(chat_run, smollm2, f32_copy, tok, tmp_path, monkeypatch):
-    """The run trained in the model's own template: generate.py prompts in it; merge.py's GGUF carries it; and the
-    adapter's llama.cpp LoRA applies to the original file and to its f32 copy with --lora: on the f32 copy, llama.cpp
-    computes our adapted model's logits at fp32's precision."""
+def test_a_run_in_the_models_template_is_prompted_evaluated_and_merged_in_it(chat_run, smollm2, tok, tmp_path):
+    """The run trained in the model's own template: generate.py prompts in it, evaluate.py renders in it (and the
+    base alone, asked for it), merge.py's GGUF carries it."""
     from llama_lora.trained_run import open_run
 
     ckpt = chat_run / "ckpt" / "last.ckpt"
     run = open_run(ckpt)
     assert isinstance(run.prompt_format, ModelChat) and run.prompt_format.jinja == tok.chat_template
-
-    def script(name, *args):
-        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
-                              timeout=600)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        return proc
-
     assert "the model's own chat template" in script("generate.py", "--adapter", str(ckpt), "--max_new_tokens", "4",
                                                      "--greedy", "Hi").stderr
     for who in (["--adapter", str(ckpt)], ["--checkpoint_dir", str(smollm2), "--chat_template", "model"]):
         proc = script("evaluate.py", *who, "--data_path", "demo", "--val_size", "8", "--out", str(tmp_path / "e.json"))
         assert "in the model's own chat template" in " ".join(proc.stderr.split()), who
     script("merge.py", "--adapter", str(ckpt), "--out_dir", str(tmp_path / "merged"), "--format", "gguf",
-           "--gguf_type", "f32")
-    assert field(read_gguf(tmp_path / "merged" / "model-f32.gguf"), "tokenizer.chat_template") == tok.chat_template
+           "--gguf_type", "q8_0")
+    assert field(read_gguf(tmp_path / "merged" / "model-q8_0.gguf"), "tokenizer.chat_template") == tok.chat_template
+
+
+@pytest.mark.slow
+def test_llama_cpp_applies_the_runs_lora_to_the_file_and_its_f32_copy(lc, chat_run, smollm2, f32_copy, tok, tmp_path,
+                                                                      monkeypatch):
+    """The adapter's llama.cpp LoRA (export_adapter.py --format gguf) applies to the original file and to its f32
+    copy with --lora: on the f32 copy, llama.cpp computes our adapted model's logits at fp32's precision."""
+    from llama_lora.trained_run import open_run
+
+    ckpt = chat_run / "ckpt" / "last.ckpt"
+    run = open_run(ckpt)
     script("export_adapter.py", "--adapter", str(ckpt), "--out_dir", str(tmp_path / "lora"), "--format", "gguf")
     ids = chat_prompt(tok)
     with torch.no_grad():
@@ -384,16 +404,14 @@ def test_a_run_in_the_models_template_exports_to_llama_cpp(chat_run, smollm2, f3
 
 
 @pytest.mark.slow
-def test_a_k_quant_file_made_by_llama_cpp_is_a_base(f32_copy, tok, tmp_path, monkeypatch):
+def test_a_k_quant_file_made_by_llama_cpp_is_a_base(lc, f32_copy, tok, tmp_path, monkeypatch):
     """The common download, Q4_K_M, made from the f32 copy by llama.cpp's own quantizer (its Q4_K and Q6_K tensors,
     and the q5_0/q8_0 it falls back to where a row of 576 does not split into 256-value blocks), dequantized by the
     gguf package as a base: llama.cpp's logits on it at the quantized arithmetic's tolerance, and the answer."""
     import gguf
-    from test_gguf_files import llama_cpp
 
     from llama_lora.trained_run import open_run
 
-    lc = llama_cpp()
     params = lc.llama_model_quantize_default_params()
     params.ftype, params.nthread = lc.LLAMA_FTYPE_MOSTLY_Q4_K_M, 2
     path = tmp_path / "model-Q4_K_M.gguf"

@@ -182,6 +182,7 @@ def test_a_new_run_starts_from_an_adapters_weights(stopped, tmp_path, cache_dir)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_a_dora_run_starts_from_a_lora_adapter_at_its_model(stopped, tmp_path, cache_dir, tokens):
     """--model.init_adapter of a LoRA adapter into a DoRA run: A and B copied, each magnitude set to ||W + s B A||, so
     the new run starts at the adapter's model exactly (lr 0 keeps it); the reverse is refused in one line."""
