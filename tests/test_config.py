@@ -68,3 +68,30 @@ def test_bad_config_files(tmp_path):
     (tmp_path / "config.json").write_text('{"hidden_size": 8}')
     with pytest.raises(ValueError, match="missing num_hidden_layers"):
         LlamaConfig.from_hf_config(tmp_path / "config.json")
+
+
+def test_mistral_preset_and_config_json(tmp_path):
+    """Mistral 7B v0.3's published count (7.25B: 7,248,023,552) and its HF config.json (model_type mistral, no
+    window); v0.1's sliding window of 4,096 caps the context, and a run longer than it is refused in one line."""
+    import dataclasses
+
+    c = LlamaConfig.from_name("mistral-7b-v0.3")
+    assert (c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.hidden_dim, c.vocab_size, c.n_params) == (
+        4096, 32, 32, 8, 14336, 32768, 7_248_023_552)
+    hf = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
+          "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+          "vocab_size": 32768, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "max_position_embeddings": 32768,
+          "sliding_window": None, "hidden_act": "silu", "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    assert LlamaConfig.from_hf_config(tmp_path / "config.json") == c
+    (tmp_path / "config.json").write_text(json.dumps({**hf, "vocab_size": 32000, "sliding_window": 4096}))
+    v01 = LlamaConfig.from_hf_config(tmp_path / "config.json")
+    assert (v01.sliding_window, v01.max_seq_len) == (4096, 4096)
+    assert dataclasses.replace(v01, max_seq_len=2048).max_seq_len == 2048
+    with pytest.raises(ValueError, match="sliding window of 4096 tokens is not implemented here; .* at most 4096"):
+        dataclasses.replace(v01, max_seq_len=8192)
+    (tmp_path / "back.json").write_text(json.dumps(v01.to_hf_config("bfloat16")))
+    assert LlamaConfig.from_hf_config(tmp_path / "back.json") == v01
+    (tmp_path / "config.json").write_text(json.dumps({**hf, "model_type": "qwen2"}))
+    with pytest.raises(ValueError, match="model_type: 'qwen2' is not implemented here \\(llama, mistral"):
+        LlamaConfig.from_hf_config(tmp_path / "config.json")

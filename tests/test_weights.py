@@ -292,3 +292,35 @@ def test_a_base_cast_to_the_plans_dtype_leaves_none_of_the_files_pages_behind(tm
     assert torch.equal(model.tok_embeddings.weight, sd["tok_embeddings.weight"].bfloat16())
     kept = build_model(checkpoint=tmp_path / "meta", plan=torch.float32)  # placed as they are: the file is the model
     assert torch.equal(kept.tok_embeddings.weight, sd["tok_embeddings.weight"])
+
+
+@pytest.mark.parametrize("window", [None, 2048])
+def test_a_mistral_folder_written_by_transformers_computes_its_logits(tmp_path, window):
+    """Mistral (v0.3: no window; v0.1: a sliding window, here 2,048, longer than the 1,500 positions compared) from a
+    tiny random MistralForCausalLM written by transformers' save_pretrained, with queries and keys scaled so attention
+    is far from uniform: our logits equal transformers' within 1e-5 in fp32, and theta 1e6 matters (LLaMA-2's 10,000
+    gives other logits)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096,
+                                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                                     sliding_window=window, rms_norm_eps=1e-5)
+    hf = transformers.MistralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    hf.save_pretrained(tmp_path)
+    ours = build_model(checkpoint=tmp_path, plan=torch.float32).eval()
+    assert ours.config.rope_theta == 1e6 and ours.config.sliding_window == window
+    assert ours.config.max_seq_len == (window or 4096)
+    tokens = torch.randint(0, 512, (1, 1500), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs, mine = hf(input_ids=tokens).logits, ours(tokens)
+    scale = theirs.abs().max()
+    assert (mine - theirs).abs().max() <= 1e-5 * scale, float((mine - theirs).abs().max() / scale)
+    other = build_model(dataclasses.replace(ours.config, rope_theta=10000.0), plan=torch.float32).eval()
+    other.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        assert (other(tokens) - theirs).abs().max() > 1e-3 * scale

@@ -27,6 +27,9 @@ class LlamaConfig:
     # Llama 3.1's RoPE frequency scaling (``model.llama3_scaled``): factor, low_freq_factor, high_freq_factor,
     # original_max_seq_len; None: plain RoPE.
     rope_scaling: dict[str, float] | None = None
+    # Mistral v0.1's sliding-window attention (None: full attention, as Mistral v0.3 and every Llama): a context
+    # within the window is full attention, which is what this model computes; a longer one is refused.
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -60,6 +63,10 @@ class LlamaConfig:
                                  f"{self.rope_scaling}")
             if self.rope_scaling["high_freq_factor"] <= self.rope_scaling["low_freq_factor"]:
                 raise ValueError("LlamaConfig.rope_scaling: high_freq_factor must exceed low_freq_factor")
+        if self.sliding_window is not None and self.max_seq_len > self.sliding_window:
+            raise ValueError(f"LlamaConfig: attention over a sliding window of {self.sliding_window} tokens is not "
+                             "implemented here; within the window it is full attention: set data.max_seq_len to at "
+                             f"most {self.sliding_window}, not {self.max_seq_len}")
         if self.hidden_dim is None:
             # Meta's rule (llama/model.py FeedForward): 2/3 of 4*dim for SwiGLU, scaled, rounded up to multiple_of.
             hidden = int(2 * (4 * self.dim) / 3)
@@ -120,15 +127,16 @@ class LlamaConfig:
         if missing:
             raise ValueError(f"{path}: not a LLaMA config.json, missing {', '.join(missing)}")
         heads = cfg["num_attention_heads"]
-        unsupported = {"model_type": cfg.get("model_type", "llama") != "llama",
+        unsupported = {"model_type": cfg.get("model_type", "llama") not in HF_MODEL_TYPES,
                        "attention_bias": bool(cfg.get("attention_bias")), "mlp_bias": bool(cfg.get("mlp_bias")),
                        "hidden_act": cfg.get("hidden_act", "silu") != "silu",
-                       "head_dim": cfg.get("head_dim") not in (None, cfg["hidden_size"] // heads),
-                       "sliding_window": cfg.get("sliding_window") is not None}
+                       "head_dim": cfg.get("head_dim") not in (None, cfg["hidden_size"] // heads)}
         refused = [f"{k}: {cfg.get(k, 'llama')!r}" for k, bad in unsupported.items() if bad]
         if refused:
-            raise ValueError(f"{path}: {'; '.join(refused)} is not implemented here (LLaMA: no biases, SiLU, "
-                             "head_dim = hidden_size / heads, full attention)")
+            raise ValueError(f"{path}: {'; '.join(refused)} is not implemented here ({', '.join(HF_MODEL_TYPES)}: no "
+                             "biases, SiLU, head_dim = hidden_size / heads)")
+        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+        context = cfg.get("max_position_embeddings", 4096)
         # transformers 5 keeps theta and the scaling in rope_parameters; 4.x has rope_theta and rope_scaling.
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         kind = rope.get("rope_type", rope.get("type", "default"))
@@ -147,9 +155,10 @@ class LlamaConfig:
             hidden_dim=cfg["intermediate_size"],
             norm_eps=cfg.get("rms_norm_eps", 1e-5),
             rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-            max_seq_len=cfg.get("max_position_embeddings", 4096),
+            max_seq_len=min(context, window) if window else context,
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             rope_scaling=scaling,
+            sliding_window=window or None,
         )
 
     def to_meta_params(self) -> dict[str, Any]:
@@ -177,9 +186,11 @@ class LlamaConfig:
         "dtype", which transformers reads since 4.56, and "torch_dtype", which older versions read (both, so that
         ``torch_dtype="auto"`` keeps the written dtype in either)."""
         dtype = str(dtype).removeprefix("torch.")
+        mistral = self.sliding_window is not None  # transformers' Llama has no window: Mistral's class keeps it
         return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": ["MistralForCausalLM" if mistral else "LlamaForCausalLM"],
+            "model_type": "mistral" if mistral else "llama",
+            **({"sliding_window": self.sliding_window} if mistral else {}),
             "hidden_size": self.dim,
             "intermediate_size": self.hidden_dim,
             "num_hidden_layers": self.n_layers,
@@ -230,6 +241,10 @@ def _llama3_rope(factor: float) -> dict[str, float]:
     return {"factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_seq_len": 8192}
 
 
+# HF config.json model types read here: Llama, and Mistral (Llama's layers and names, a 32,768 vocabulary in v0.3,
+# and in v0.1 a sliding window, see LlamaConfig.sliding_window).
+HF_MODEL_TYPES = ("llama", "mistral")
+
 PRESETS: dict[str, dict[str, Any]] = {
     "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),
     "llama2-13b": dict(dim=5120, n_layers=40, n_heads=40, vocab_size=32000),
@@ -248,6 +263,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, vocab_size=128256, ffn_dim_multiplier=1.0,
                         multiple_of=256, rope_theta=500000.0, max_seq_len=131072, rope_scaling=_llama3_rope(32.0),
                         tie_embeddings=True),
+    # Mistral 7B v0.3 (its HF config.json: 32,768 vocabulary, GQA 32/8, ffn 14336, theta 1e6, no sliding window).
+    "mistral-7b-v0.3": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=32768, hidden_dim=14336,
+                            rope_theta=1000000.0, max_seq_len=32768),
     # The benchmark shape shared with LitGPT/torchtune comparisons: dim 512, 8 layers, ffn 1376.
     "small": dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000, hidden_dim=1376, max_seq_len=2048),
     # Embedded demo: 2M parameters (learns the synthetic world's facts in two minutes on 2 CPU cores), vocab of the
