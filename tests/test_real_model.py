@@ -161,6 +161,64 @@ def test_another_models_tokenizer_is_refused_by_every_script_in_one_line(smollm2
                           "model was trained with (--tokenizer_path)"], (name, errors)
 
 
+def test_chatml_is_a_named_format_masked_as_written_out_by_hand(tok, demo_tok):
+    """ChatML against an independent construction (no default system message: the format adds none); its generation
+    prompt ends in the assistant's header and it stops at <|im_end|>; a tokenizer without its tokens is refused in one
+    line."""
+    from llama_lora.prompts import FORMATS, resolve_format
+
+    chatml = resolve_format("chat", "chatml", tok)
+    assert chatml is FORMATS["chatml"] and chatml.stop_id(tok) == tok.token_id("<|im_end|>") == 2
+    for messages in conversations(20, seed=9):
+        messages = [{**m, "content": m["content"].strip() or "ok"} for m in messages]
+        ids, trained = chatml.tokens(messages, tok)
+        expected, labels = [], []
+        for m in messages:
+            head = tok.encode_rendered(f"<|im_start|>{m['role']}\n")[0]
+            body = tok.encode(m["content"]) + [2]
+            expected += head + body + tok.encode("\n")
+            labels += [False] * len(head) + [m["role"] == "assistant"] * len(body) + [False]
+        assert ids == expected and trained == labels
+    prompt = chatml.prompt({"instruction": "Hi"}, tok, system="Be brief.")
+    assert tok.decode(prompt) == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n" \
+                                 "<|im_start|>assistant\n"
+    with pytest.raises(ValueError, match="its own tokenizer"):
+        resolve_format("chat", "chatml", demo_tok)
+
+
+def test_chat_data_trains_in_the_template_its_tokenizer_carries(smollm2, tok, tmp_path, demo_tok):
+    """data.chat_template model (and the default for chat data): the GGUF's own template, or the one beside a
+    tokenizer.json; none carried is one line; a carried template that is Alpaca's prompt (a merged Alpaca run's) is
+    not a chat template: chat data falls back to the family's, and asking for it is one line (a KeyError traceback
+    before)."""
+    from llama_lora.data.datamodule import AlpacaDataModule
+    from llama_lora.prompts import FORMATS
+
+    records = tmp_path / "chat.jsonl"
+    records.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                                {"role": "assistant", "content": "Hello!"}]}) + "\n")
+    own = field(read_gguf(smollm2), "tokenizer.chat_template")
+
+    def chat_format(tokenizer_path, chosen=None):
+        return AlpacaDataModule(str(records), format="chat", chat_template=chosen, tokenizer_path=str(tokenizer_path)
+                                ).prompt_format
+
+    for chosen in ("model", None):
+        fmt = chat_format(smollm2, chosen)
+        assert isinstance(fmt, ModelChat) and fmt.jinja == own
+    tok.tk.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "chat_template.jinja").write_text(own)
+    assert chat_format(tmp_path / "tokenizer.json").jinja == own
+    (tmp_path / "chat_template.jinja").write_text(FORMATS["alpaca"].jinja)
+    assert chat_format(tmp_path / "tokenizer.json").name == "llama2"
+    with pytest.raises(ValueError, match="chat data needs a chat template, and chat_template model is Stanford"):
+        chat_format(tmp_path / "tokenizer.json", "model")
+    (tmp_path / "chat_template.jinja").unlink()
+    for path in (tmp_path / "tokenizer.json", demo_tok.path):
+        with pytest.raises(ValueError, match="carries no chat template"):
+            chat_format(path, "model")
+
+
 @pytest.mark.slow
 def test_a_short_lora_run_on_real_alpaca_lowers_the_held_out_loss(smollm2, assets, tmp_path):
     """fit.py on the GGUF base with its own tokenizer (data.tokenizer_path null: the base's), Alpaca's prompt and 64

@@ -328,17 +328,22 @@ def resolve_format(data_format: str | None = None, chat_template: str | None = N
     3's tiktoken file, llama2 for SentencePiece), else Alpaca's prompt (instruction data; text runs are prompted in
     it too)."""
     if chat_template is None and data_format == "chat":
-        if tokenizer is not None and tokenizer.chat_template is not None:
+        own = tokenizer is not None and tokenizer.chat_template is not None
+        if own and isinstance(model_format(tokenizer), ChatFormat):  # not a merged Alpaca run's template
             chat_template = "model"
         else:
             chat_template = "llama3" if tokenizer is not None and "eot" in tokenizer.special else "llama2"
     name = chat_template or "alpaca"
     if name == "model":
-        return model_format(tokenizer)
-    if name not in FORMATS:
+        fmt = model_format(tokenizer)
+    elif name in FORMATS:
+        fmt = FORMATS[name]
+    else:
         raise ValueError(f"Unknown prompt format {name!r}; choose one of {', '.join(CHAT_TEMPLATES)} (or none for "
                          "Alpaca's prompt)")
-    fmt = FORMATS[name]
+    if data_format == "chat" and not isinstance(fmt, ChatFormat):
+        raise ValueError(f"chat data needs a chat template, and chat_template {name} is {fmt.description}; choose "
+                         f"{', '.join(t for t in CHAT_TEMPLATES if t != 'model')}")
     if tokenizer is not None:
         fmt.check(tokenizer)
     return fmt
@@ -352,9 +357,7 @@ def model_format(tokenizer) -> PromptFormat:
         raise ValueError(f"chat_template model: {where} carries no chat template (a GGUF's tokenizer.chat_template, "
                          "or tokenizer_config.json's or chat_template.jinja beside a tokenizer.json); choose "
                          f"{', '.join(t for t in CHAT_TEMPLATES if t != 'model')}")
-    fmt = format_of_jinja(template) or ModelChat(template, str(tokenizer.path))
-    fmt.check(tokenizer)
-    return fmt
+    return format_of_jinja(template) or ModelChat(template, str(tokenizer.path))
 
 
 def format_of_jinja(text: str) -> PromptFormat | None:
