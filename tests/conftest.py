@@ -21,6 +21,21 @@ def tiny_config() -> LlamaConfig:
     return LlamaConfig.from_name("tiny")
 
 
+# Tiny models of each family (LlamaConfig.family): tiny's shapes with Mistral v0.1's sliding window (the whole
+# context), Qwen2's q/k/v biases and tied output, or Qwen3's q/k norms and a head width that is not dim / n_heads
+# (64 / 4 = 16; 24 here, so the queries are 96 wide).
+TINY_FAMILIES = {
+    "llama": {},
+    "mistral": dict(sliding_window=128, rope_theta=1000000.0),
+    "qwen2": dict(attention_bias=True, rope_theta=1000000.0, tie_embeddings=True, norm_eps=1e-6),
+    "qwen3": dict(qk_norm=True, head_dim=24, rope_theta=1000000.0, norm_eps=1e-6),
+}
+
+
+def tiny_family(family: str, **overrides) -> LlamaConfig:
+    return LlamaConfig.from_name("tiny", **{**TINY_FAMILIES[family], **overrides})
+
+
 @pytest.fixture
 def tiny_model(tiny_config):
     """fp32 random tiny model (GQA on: 4 query heads, 2 key/value heads)."""

@@ -92,6 +92,6 @@ def test_mistral_preset_and_config_json(tmp_path):
         dataclasses.replace(v01, max_seq_len=8192)
     (tmp_path / "back.json").write_text(json.dumps(v01.to_hf_config("bfloat16")))
     assert LlamaConfig.from_hf_config(tmp_path / "back.json") == v01
-    (tmp_path / "config.json").write_text(json.dumps({**hf, "model_type": "qwen2"}))
-    with pytest.raises(ValueError, match="model_type: 'qwen2' is not implemented here \\(llama, mistral"):
+    (tmp_path / "config.json").write_text(json.dumps({**hf, "model_type": "gemma"}))
+    with pytest.raises(ValueError, match="model_type: 'gemma' is not implemented here \\(llama, mistral, qwen2"):
         LlamaConfig.from_hf_config(tmp_path / "config.json")

@@ -16,7 +16,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import FIT, ROOT, fit, lora_weights, scalars, tags, write_tiny_config
+from conftest import FIT, ROOT, fit, lora_weights, scalars, tags, tiny_family, write_tiny_config
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
@@ -271,15 +271,15 @@ class ShardReport(L.Callback):
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(torch.cpu.Stream, "record_event"),
                     reason="FSDP2 on CPU processes needs torch.cpu.Stream.record_event (torch 2.6 has none)")
-def test_fsdp2_two_processes_loads_shards_checkpoints_and_resumes(tmp_path, cache_dir):
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_fsdp2_two_processes_loads_shards_checkpoints_and_resumes(tmp_path, cache_dir, family):
     """FSDP2 (ModelParallelStrategy + fully_shard) on 2 CPU processes from a Meta checkpoint split in 2 shards: the
     model is built on the meta device and each rank reads only its rows (about half the parameter bytes on each),
     its logits equal the single process's, and a run stopped at step 4 and resumed to 6 ends with the weights of one
-    uninterrupted process with the same global batch."""
-    from llama_lora.config import LlamaConfig
+    uninterrupted process with the same global batch. Llama, and Qwen3 (per-head q/k norms, queries wider than dim)."""
     from llama_lora.weights import build_model, save_meta
 
-    config_ = LlamaConfig.from_name("tiny")
+    config_ = tiny_family(family)
     save_meta(build_model(config_, plan=torch.float32, seed=3).state_dict(), config_, tmp_path / "base", 2)
     strategy = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
                 "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1,
@@ -288,7 +288,7 @@ def test_fsdp2_two_processes_loads_shards_checkpoints_and_resumes(tmp_path, cach
     fsdp_dir.mkdir(), single_dir.mkdir()
     common = {"max_steps": 6, "val_check_interval": 1000, "limit_val_batches": 0}
     report = {"class_path": "test_fit.ShardReport", "init_args": {"out_dir": str(fsdp_dir)}}
-    base = {"checkpoint_dir": str(tmp_path / "base")}
+    base = {"checkpoint_dir": str(tmp_path / "base"), "model": None}
     config = write_tiny_config(fsdp_dir, cache_dir, trainer={**common, "devices": 2, "strategy": strategy}, model=base)
     cfg = yaml.safe_load(config.read_text())
     cfg["trainer"]["callbacks"].append(report)

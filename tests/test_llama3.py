@@ -65,8 +65,8 @@ def test_metas_use_scaled_rope_is_read(tmp_path):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("attention_bias", True), ("mlp_bias", True), ("hidden_act", "gelu"), ("head_dim", 32),
-    ("rope_parameters", {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}), ("model_type", "qwen3"),
+    ("attention_bias", True), ("mlp_bias", True), ("hidden_act", "gelu"), ("use_mrope", True),
+    ("rope_parameters", {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}), ("model_type", "gemma2"),
 ])
 def test_a_config_field_not_implemented_is_refused_in_one_line(tmp_path, field, value):
     (tmp_path / "config.json").write_text(json.dumps(hf_config(**{field: value})))

@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, write_tiny_config
+from conftest import ROOT, tiny_family, write_tiny_config
 
-from llama_lora.config import LlamaConfig
 from llama_lora.weights import build_model, save_hf, save_llama2c, save_meta
 
 KNOBS: dict[str, tuple] = {
@@ -67,7 +66,14 @@ OWN_TOKENIZER = [
      "gc": True, "accumulate": 2, "processes": 1},
     {"precision": "32-true", "base_dtype": "auto", "source": "hf-tokenizer.json", "targets": "attention",
      "packing": True, "gc": False, "accumulate": 1, "processes": 2}]
-COMBINATIONS = pairwise(KNOBS) + OWN_TOKENIZER
+# And a row for each Qwen family, as users bring them: an HF folder with a Qwen-style tokenizer.json (ChatML, the
+# embedding padded beyond the tokenizer), one QDoRA with packing and accumulation, one DoRA in two processes.
+FAMILIES = [
+    {"precision": "bf16-mixed", "base_dtype": "nf4", "source": "hf-qwen2.5", "targets": "all", "packing": True,
+     "gc": True, "accumulate": 2, "processes": 1, "dora": True},
+    {"precision": "32-true", "base_dtype": "auto", "source": "hf-qwen3", "targets": "all", "packing": False,
+     "gc": False, "accumulate": 1, "processes": 2, "dora": True}]
+COMBINATIONS = pairwise(KNOBS) + OWN_TOKENIZER + FAMILIES
 FAST = [0]  # the slice in the default suite (NF4, bf16-mixed, packing, checkpointing)
 
 
@@ -76,7 +82,7 @@ def test_the_combinations_cover_every_pair():
     for a, b in itertools.combinations(names, 2):
         for x, y in itertools.product(KNOBS[a], KNOBS[b]):
             assert any(row[a] == x and row[b] == y for row in COMBINATIONS), (a, x, b, y)
-    assert len(COMBINATIONS) <= 24 + len(OWN_TOKENIZER)
+    assert len(COMBINATIONS) <= 24 + len(OWN_TOKENIZER) + len(FAMILIES)
 
 
 def source_checkpoint(kind: str, folder: Path, cache_dir: Path) -> tuple[str | None, str | None]:
@@ -86,9 +92,11 @@ def source_checkpoint(kind: str, folder: Path, cache_dir: Path) -> tuple[str | N
     chat template in its tokenizer_config.json."""
     if kind == "random":
         return None, None
-    config = LlamaConfig.from_name("tiny", tie_embeddings=kind == "llama2c")
+    family = {"hf-qwen2.5": "qwen2", "hf-qwen3": "qwen3"}.get(kind, "llama")
+    config = tiny_family(family, tie_embeddings=kind == "llama2c" or family == "qwen2")
     dtype = {"meta-bf16": torch.bfloat16, "hf-fp16": torch.float16, "llama2c": torch.float32,
-             "gguf-q8_0": torch.float32, "hf-tokenizer.json": torch.bfloat16}[kind]
+             "gguf-q8_0": torch.float32, "hf-tokenizer.json": torch.bfloat16, "hf-qwen2.5": torch.bfloat16,
+             "hf-qwen3": torch.bfloat16}[kind]
     sd = build_model(config, plan=dtype, seed=11).state_dict()
     if kind == "llama2c":
         return str(save_llama2c(sd, config, folder / "base.bin")), None
@@ -103,12 +111,15 @@ def source_checkpoint(kind: str, folder: Path, cache_dir: Path) -> tuple[str | N
     base = (save_meta if kind == "meta-bf16" else save_hf)(sd, config, folder / "base")
     if kind == "hf-tokenizer.json":
         return str(base), str(bpe_tokenizer_json(Path(base), config.vocab_size))
+    if family != "llama":  # Qwen's embedding has rows beyond its tokenizer's tokens
+        return str(base), str(bpe_tokenizer_json(Path(base), config.vocab_size - 4, bos=None))
     return str(base), None
 
 
-def bpe_tokenizer_json(folder: Path, vocab_size: int) -> Path:
+def bpe_tokenizer_json(folder: Path, vocab_size: int, bos: str | None = "<|im_start|>") -> Path:
     """A byte-level BPE of ``vocab_size`` tokens trained by HF's tokenizers on the demo's prose, with ChatML's tokens,
-    as an HF folder ships it: tokenizer.json and a tokenizer_config.json with its BOS/EOS and chat template."""
+    as an HF folder ships it: tokenizer.json and a tokenizer_config.json with its BOS (Qwen's: none)/EOS and chat
+    template."""
     import json
 
     import tokenizers
@@ -126,7 +137,7 @@ def bpe_tokenizer_json(folder: Path, vocab_size: int) -> Path:
     assert tk.get_vocab_size() == vocab_size
     tk.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "add_bos_token": False,
+        "bos_token": bos, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "add_bos_token": False,
         "chat_template": FORMATS["chatml"].jinja}))
     return folder / "tokenizer.json"
 
@@ -148,16 +159,18 @@ def refused_in_one_line(proc: subprocess.CompletedProcess) -> str:
 
 def run_combination(c: dict, tmp_path: Path, cache_dir: Path) -> None:
     base, own_tokenizer = source_checkpoint(c["source"], tmp_path, cache_dir)
-    lora = {"targets": TARGETS[c["targets"]], "r": 4, "alpha": 8, "dropout": 0.0} if TARGETS[c["targets"]] else None
+    lora = {"targets": TARGETS[c["targets"]], "r": 4, "alpha": 8, "dropout": 0.0,
+            "use_dora": c.get("dora", False)} if TARGETS[c["targets"]] else None
     config = write_tiny_config(
         tmp_path, cache_dir,
         trainer={"precision": c["precision"], "max_steps": 2, "val_check_interval": 2 * c["accumulate"],
                  "limit_val_batches": 1, "accumulate_grad_batches": c["accumulate"], "devices": c["processes"],
                  **({"strategy": "ddp"} if c["processes"] > 1 else {})},
-        model={"base_dtype": c["base_dtype"], "checkpoint_dir": base, "lora": lora, "gradient_checkpointing": c["gc"]},
+        model={"base_dtype": c["base_dtype"], "checkpoint_dir": base, "lora": lora, "gradient_checkpointing": c["gc"],
+               **({"model": None} if c["source"].startswith("hf-qwen") else {})},
         data={"packing": c["packing"], "micro_batch_size": 2, "tokenizer_path": own_tokenizer,
               # a tokenizer.json base's own (ChatML) template: the demo's instructions as two-turn conversations
-              "chat_template": "model" if c["source"] == "hf-tokenizer.json" else None})
+              "chat_template": "model" if c["source"].startswith("hf-") and own_tokenizer else None})
     cfg = yaml.safe_load(config.read_text())
     cfg["model"]["scheduler"]["init_args"].pop("max_steps")  # the run's length, so the resume below stretches it
     cfg["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 1
@@ -181,7 +194,7 @@ def run_combination(c: dict, tmp_path: Path, cache_dir: Path) -> None:
 
         run_back = open_run(ckpt)
         assert str(run_back.tokenizer_path) == own_tokenizer
-        assert run_back.prompt_format.name == ("chatml" if c["source"] == "hf-tokenizer.json" else "alpaca")
+        assert run_back.prompt_format.name == ("chatml" if c["source"].startswith("hf-") else "alpaca")
     tokenizer = own_tokenizer or str(next(cache_dir.glob("demo-tokenizer-512-*.model")))
     scripts = ROOT / "scripts"
     prompt = "What colour is a lemon? Café 東京"

@@ -30,6 +30,13 @@ class LlamaConfig:
     # Mistral v0.1's sliding-window attention (None: full attention, as Mistral v0.3 and every Llama): a context
     # within the window is full attention, which is what this model computes; a longer one is refused.
     sliding_window: int | None = None
+    # Qwen2 and Qwen2.5: biases on the query, key and value projections (not the output's, nor the MLP's).
+    attention_bias: bool = False
+    # Qwen3: an RMSNorm over each head's query and key (weights of head_dim), before RoPE.
+    qk_norm: bool = False
+    # Each head's width; None: dim / n_heads (Llama, Mistral, Qwen2). Qwen3 gives it (128), the queries then being
+    # n_heads * head_dim wide, not dim.
+    head_dim: int | None = None
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -38,10 +45,15 @@ class LlamaConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}")
-        if self.dim % self.n_heads:
+        if self.head_dim is None and self.dim % self.n_heads:
             raise ValueError(
-                f"LlamaConfig: n_heads={self.n_heads} must divide dim={self.dim}; pick a divisor of dim"
+                f"LlamaConfig: n_heads={self.n_heads} must divide dim={self.dim}; pick a divisor of dim, or give "
+                "head_dim"
             )
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool) or self.head_dim <= 0:
+            raise ValueError(f"LlamaConfig.head_dim must be a positive integer or None, got {self.head_dim!r}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"LlamaConfig: n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads} "
@@ -49,7 +61,7 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             raise ValueError(
-                f"LlamaConfig: head_dim = dim / n_heads = {self.head_dim} must be even for rotary embeddings"
+                f"LlamaConfig: head_dim = {self.head_dim} must be even for rotary embeddings"
             )
         if self.ffn_dim_multiplier is not None and self.ffn_dim_multiplier <= 0:
             raise ValueError(f"LlamaConfig.ffn_dim_multiplier must be > 0 or None, got {self.ffn_dim_multiplier}")
@@ -77,14 +89,27 @@ class LlamaConfig:
             raise ValueError(f"LlamaConfig.hidden_dim must be positive or None, got {self.hidden_dim}")
 
     @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    def family(self) -> str:
+        """The HF model type these switches make (decided here once: the HF config, the GGUF architecture and RoPE's
+        channel order in it read this): qwen3 (q/k norms), qwen2 (q/k/v biases), mistral (a sliding window), or
+        llama."""
+        if self.qk_norm:
+            return "qwen3"
+        if self.attention_bias:
+            return "qwen2"
+        return "mistral" if self.sliding_window is not None else "llama"
+
+    @property
+    def q_dim(self) -> int:
+        """The queries' width (wq's rows, wo's columns): n_heads * head_dim."""
+        return self.n_heads * self.head_dim
 
     @property
     def n_params(self) -> int:
         """Parameter count of the base model, computed from the shapes alone."""
         kv_dim = self.n_kv_heads * self.head_dim
-        attention = self.dim * (2 * self.dim + 2 * kv_dim)
+        attention = self.dim * (2 * self.q_dim + 2 * kv_dim)
+        attention += (self.q_dim + 2 * kv_dim) * self.attention_bias + 2 * self.head_dim * self.qk_norm
         ffn = 3 * self.dim * self.hidden_dim
         per_layer = attention + ffn + 2 * self.dim
         embeddings = (1 if self.tie_embeddings else 2) * self.vocab_size * self.dim
@@ -120,21 +145,22 @@ class LlamaConfig:
 
     @classmethod
     def from_hf_config(cls, path: str | Path) -> LlamaConfig:
-        """Read a HuggingFace ``config.json`` of a LlamaForCausalLM checkpoint."""
+        """Read a HuggingFace ``config.json`` of a Llama, Mistral, Qwen2 (2.5) or Qwen3 checkpoint."""
         cfg = _read_json(path)
         required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
         missing = [k for k in required if k not in cfg]
         if missing:
             raise ValueError(f"{path}: not a LLaMA config.json, missing {', '.join(missing)}")
-        heads = cfg["num_attention_heads"]
-        unsupported = {"model_type": cfg.get("model_type", "llama") not in HF_MODEL_TYPES,
+        model_type = cfg.get("model_type", "llama")
+        # Llama's and Qwen3's attention_bias puts a bias on the output projection too, which no released one has
+        unsupported = {"model_type": model_type not in HF_MODEL_TYPES,
                        "attention_bias": bool(cfg.get("attention_bias")), "mlp_bias": bool(cfg.get("mlp_bias")),
                        "hidden_act": cfg.get("hidden_act", "silu") != "silu",
-                       "head_dim": cfg.get("head_dim") not in (None, cfg["hidden_size"] // heads)}
+                       "use_mrope": bool(cfg.get("use_mrope"))}
         refused = [f"{k}: {cfg.get(k, 'llama')!r}" for k, bad in unsupported.items() if bad]
         if refused:
-            raise ValueError(f"{path}: {'; '.join(refused)} is not implemented here ({', '.join(HF_MODEL_TYPES)}: no "
-                             "biases, SiLU, head_dim = hidden_size / heads)")
+            raise ValueError(f"{path}: {'; '.join(refused)} is not implemented here ({', '.join(HF_MODEL_TYPES)} "
+                             "with SiLU and no output or MLP biases)")
         window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
         context = cfg.get("max_position_embeddings", 4096)
         # transformers 5 keeps theta and the scaling in rope_parameters; 4.x has rope_theta and rope_scaling.
@@ -159,6 +185,9 @@ class LlamaConfig:
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             rope_scaling=scaling,
             sliding_window=window or None,
+            attention_bias=model_type == "qwen2",  # Qwen2's q/k/v biases are its architecture, not a setting
+            qk_norm=model_type == "qwen3",
+            head_dim=cfg.get("head_dim"),
         )
 
     def to_meta_params(self) -> dict[str, Any]:
@@ -175,6 +204,9 @@ class LlamaConfig:
             "rope_theta": self.rope_theta,
             "max_seq_len": self.max_seq_len,
             "tie_embeddings": self.tie_embeddings,  # not Meta's either: llama2.c models converted to this layout
+            # nor these: Qwen's switches and head width, where they are not Llama's, so that a Qwen base round-trips
+            **{k: getattr(self, k) for k in ("attention_bias", "qk_norm", "sliding_window") if getattr(self, k)},
+            **({"head_dim": self.head_dim} if self.head_dim != self.dim // self.n_heads else {}),
             # Meta's flag (its reference then scales as use_scaled_rope says), and the exact settings, read back first
             **({"use_scaled_rope": True, "rope_scaling_factor": self.rope_scaling["factor"],
                 "rope_high_freq_factor": self.rope_scaling["high_freq_factor"], "rope_scaling": self.rope_scaling}
@@ -186,11 +218,14 @@ class LlamaConfig:
         "dtype", which transformers reads since 4.56, and "torch_dtype", which older versions read (both, so that
         ``torch_dtype="auto"`` keeps the written dtype in either)."""
         dtype = str(dtype).removeprefix("torch.")
-        mistral = self.sliding_window is not None  # transformers' Llama has no window: Mistral's class keeps it
+        family = self.family
         return {
-            "architectures": ["MistralForCausalLM" if mistral else "LlamaForCausalLM"],
-            "model_type": "mistral" if mistral else "llama",
-            **({"sliding_window": self.sliding_window} if mistral else {}),
+            "architectures": [HF_ARCHITECTURES[family]],
+            "model_type": family,
+            # transformers' Llama has no window (Mistral's class keeps it); Qwen's read use_sliding_window
+            "sliding_window": self.sliding_window,
+            **({"use_sliding_window": False} if family.startswith("qwen") else {}),
+            "head_dim": self.head_dim,
             "hidden_size": self.dim,
             "intermediate_size": self.hidden_dim,
             "num_hidden_layers": self.n_layers,
@@ -241,9 +276,12 @@ def _llama3_rope(factor: float) -> dict[str, float]:
     return {"factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_seq_len": 8192}
 
 
-# HF config.json model types read here: Llama, and Mistral (Llama's layers and names, a 32,768 vocabulary in v0.3,
-# and in v0.1 a sliding window, see LlamaConfig.sliding_window).
-HF_MODEL_TYPES = ("llama", "mistral")
+# HF config.json model types read here, with the class of each: Llama; Mistral (Llama's layers and names, a 32,768
+# vocabulary in v0.3, and in v0.1 a sliding window, see LlamaConfig.sliding_window); Qwen2 (2.5: q/k/v biases) and
+# Qwen3 (q/k norms, head_dim given). LlamaConfig.family says which one a config is.
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                    "qwen3": "Qwen3ForCausalLM"}
+HF_MODEL_TYPES = tuple(HF_ARCHITECTURES)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),
@@ -266,6 +304,28 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Mistral 7B v0.3 (its HF config.json: 32,768 vocabulary, GQA 32/8, ffn 14336, theta 1e6, no sliding window).
     "mistral-7b-v0.3": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=32768, hidden_dim=14336,
                             rope_theta=1000000.0, max_seq_len=32768),
+    # Qwen2.5 (their HF config.json: q/k/v biases, theta 1e6, 151,936 rows of embedding (152,064 in 7B) for a
+    # 151,665-token tokenizer; 0.5B and 1.5B tie the output to the embedding) and Qwen3 (q/k norms, head_dim 128,
+    # theta 1e6; tied up to 4B). Context: their max_position_embeddings.
+    "qwen2.5-0.5b": dict(dim=896, n_layers=24, n_heads=14, n_kv_heads=2, vocab_size=151936, hidden_dim=4864,
+                         rope_theta=1000000.0, max_seq_len=32768, tie_embeddings=True, attention_bias=True,
+                         norm_eps=1e-6),
+    "qwen2.5-1.5b": dict(dim=1536, n_layers=28, n_heads=12, n_kv_heads=2, vocab_size=151936, hidden_dim=8960,
+                         rope_theta=1000000.0, max_seq_len=32768, tie_embeddings=True, attention_bias=True,
+                         norm_eps=1e-6),
+    "qwen2.5-7b": dict(dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, vocab_size=152064, hidden_dim=18944,
+                       rope_theta=1000000.0, max_seq_len=32768, attention_bias=True, norm_eps=1e-6),
+    "qwen3-0.6b": dict(dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128, vocab_size=151936,
+                       hidden_dim=3072, rope_theta=1000000.0, max_seq_len=40960, tie_embeddings=True, qk_norm=True,
+                       norm_eps=1e-6),
+    "qwen3-1.7b": dict(dim=2048, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128, vocab_size=151936,
+                       hidden_dim=6144, rope_theta=1000000.0, max_seq_len=40960, tie_embeddings=True, qk_norm=True,
+                       norm_eps=1e-6),
+    "qwen3-4b": dict(dim=2560, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128, vocab_size=151936,
+                     hidden_dim=9728, rope_theta=1000000.0, max_seq_len=40960, tie_embeddings=True, qk_norm=True,
+                     norm_eps=1e-6),
+    "qwen3-8b": dict(dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128, vocab_size=151936,
+                     hidden_dim=12288, rope_theta=1000000.0, max_seq_len=40960, qk_norm=True, norm_eps=1e-6),
     # The benchmark shape shared with LitGPT/torchtune comparisons: dim 512, 8 layers, ffn 1376.
     "small": dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000, hidden_dim=1376, max_seq_len=2048),
     # Embedded demo: 2M parameters (learns the synthetic world's facts in two minutes on 2 CPU cores), vocab of the

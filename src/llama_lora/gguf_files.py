@@ -2,9 +2,11 @@
 weights) or a LoRA adapter alone, written with llama.cpp's own Python writer (the ``gguf`` package, an optional extra:
 ``pip install -e ".[gguf]"``), tensor by tensor.
 
-llama.cpp names tensors its own way (``layout.gguf_name``) and pairs RoPE channels as Meta does, so Meta-named
-tensors go in as they are, with no row permuted. Norms stay f32 (llama.cpp's rule: 1-D tensors are never quantized);
-a matrix whose rows do not split into the type's blocks is written in f16 instead, and said so.
+llama.cpp names tensors its own way (``layout.gguf_name``). Its ``llama`` architecture (Llama, Mistral) pairs RoPE
+channels as Meta does, so Meta-named tensors go in as they are; its ``qwen2`` and ``qwen3`` rotate halves, as HF does,
+and get q and k in HF's row order (``layout.to_gguf_layout``). Norms and biases stay f32 (llama.cpp's rule: 1-D
+tensors are never quantized); a matrix whose rows do not split into the type's blocks is written in f16 instead, and
+said so.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 
 from .config import LlamaConfig
-from .layout import gguf_name
+from .layout import gguf_arch, gguf_name, to_gguf_layout
 from .lora import LoRASettings
 from .model import llama3_scaled, rope_frequencies
 from .prompts import PromptFormat
@@ -86,10 +88,11 @@ def _add_sentencepiece_tokenizer(writer: Any, gguf: Any, tokenizer: Tokenizer) -
     writer.add_unk_token_id(sp.unk_id())
 
 
-def _add_bpe_tokenizer(writer: Any, gguf: Any, tokenizer: Tokenizer) -> None:
+def _add_bpe_tokenizer(writer: Any, gguf: Any, tokenizer: Tokenizer, rows: int) -> None:
     """A byte-level BPE (Llama 3's tiktoken file, a tokenizer.json, a GGUF's own) as llama.cpp's "gpt2" tokenizer: its
     tokens in GPT-2's byte alphabet, the merges, the special tokens as control tokens, and the pre-tokenizer by
-    llama.cpp's name."""
+    llama.cpp's name. An embedding of more ``rows`` than tokens (Qwen's, padded) gets unused [PAD<id>] tokens for the
+    rest, as llama.cpp's converter writes them: llama.cpp takes its vocabulary size from the token list."""
     if tokenizer.gguf_pre is None:
         raise ValueError(f"GGUF: {tokenizer.path.name}'s pre-tokenizer is none that llama.cpp names here "
                          f"({', '.join(GGUF_PRE_TOKENIZERS)}); merge to --format hf instead")
@@ -97,8 +100,9 @@ def _add_bpe_tokenizer(writer: Any, gguf: Any, tokenizer: Tokenizer) -> None:
     kinds = gguf.TokenType
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(tokenizer.gguf_pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types([kinds.CONTROL if s else kinds.NORMAL for s in special])
+    writer.add_token_list([*tokens, *(f"[PAD{i}]" for i in range(len(tokens), rows))])
+    writer.add_token_types([kinds.CONTROL if s else kinds.NORMAL for s in special]
+                           + [kinds.UNUSED] * (rows - len(tokens)))
     writer.add_token_merges([f"{a} {b}" for a, b in merges])
     if "eot" in tokenizer.special:
         writer.add_eot_token_id(tokenizer.special["eot"])
@@ -121,6 +125,8 @@ def _add_metadata(writer: Any, gguf: Any, config: LlamaConfig, tokenizer: Tokeni
     writer.add_block_count(config.n_layers)
     writer.add_head_count(config.n_heads)
     writer.add_head_count_kv(config.n_kv_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
     writer.add_rope_dimension_count(config.head_dim)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.norm_eps)
@@ -128,7 +134,7 @@ def _add_metadata(writer: Any, gguf: Any, config: LlamaConfig, tokenizer: Tokeni
     if tokenizer.kind == "sentencepiece":
         _add_sentencepiece_tokenizer(writer, gguf, tokenizer)
     else:
-        _add_bpe_tokenizer(writer, gguf, tokenizer)
+        _add_bpe_tokenizer(writer, gguf, tokenizer, config.vocab_size)
     if tokenizer.bos_id is not None:
         writer.add_bos_token_id(tokenizer.bos_id)
     writer.add_eos_token_id(tokenizer.eos_id)
@@ -148,7 +154,7 @@ def write_model(path: str | Path, config: LlamaConfig, shapes: Mapping[str, tupl
     tokenizer.check_fits(config.vocab_size)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    writer = gguf.GGUFWriter(str(tmp), arch="llama")
+    writer = gguf.GGUFWriter(str(tmp), arch=gguf_arch(config))
     _add_metadata(writer, gguf, config, tokenizer, name, chat_template)
     writer.add_file_type(gguf.LlamaFileType[_FILE_TYPES[type_name]])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -169,7 +175,7 @@ def write_model(path: str | Path, config: LlamaConfig, shapes: Mapping[str, tupl
     writer.write_ti_data_to_file()
     for key, t in tensors:
         if key not in skip:
-            writer.write_tensor_data(_encode(gguf, t, kinds[key]))
+            writer.write_tensor_data(_encode(gguf, to_gguf_layout(key, t, config), kinds[key]))
     if factors is not None:
         writer.write_tensor_data(factors.numpy())
     writer.close()
@@ -188,7 +194,7 @@ def write_lora(path: str | Path, config: LlamaConfig, lora: LoRASettings, tensor
     gguf = gguf_package()
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    writer = gguf.GGUFWriter(str(tmp), arch="llama")
+    writer = gguf.GGUFWriter(str(tmp), arch=gguf_arch(config))
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     # llama.cpp scales by alpha / r: the alpha that gives the update's own scale (rsLoRA's alpha / sqrt(r) too)
@@ -197,7 +203,8 @@ def write_lora(path: str | Path, config: LlamaConfig, lora: LoRASettings, tensor
     writer.add_block_count(config.n_layers)
     for key, t in tensors.items():
         if key.rsplit(".", 1)[-1] in ("lora_a", "lora_b"):
-            writer.add_tensor(gguf_name(key), t.detach().to(torch.float32).contiguous().numpy())
+            t = to_gguf_layout(key, t.detach().to(torch.float32), config)
+            writer.add_tensor(gguf_name(key), t.contiguous().numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

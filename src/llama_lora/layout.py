@@ -24,11 +24,12 @@ class Linear:
     split_dim: int  # Meta's shards: ColumnParallelLinear splits rows (0), RowParallelLinear columns (1)
     rope_heads: str | None = None  # HF permutes the rows per head of this count (rotate-half RoPE): q and k
     in_block: bool = True
+    biased: bool = False  # has a bias under LlamaConfig.attention_bias (Qwen2's q, k and v)
 
     def shape(self, config: LlamaConfig) -> tuple[int, int]:
         """(out, in) of the weight."""
-        dims = {"dim": config.dim, "kv_dim": config.n_kv_heads * config.head_dim, "hidden": config.hidden_dim,
-                "vocab": config.vocab_size}
+        dims = {"dim": config.dim, "q_dim": config.q_dim, "kv_dim": config.n_kv_heads * config.head_dim,
+                "hidden": config.hidden_dim, "vocab": config.vocab_size}
         return dims[self.out_dim], dims[self.in_dim]
 
     @property
@@ -38,10 +39,12 @@ class Linear:
 
 
 LINEARS = (
-    Linear("wq", "attention.wq", "self_attn.q_proj", "attn_q", "dim", "dim", True, 0, rope_heads="n_heads"),
-    Linear("wk", "attention.wk", "self_attn.k_proj", "attn_k", "kv_dim", "dim", True, 0, rope_heads="n_kv_heads"),
-    Linear("wv", "attention.wv", "self_attn.v_proj", "attn_v", "kv_dim", "dim", True, 0),
-    Linear("wo", "attention.wo", "self_attn.o_proj", "attn_output", "dim", "dim", True, 1),
+    Linear("wq", "attention.wq", "self_attn.q_proj", "attn_q", "q_dim", "dim", True, 0, rope_heads="n_heads",
+           biased=True),
+    Linear("wk", "attention.wk", "self_attn.k_proj", "attn_k", "kv_dim", "dim", True, 0, rope_heads="n_kv_heads",
+           biased=True),
+    Linear("wv", "attention.wv", "self_attn.v_proj", "attn_v", "kv_dim", "dim", True, 0, biased=True),
+    Linear("wo", "attention.wo", "self_attn.o_proj", "attn_output", "dim", "q_dim", True, 1),
     Linear("w1", "feed_forward.w1", "mlp.gate_proj", "ffn_gate", "hidden", "dim", True, 0),
     Linear("w2", "feed_forward.w2", "mlp.down_proj", "ffn_down", "dim", "hidden", True, 1),
     Linear("w3", "feed_forward.w3", "mlp.up_proj", "ffn_up", "hidden", "dim", True, 0),
@@ -51,12 +54,15 @@ BY_TARGET = {layer.target: layer for layer in LINEARS}
 LORA_TARGETS = tuple(BY_TARGET)
 BLOCK_LINEARS = tuple(layer for layer in LINEARS if layer.in_block)
 
-# The other tensors: the norms of a block (Meta -> HF name; replicated in Meta's shards), and the top-level ones
-# (Meta -> HF name, Meta's split dim: the embedding is a ParallelEmbedding, split on its columns); and their GGUF names.
-BLOCK_NORMS = {"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+# The other tensors: the norms of a block (Meta -> HF name; replicated in Meta's shards; Qwen3's per-head q/k norms
+# too, whose weight of head_dim HF permutes as one head of q or k), and the top-level ones (Meta -> HF name, Meta's
+# split dim: the embedding is a ParallelEmbedding, split on its columns); and their GGUF names.
+BLOCK_NORMS = {"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+               "attention.q_norm": "self_attn.q_norm", "attention.k_norm": "self_attn.k_norm"}
+HEAD_NORMS = ("attention.q_norm", "attention.k_norm")
 TOP = {"tok_embeddings": ("model.embed_tokens", 1), "norm": ("model.norm", None)}
 GGUF_OTHERS = {"attention_norm": "attn_norm", "ffn_norm": "ffn_norm", "tok_embeddings": "token_embd",
-               "norm": "output_norm"}
+               "norm": "output_norm", "attention.q_norm": "attn_q_norm", "attention.k_norm": "attn_k_norm"}
 
 
 def linear_of(key: str) -> Linear | None:
@@ -85,14 +91,32 @@ def split_dim(key: str) -> int | None:
 
 
 def rope_heads(key: str, config: LlamaConfig) -> int | None:
-    """The head count over which HF permutes this tensor's rows: q and k weights, and the LoRA B and DoRA magnitude
-    of q and k (delta W = B A, so B's rows are W's rows, and the magnitude has one value per row). None for every
-    other tensor."""
+    """The head count over which HF permutes this tensor's rows: q and k weights and biases, and the LoRA B and DoRA
+    magnitude of q and k (delta W = B A, so B's rows are W's rows, and the magnitude has one value per row); Qwen3's
+    q/k norm weights, one head's width. None for every other tensor."""
+    module, _, kind = key.rpartition(".")
+    if module.endswith(HEAD_NORMS):
+        return 1
     layer = linear_of(key)
-    kind = key.rsplit(".", 1)[-1]
-    if layer is None or layer.rope_heads is None or kind not in ("weight", "lora_b", "lora_magnitude"):
+    if layer is None or layer.rope_heads is None or kind not in ("weight", "bias", "lora_b", "lora_magnitude"):
         return None
     return getattr(config, layer.rope_heads)
+
+
+# llama.cpp's architecture for each family (LlamaConfig.family), and whether its RoPE rotates halves (NEOX), as HF's
+# does, so that q and k are stored in HF's row order: llama.cpp's qwen2 and qwen3 do; its llama (Mistral too) pairs
+# adjacent channels as Meta's does.
+GGUF_ARCHITECTURES = {"llama": ("llama", False), "mistral": ("llama", False), "qwen2": ("qwen2", True),
+                      "qwen3": ("qwen3", True)}
+
+
+def gguf_arch(config: LlamaConfig) -> str:
+    return GGUF_ARCHITECTURES[config.family][0]
+
+
+def to_gguf_layout(key: str, t: torch.Tensor, config: LlamaConfig) -> torch.Tensor:
+    """A Meta-ordered tensor in the row order of its GGUF architecture (HF's for the rotate-half ones)."""
+    return to_hf_layout(key, t, config) if GGUF_ARCHITECTURES[config.family][1] else t
 
 
 def gguf_name(key: str) -> str:
@@ -100,7 +124,7 @@ def gguf_name(key: str) -> str:
     (``blk.3.attn_q.weight``, ``blk.3.attn_q.weight.lora_a``). llama.cpp's RoPE pairs adjacent channels as Meta's does:
     no row is permuted."""
     module, _, kind = key.rpartition(".")
-    suffix = "weight" if kind == "weight" else f"weight.{kind}"
+    suffix = kind if kind in ("weight", "bias") else f"weight.{kind}"
     parts = module.split(".")
     block = f"blk.{parts[1]}." if parts[0] == "layers" else ""
     inner = ".".join(parts[2:] if parts[0] == "layers" else parts)

@@ -67,9 +67,9 @@ def activation_bytes_per_token_per_layer(config: LlamaConfig, act_bytes: int, lo
     correction keeps the base output and the LoRA output of each target for the magnitudes' gradient (fp32 under
     autocast: the magnitude's dtype).
     """
-    d, kv, hidden = config.dim, config.n_kv_heads * config.head_dim, config.hidden_dim
-    norms = 2 * 4 * d
-    attention = act_bytes * (d + d + 2 * kv + d + d)  # normed input, q, k and v, SDPA output, wo input
+    d, q, kv, hidden = config.dim, config.q_dim, config.n_kv_heads * config.head_dim, config.hidden_dim
+    norms = 2 * 4 * d + 4 * (q + kv) * config.qk_norm  # Qwen3's per-head q/k norms keep their inputs in fp32 too
+    attention = act_bytes * (d + q + 2 * kv + q + q)  # normed input, q, k and v, SDPA output, wo input
     ffn = act_bytes * (d + 4 * hidden)  # normed input, w1 out, w3 out, silu out, w2 input
     widths = {t: BY_TARGET[t].shape(config)[1] for t in lora_targets if BY_TARGET[t].in_block}  # each input's width
     lora = sum((4 + 2) * w for w in widths.values()) if autocast else 0

@@ -115,11 +115,14 @@ class Attention(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        kv_dim = self.n_kv_heads * self.head_dim
-        self.wq = nn.Linear(config.dim, config.dim, bias=False)
-        self.wk = nn.Linear(config.dim, kv_dim, bias=False)
-        self.wv = nn.Linear(config.dim, kv_dim, bias=False)
-        self.wo = nn.Linear(config.dim, config.dim, bias=False)
+        kv_dim, bias = self.n_kv_heads * self.head_dim, config.attention_bias  # Qwen2's q/k/v biases
+        self.wq = nn.Linear(config.dim, config.q_dim, bias=bias)
+        self.wk = nn.Linear(config.dim, kv_dim, bias=bias)
+        self.wv = nn.Linear(config.dim, kv_dim, bias=bias)
+        self.wo = nn.Linear(config.q_dim, config.dim, bias=False)
+        # Qwen3: each head's query and key normalised (one weight of head_dim shared by the heads) before RoPE
+        self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int | None = None,
@@ -128,6 +131,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D), k/v with Hkv heads
         gqa = self.n_kv_heads != self.n_heads

@@ -23,7 +23,7 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
-from .layout import is_block_linear
+from .layout import linear_of
 
 try:  # torch's variable-length flash attention, which model.py calls for packed rows on a GPU
     from torch.nn.attention.varlen import varlen_attn  # noqa: F401
@@ -120,7 +120,9 @@ class RunPlan:
         then computes as the output layer does)."""
         if name.endswith("tok_embeddings.weight"):
             return self.norm_dtype if tied else self.embedding_dtype
-        return self.linear_dtype if is_block_linear(name) else self.norm_dtype
+        # a block linear's bias (Qwen2's q/k/v) as its weight computes: an NF4 weight's compute dtype
+        layer = linear_of(name)
+        return self.linear_dtype if layer is not None and layer.quantized else self.norm_dtype
 
     def autocast_context(self) -> torch.autocast:
         """Autocast as the plan says (off: a no-op context), as Lightning's precision plugin enters it."""

@@ -53,8 +53,10 @@ class Tokenizer:
         raise NotImplementedError
 
     def check_fits(self, vocab_size: int) -> None:
-        """Refuse, in one line, a tokenizer of another size than the model's embedding: another model's tokenizer."""
-        if self.vocab_size != vocab_size:
+        """Refuse, in one line, a tokenizer that is not the model's: more pieces than the embedding has rows, or
+        fewer by more than 1%. A model's embedding may be padded beyond its tokenizer (Qwen's 151,936 rows for
+        151,665 tokens, 0.2%); another model's is further off (LLaMA-2's 32,000 for Mistral's 32,768: 2.3%)."""
+        if not self.vocab_size <= vocab_size <= self.vocab_size * 1.01:
             raise ValueError(f"The tokenizer {self.path} has {self.vocab_size} pieces, the model {vocab_size}: give "
                              "the tokenizer the model was trained with (--tokenizer_path)")
 
@@ -331,7 +333,7 @@ def tokenizers_package():
 
 # llama.cpp's pre-tokenizers (tokenizer.ggml.pre) read here, as tokenizers' pre-tokenizers: the regex llama.cpp
 # splits with (llama-vocab.cpp), then GPT-2's byte alphabet.
-GGUF_PRE_TOKENIZERS = ("llama-bpe", "smollm")
+GGUF_PRE_TOKENIZERS = ("llama-bpe", "qwen2", "smollm")
 
 
 def _pre_tokenizer(tokenizers, pre: str, source: Path):
@@ -339,6 +341,9 @@ def _pre_tokenizer(tokenizers, pre: str, source: Path):
     if pre == "llama-bpe":  # Llama 3's split pattern
         return p.Sequence([p.Split(tokenizers.Regex(LLAMA3_PATTERN), behavior="isolated"),
                            p.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if pre == "qwen2":  # Llama 3's pattern with each digit alone (Qwen2, 2.5 and 3)
+        return p.Sequence([p.Split(tokenizers.Regex(LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")),
+                                   behavior="isolated"), p.ByteLevel(add_prefix_space=False, use_regex=False)])
     if pre == "smollm":  # each digit alone, then GPT-2's pattern (llama.cpp: \p{N}, then GPT-2's)
         return p.Sequence([p.Digits(individual_digits=True), p.ByteLevel(add_prefix_space=False, use_regex=True)])
     raise ValueError(f"{source}: the GGUF's pre-tokenizer {pre!r} is not read yet ({', '.join(GGUF_PRE_TOKENIZERS)} "
