@@ -15,7 +15,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
-	$(BIN)/pytest -m ""
+	$(BIN)/pytest -m "" --durations=25
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -3,6 +3,7 @@ head_dim, sliding_window): Qwen2.5's presets and Qwen3's against their published
 config.json files read to those presets and written back, and (where transformers is installed) their logits against
 transformers' Qwen2ForCausalLM and Qwen3ForCausalLM on random weights it wrote."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -225,3 +226,37 @@ def test_llama_cpp_computes_a_qwen_models_logits_and_applies_its_lora_gguf(tmp_p
                 mine = ours(torch.tensor([ids]))[0]
             scale = mine.abs().max()
             assert (theirs - mine).abs().max() <= 1e-5 * scale, (text, float((theirs - mine).abs().max() / scale))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_a_qwen_gguf_is_a_base(tmp_path, family, assets):
+    """A GGUF of llama.cpp's qwen2 / qwen3 architecture (as Ollama and llama.cpp's converter ship Qwen: q and k in
+    HF's row order, biases or q/k norms, a padded token list) reads back as the model it was written from: the config
+    with its switches, and in f32 the same logits (q8_0: within its rounding), its BPE tokenizer with the qwen2
+    pre-tokenizer from the file."""
+    from llama_lora.gguf_files import write_model
+    from llama_lora.tokenizer import Tokenizer
+    from llama_lora.weights import load_checkpoint
+
+    config = tiny_family(family, max_seq_len=128)
+    model = build_model(config, plan=torch.float32, seed=5).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(("wq.weight", "wk.weight")):
+                p.mul_(12)
+            elif n.endswith(("norm.weight", ".bias")):
+                p.normal_(1.0 if n.endswith("weight") else 0.0, 0.5)
+    sd = model.state_dict()
+    tok = Tokenizer(qwen_style_tokenizer(tmp_path / "tok", 508, assets))
+    tokens = torch.tensor([tok.encode(QWEN_TEXTS[1], bos=False)])
+    for kind, tolerance in (("f32", 1e-6), ("q8_0", 3e-2)):
+        path = write_model(tmp_path / f"{kind}.gguf", config, {k: tuple(v.shape) for k, v in sd.items()}, sd.items(),
+                           tok, kind)
+        read = load_checkpoint(path)[2]  # the file keeps norm_eps in f32
+        assert read == dataclasses.replace(config, norm_eps=read.norm_eps) and read.norm_eps == pytest.approx(1e-6)
+        back = build_model(checkpoint=path, plan=torch.float32).eval()
+        with torch.no_grad():
+            theirs, mine = back(tokens), model(tokens)
+        assert (theirs - mine).abs().max() <= tolerance * mine.abs().max(), (kind, float((theirs - mine).abs().max()))
+        own = Tokenizer(path)
+        assert own.gguf_pre == "qwen2" and own.encode(QWEN_TEXTS[2], bos=False) == tok.encode(QWEN_TEXTS[2], bos=False)

@@ -1,6 +1,6 @@
-"""Our PEFT export against HF's own stack. Skipped unless transformers and peft are installed (they are not
-dependencies): `pip install transformers peft` in a scratch environment to run it (checked 2026-12-03 with
-transformers 5.24.0 and peft 0.21.2)."""
+"""Our PEFT export against HF's own stack, for each family. transformers and peft are in the test extra (not
+dependencies: the project never imports them); skipped where they are absent (checked 2026-12-06 with transformers
+5.25.0 and peft 0.21.2)."""
 
 import json
 

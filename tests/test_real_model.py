@@ -108,14 +108,14 @@ def test_bad_real_model_inputs_get_one_line(smollm2, tok, tmp_path):
     cut.write_bytes(smollm2.read_bytes()[:1_000_000])
     with pytest.raises(ValueError, match="not a readable GGUF"):
         load_checkpoint(cut)
-    writer = gguf.GGUFWriter(str(tmp_path / "qwen.gguf"), arch="qwen2")
+    writer = gguf.GGUFWriter(str(tmp_path / "gemma.gguf"), arch="gemma2")
     writer.add_block_count(1)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(ValueError, match="architecture 'qwen2'; this version reads llama"):
-        load_checkpoint(tmp_path / "qwen.gguf")
+    with pytest.raises(ValueError, match="architecture 'gemma2'; this version reads llama, qwen2, qwen3"):
+        load_checkpoint(tmp_path / "gemma.gguf")
     word = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
     word.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(ValueError, match="a WordLevel tokenizer.json; this version reads BPE"):

@@ -66,3 +66,4 @@ def test_the_readmes_map_is_the_tree():
 def test_the_readme_says_to_use_the_venv_before_its_first_python_command():
     """After `make demo`, a bare `python scripts/...` has no torch (failed before: nothing said to activate .venv)."""
     assert README.index(". .venv/bin/activate") < README.index("python scripts/")
+

@@ -1,8 +1,10 @@
-"""A GGUF file as a base: llama.cpp's ``llama`` architecture read through the gguf package (llama.cpp's own reader),
+"""A GGUF file as a base: llama.cpp's ``llama``, ``qwen2`` and ``qwen3`` architectures read through the gguf package
+(llama.cpp's own reader),
 each tensor by Meta name and dequantized only when it is read. f32, f16 and bf16 tensors are memory-mapped as they
 are; the quantized ones (q8_0, q4_0, q4_1, q5_0, q5_1 and the k-quants the gguf package dequantizes) become fp32 one
 tensor at a time, which the run plan then casts or quantizes (``build_model``), so the whole model never exists in
-fp32. llama.cpp's RoPE pairs adjacent channels as Meta's does: no row is permuted."""
+fp32. llama.cpp's ``llama`` pairs RoPE channels as Meta's does: no row is permuted; its ``qwen2`` and ``qwen3`` rotate
+halves as HF does, and their q/k rows are permuted back as they are read (``layout.GGUF_ARCHITECTURES``)."""
 
 from __future__ import annotations
 
@@ -13,10 +15,10 @@ import numpy as np
 import torch
 
 from ..config import LlamaConfig
-from ..layout import BLOCK_LINEARS, gguf_name
+from ..layout import BLOCK_LINEARS, GGUF_ARCHITECTURES, HEAD_NORMS, gguf_name, permute_from_hf, rope_heads
 from .tensors import LazyStateDict
 
-ARCHITECTURES = ("llama",)  # general.architecture values read here
+ARCHITECTURES = tuple(dict.fromkeys(arch for arch, _ in GGUF_ARCHITECTURES.values()))  # general.architecture values
 MAGIC = b"GGUF"
 
 
@@ -62,13 +64,17 @@ def gguf_config(reader: Any, path: Path) -> LlamaConfig:
     tokens = field(reader, "tokenizer.ggml.tokens")
     vocab = field(reader, f"{arch}.vocab_size") or (len(tokens) if tokens is not None else None)
     heads = field(reader, f"{arch}.attention.head_count")
+    head_dim = field(reader, f"{arch}.attention.key_length")
+    if head_dim != field(reader, f"{arch}.attention.value_length", head_dim):
+        raise ValueError(f"{path}: keys and values of different widths are not implemented here")
     return LlamaConfig(dim=field(reader, f"{arch}.embedding_length"), n_layers=field(reader, f"{arch}.block_count"),
                        n_heads=heads, n_kv_heads=field(reader, f"{arch}.attention.head_count_kv", heads),
                        vocab_size=vocab, hidden_dim=field(reader, f"{arch}.feed_forward_length"),
                        norm_eps=float(field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
                        rope_theta=float(field(reader, f"{arch}.rope.freq_base", 10000.0)),
                        max_seq_len=field(reader, f"{arch}.context_length", 4096),
-                       tie_embeddings="output.weight" not in names)
+                       tie_embeddings="output.weight" not in names, attention_bias=arch == "qwen2",
+                       qk_norm=arch == "qwen3", head_dim=head_dim)
 
 
 def _meta_names(config: LlamaConfig) -> dict[str, str]:
@@ -77,6 +83,8 @@ def _meta_names(config: LlamaConfig) -> dict[str, str]:
     for i in range(config.n_layers):
         keys += [f"layers.{i}.attention_norm.weight", f"layers.{i}.ffn_norm.weight"]
         keys += [f"layers.{i}.{layer.meta}.weight" for layer in BLOCK_LINEARS]
+        keys += [f"layers.{i}.{layer.meta}.bias" for layer in BLOCK_LINEARS if layer.biased and config.attention_bias]
+        keys += [f"layers.{i}.{norm}.weight" for norm in HEAD_NORMS if config.qk_norm]
     return {gguf_name(k): k for k in keys}
 
 
@@ -88,16 +96,18 @@ def load_gguf(path: str | Path) -> tuple[LazyStateDict, dict[str, str], LlamaCon
     gguf = gguf_package()
     plain = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
     meta = _meta_names(config)
+    rotate_half = GGUF_ARCHITECTURES[config.family][1]  # q and k in HF's row order in this architecture
     sd, sources = LazyStateDict(), {}
     for t in reader.tensors:
         name = meta.get(t.name)
         if name is None:
             raise ValueError(f"{path}: tensor {t.name!r} has no place in a Llama of this shape")
         shape = tuple(reversed([int(n) for n in t.shape]))  # GGML lists the fastest dimension first
+        heads = rope_heads(name, config) if rotate_half else None
         if t.tensor_type in plain and t.tensor_type != gguf.GGMLQuantizationType.BF16:
-            sd.add(name, [torch.from_numpy(np.asarray(t.data)).view(shape)])
+            sd.add(name, [torch.from_numpy(np.asarray(t.data)).view(shape)], hf_heads=heads)
         else:
-            sd.add_lazy(name, torch.Size(shape), _dequantizer(gguf, t, shape))
+            sd.add_lazy(name, torch.Size(shape), _dequantizer(gguf, t, shape, heads))
         sources[name] = f"{path} ({t.tensor_type.name})"
     if config.tie_embeddings:  # the output layer is the embedding: one tensor, placed as both (build_model ties them)
         sd.alias("output.weight", "tok_embeddings.weight")
@@ -105,12 +115,13 @@ def load_gguf(path: str | Path) -> tuple[LazyStateDict, dict[str, str], LlamaCon
     return sd, sources, config
 
 
-def _dequantizer(gguf: Any, t: Any, shape: tuple[int, ...]):
+def _dequantizer(gguf: Any, t: Any, shape: tuple[int, ...], heads: int | None = None):
     def read() -> torch.Tensor:
         try:
             values = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:
             raise ValueError(f"tensor {t.name}: the gguf package cannot dequantize {t.tensor_type.name}; convert the "
                              "file to f16 or q8_0 with llama.cpp's llama-quantize") from None
-        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).view(shape)
+        tensor = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).view(shape)
+        return tensor if heads is None else permute_from_hf(tensor, heads)
     return read
