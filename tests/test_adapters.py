@@ -2,10 +2,10 @@ import json
 
 import pytest
 import torch
-from conftest import trained_run
+from conftest import tiny_family, trained_run
 from safetensors.torch import load_file
 
-from llama_lora.export import merged_weights
+from llama_lora.export import merged_weights, untied_if_adapted
 from llama_lora.lora import LoRASettings, apply_lora, lora_state_dict
 from llama_lora.peft import export_peft, import_peft
 from llama_lora.trained_run import open_run
@@ -16,8 +16,12 @@ LORA = {"targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"], "r": 4,
 
 @pytest.fixture
 def lora_model(tiny_config):
+    return random_lora_model(tiny_config)
+
+
+def random_lora_model(config):
     torch.manual_seed(0)
-    model = build_model(tiny_config, plan=torch.float32, seed=0)
+    model = build_model(config, plan=torch.float32, seed=0)
     apply_lora(model, LoRASettings(**LORA))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -74,12 +78,18 @@ def test_delta_weight_in_hf_layout_equals_permuted_meta_delta(tmp_path, lora_mod
 
 
 @pytest.mark.parametrize("fmt", ["meta", "hf"])
-def test_merged_checkpoint_equals_unmerged(tmp_path, lora_model, tiny_config, tokens, fmt):
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_merged_checkpoint_equals_unmerged(tmp_path, tokens, fmt, family):
+    """Each family: the merged checkpoint (Qwen2's biases carried, Qwen3's norms) computes the adapter's logits."""
+    tiny_config = tiny_family(family)
+    lora_model = random_lora_model(tiny_config)
     expected = lora_model(tokens)
     base = {k: v.detach().clone() for k, v in lora_model.state_dict().items() if "lora_" not in k}
-    sd = dict(merged_weights(base, trained_run(lora_state_dict(lora_model), LORA)))
+    run = trained_run(lora_state_dict(lora_model), LORA)
+    sd = dict(merged_weights(base, run))
     assert sd.keys() == base.keys()
-    (save_meta if fmt == "meta" else save_hf)(sd, tiny_config, tmp_path)
+    # Qwen2's tied output, adapted, is merged untied (export.untied_if_adapted, as merge.py writes it)
+    (save_meta if fmt == "meta" else save_hf)(sd, untied_if_adapted(tiny_config, run), tmp_path)
     merged = build_model(checkpoint=tmp_path, plan=torch.float32)
     torch.testing.assert_close(merged(tokens), expected, rtol=1e-4, atol=1e-4)
 
