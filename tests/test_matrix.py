@@ -1,6 +1,7 @@
 """The combination matrix: a pairwise covering set over the knobs a user turns, each combination run end to end
 through the scripts as a user runs them: fit (validation, sample generations, held-out accuracy, checkpoints), a
-one-step resume, generate, evaluate, merge in both formats, export, and generate on the merged folder. Each
+one-step resume, generate, evaluate, merge (Meta's and HF's formats by turns), export, and generate on the merged
+folder. Each
 combination passes every step, or is refused at start-up in one line.
 
 A fast slice runs in the default suite; the whole set is marked slow (``pytest -m slow tests/test_matrix.py``).
@@ -157,7 +158,11 @@ def refused_in_one_line(proc: subprocess.CompletedProcess) -> str:
     return errors[0]
 
 
-def run_combination(c: dict, tmp_path: Path, cache_dir: Path) -> None:
+def run_combination(index: int, tmp_path: Path, cache_dir: Path) -> None:
+    """Combination ``index`` end to end. Merged into one format each, Meta's or HF's by turns (every script start
+    costs seconds: the two formats' own tests are in test_adapters.py and test_weights.py)."""
+    c = COMBINATIONS[index]
+    fmt = ("meta", "hf")[index % 2]
     base, own_tokenizer = source_checkpoint(c["source"], tmp_path, cache_dir)
     lora = {"targets": TARGETS[c["targets"]], "r": 4, "alpha": 8, "dropout": 0.0,
             "use_dora": c.get("dora", False)} if TARGETS[c["targets"]] else None
@@ -202,18 +207,16 @@ def run_combination(c: dict, tmp_path: Path, cache_dir: Path) -> None:
                "--precision", c["precision"], prompt), "generate", c)
     passed(run(str(scripts / "evaluate.py"), "--adapter", str(ckpt), "--precision", c["precision"], "--out",
                str(tmp_path / "eval.json")), "evaluate", c)
-    for fmt in ("meta", "hf"):
-        passed(run(str(scripts / "merge.py"), "--adapter", str(ckpt), "--out_dir", str(tmp_path / f"merged-{fmt}"),
-                   "--format", fmt), f"merge {fmt}", c)
+    passed(run(str(scripts / "merge.py"), "--adapter", str(ckpt), "--out_dir", str(tmp_path / f"merged-{fmt}"),
+               "--format", fmt), f"merge {fmt}", c)
     export = run(str(scripts / "export_adapter.py"), "--adapter", str(ckpt), "--out_dir", str(tmp_path / "peft"))
     if lora is None:  # a fully fine-tuned model has no adapter to export: refused in one line, merge is the way
         assert "merge it instead" in refused_in_one_line(export)
     else:
         passed(export, "export", c)
-    for fmt in ("meta", "hf"):
-        passed(run(str(scripts / "generate.py"), "--checkpoint_dir", str(tmp_path / f"merged-{fmt}"),
-                   "--tokenizer_path", tokenizer, "--greedy", "--max_new_tokens", "4", prompt),
-               f"generate on the merged {fmt}", c)
+    passed(run(str(scripts / "generate.py"), "--checkpoint_dir", str(tmp_path / f"merged-{fmt}"),
+               "--tokenizer_path", tokenizer, "--greedy", "--max_new_tokens", "4", prompt),
+           f"generate on the merged {fmt}", c)
 
 
 def _id(c: dict) -> str:
@@ -222,11 +225,11 @@ def _id(c: dict) -> str:
 
 @pytest.mark.parametrize("index", FAST, ids=lambda i: _id(COMBINATIONS[i]))
 def test_a_fast_slice_of_the_matrix(index, tmp_path, cache_dir):
-    run_combination(COMBINATIONS[index], tmp_path, cache_dir)
+    run_combination(index, tmp_path, cache_dir)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("index", [i for i in range(len(COMBINATIONS)) if i not in FAST],
                          ids=lambda i: _id(COMBINATIONS[i]))
 def test_the_combination_matrix(index, tmp_path, cache_dir):
-    run_combination(COMBINATIONS[index], tmp_path, cache_dir)
+    run_combination(index, tmp_path, cache_dir)

@@ -178,6 +178,17 @@ class SentencePieceTokenizer(Tokenizer):
     def id_to_piece(self, i: int) -> str:
         return self.sp.IdToPiece(int(i))
 
+    def save_to(self, folder: Path) -> Path:
+        """``tokenizer.model`` and, as LLaMA-2's HF repositories ship it, a ``tokenizer_config.json`` that makes
+        transformers' tokenizer add BOS as this one does (without it, transformers 5 adds none)."""
+        out = super().save_to(folder)
+        piece = self.sp.IdToPiece
+        (Path(folder) / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+            "bos_token": piece(self.bos_id), "eos_token": piece(self.eos_id),
+            "unk_token": piece(max(self.sp.unk_id(), 0)), "legacy": False}, indent=2))
+        return out
+
 
 def gguf_sentencepiece(reader, path: Path) -> bytes:
     """A GGUF's "llama" tokenizer as the SentencePiece model it was written from: its pieces, scores and types (GGUF's
