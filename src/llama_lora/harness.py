@@ -104,13 +104,16 @@ class LlamaLoRALM(TemplateLM):
     # ----- scoring -----
 
     @torch.no_grad()
-    def _logprobs(self, rows: list[list[int]]) -> torch.Tensor:
-        """Log-probabilities (B, T, vocab) in fp32 of right-padded rows."""
+    def _logprobs(self, rows: list[list[int]], scored: list[int]) -> list[torch.Tensor]:
+        """Log-probabilities in fp32 of the last ``scored[i]`` positions of each row (right-padded into one batch):
+        the output layer and the softmax run only where a continuation is scored, not over the whole context."""
         width = max(len(r) for r in rows)
         batch = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=self._device)
         with self.model.plan.autocast_context():
-            logits = self.model(batch)
-        return F.log_softmax(logits.float(), dim=-1)
+            hidden = self.model(batch, return_hidden=True)
+            picked = torch.cat([hidden[i, len(r) - n: len(r)] for i, (r, n) in enumerate(zip(rows, scored))])
+            logits = self.model.output(picked)
+        return list(F.log_softmax(logits.float(), dim=-1).split(scored))
 
     def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str], list[int], list[int]]],
                               disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
@@ -123,9 +126,8 @@ class LlamaLoRALM(TemplateLM):
         for chunk in collator.get_batched(n=self.batch_size):
             # the hf backend's window: the last max_length tokens that predict the continuation
             rows = [(ctx + cont)[-(self.max_length + 1):][:-1] for _, ctx, cont in chunk]
-            logprobs = self._logprobs(rows)
-            for (key, _, cont), row, lp in zip(chunk, rows, logprobs):
-                scored = lp[len(row) - len(cont): len(row)]  # the positions that predict the continuation
+            logprobs = self._logprobs(rows, [len(cont) for _, _, cont in chunk])  # the positions predicting each
+            for (key, _, cont), scored in zip(chunk, logprobs):
                 target = torch.tensor(cont, device=scored.device)
                 greedy = bool((scored.argmax(dim=-1) == target).all())
                 answer = (float(scored.gather(-1, target[:, None]).sum()), greedy)
