@@ -184,3 +184,25 @@ def test_without_lm_eval_one_line_names_the_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "llama_lora.harness", raising=False)
     with pytest.raises(ValueError, match=r'optional extra: pip install -e "\.\[eval\]"'):
         import llama_lora.harness  # noqa: F401
+
+
+def test_the_shipped_demo_task_generates_what_generate_does(trained, monkeypatch):
+    """benchmarks/tasks/demo_heldout (the demo's 100 held-out instructions in Alpaca's prompt, data_files relative to
+    the repository root): the harness's greedy answers are the model's own generate() from the training prompt, cut
+    at the first newline."""
+    from llama_lora.demo import heldout_records
+    from llama_lora.prompts import FORMATS
+    from llama_lora.trained_run import open_run
+
+    ckpt, _, _ = trained
+    monkeypatch.chdir(ROOT)
+    results = ours(ckpt, ROOT / "benchmarks" / "tasks", ["demo_heldout"])
+    answers = [s["resps"][0][0] for s in sorted(results["samples"]["demo_heldout"], key=lambda s: s["doc_id"])]
+    run = open_run(ckpt)
+    model, tok = run.build(run.plan_for("cpu", "32-true", "fp32")), run.tokenizer()
+    records = heldout_records()
+    own = [tok.decode(model.generate(FORMATS["alpaca"].prompt(r, tok), 8, temperature=0.0, eos_id=tok.eos_id))
+           .split("\n")[0] for r in records]
+    assert answers == own
+    right = sum(a.strip() == r["output"] for a, r in zip(own, records)) / len(records)
+    assert results["results"]["demo_heldout"]["exact_match,none"] == pytest.approx(right)
