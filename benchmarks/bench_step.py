@@ -31,7 +31,8 @@ from llama_lora.memory import matmul_params as _matmul_params
 from llama_lora.plan import DTYPES, make_plan, native_precision
 from llama_lora.weights import build_model, save_meta
 
-SHAPES = {"small": (4, 256), "llama2-7b": (1, 128), "llama2-70b": (1, 512)}  # (micro-batch, tokens)
+SHAPES = {"small": (4, 256), "llama2-7b": (1, 128), "llama2-70b": (1, 512),  # (micro-batch, tokens)
+          "mistral-7b-v0.3": (1, 128), "qwen2.5-7b": (1, 128), "qwen3-8b": (1, 128), "qwen3-0.6b": (1, 128)}
 DEFAULT_SHAPES = ("small", "llama2-7b")  # without --shape; 70B only when asked for (QLoRA on a GPU)
 
 

