@@ -74,7 +74,8 @@ def test_demo_base_is_a_cached_deterministic_meta_checkpoint(tmp_path, tiny_base
     fit_script = load_fit()
     monkeypatch.setattr(fit_script, "DEMO_BASE", tiny_base_config)
     first = fit_script.demo_base(str(tmp_path / "a"))
-    assert {p.name for p in first.iterdir()} == {"consolidated.00.pth", "params.json", "tokenizer.model"}
+    assert {p.name for p in first.iterdir()} == {"consolidated.00.pth", "params.json", "tokenizer.model",
+                                                 "tokenizer_config.json"}  # transformers' tokenizer then adds BOS
     model = build_model(checkpoint=first, plan=torch.float32)
     assert model.config == LlamaConfig.from_name("tiny", max_seq_len=64)
     assert not torch.equal(model.layers[0].attention.wq.weight,

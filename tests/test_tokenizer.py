@@ -199,3 +199,15 @@ def test_a_sentencepiece_style_tokenizer_json_gives_the_sentencepiece_ids(tmp_pa
         for text in TEXTS[:5] + UNICODE_TEXTS + [" leading", "two  spaces\n\nand\ttabs", "</s> typed", "12345"]:
             assert tok.encode(text, bos=True) == sp_tok.encode(text, bos=True), text
             assert tok.decode(tok.encode(text)) == sp_tok.decode(sp_tok.encode(text)), text
+
+
+def test_an_embedding_padded_beyond_its_tokenizer_fits_and_another_models_does_not(demo_tok):
+    """Qwen's embedding has 0.2% more rows than its tokenizer has tokens: up to 1% more is the model's own
+    tokenizer; more tokens than rows, or a smaller tokenizer further off (LLaMA-2's 32,000 for Mistral's 32,768:
+    2.3%), is another model's, refused in one line."""
+    assert demo_tok.vocab_size == 1024
+    demo_tok.check_fits(1024)
+    demo_tok.check_fits(1034)
+    for rows in (1023, 1035, 32000):
+        with pytest.raises(ValueError, match=f"has 1024 pieces, the model {rows}: give the tokenizer"):
+            demo_tok.check_fits(rows)
