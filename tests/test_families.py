@@ -173,6 +173,19 @@ def qwen_style_tokenizer(folder: Path, pieces: int, assets: Path) -> Path:
     return folder / "tokenizer.json"
 
 
+def peaked_model(config: LlamaConfig, seed: int):
+    """A random fp32 model of ``config`` with q and k scaled x12 (peaked attention), norm weights and biases drawn
+    away from their init: a row-order, bias or norm bug shows in its logits."""
+    model = build_model(config, plan=torch.float32, seed=seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(("wq.weight", "wk.weight")):
+                p.mul_(12)
+            elif n.endswith(("norm.weight", ".bias")):
+                p.normal_(1.0 if n.endswith("weight") else 0.0, 0.5)
+    return model
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
 def test_llama_cpp_computes_a_qwen_models_logits_and_applies_its_lora_gguf(tmp_path, family, monkeypatch, assets):
@@ -181,7 +194,7 @@ def test_llama_cpp_computes_a_qwen_models_logits_and_applies_its_lora_gguf(tmp_p
     merge.py as an f32 GGUF of llama.cpp's qwen2 / qwen3 / llama architecture: llama.cpp tokenizes as we do and
     computes our logits (1e-5 of the largest); with our random LoRA adapter's GGUF applied (--lora), the adapted
     model's logits. Failed first (q/k in Meta's row order in a qwen2 file: 0.18 of the largest logit off)."""
-    from test_gguf_files import llama_cpp, open_gguf, script
+    from test_gguf_files import llama_cpp, open_gguf, same_tokens_and_logits, script
 
     from llama_lora.gguf_files import write_lora
     from llama_lora.layout import gguf_arch
@@ -192,13 +205,7 @@ def test_llama_cpp_computes_a_qwen_models_logits_and_applies_its_lora_gguf(tmp_p
     lc = llama_cpp()
     config = tiny_family(family, max_seq_len=128)
     tokenizer = qwen_style_tokenizer(tmp_path / "base", 508, assets)
-    model = build_model(config, plan=torch.float32, seed=3)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith(("wq.weight", "wk.weight")):
-                p.mul_(12)
-            elif n.endswith(("norm.weight", ".bias")):
-                p.normal_(1.0 if n.endswith("weight") else 0.0, 0.5)
+    model = peaked_model(config, seed=3)
     save_hf(model.state_dict(), config, tmp_path / "base")
     proc = script("merge.py", "--checkpoint_dir", str(tmp_path / "base"), "--out_dir", str(tmp_path / "out"),
                   "--format", "gguf", "--gguf_type", "f32", "--tokenizer_path", str(tokenizer))
@@ -216,16 +223,7 @@ def test_llama_cpp_computes_a_qwen_models_logits_and_applies_its_lora_gguf(tmp_p
     for kwargs, ours in (({}, model.eval()), ({"lora_path": str(tmp_path / "adapter.gguf")}, adapted)):
         llm = open_gguf(lc, gguf_file, monkeypatch, **kwargs)
         assert llm.metadata["general.architecture"] == gguf_arch(config) and llm.n_vocab() == 512
-        for text in QWEN_TEXTS:
-            ids = tok.encode(text, bos=False)
-            assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids, text
-            llm.reset()
-            llm.eval(ids)
-            theirs = torch.tensor(llm.scores[: len(ids)])
-            with torch.no_grad():
-                mine = ours(torch.tensor([ids]))[0]
-            scale = mine.abs().max()
-            assert (theirs - mine).abs().max() <= 1e-5 * scale, (text, float((theirs - mine).abs().max() / scale))
+        same_tokens_and_logits(llm, tok, ours, QWEN_TEXTS, bos=False, tolerance=1e-5)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
@@ -239,13 +237,7 @@ def test_a_qwen_gguf_is_a_base(tmp_path, family, assets):
     from llama_lora.weights import load_checkpoint
 
     config = tiny_family(family, max_seq_len=128)
-    model = build_model(config, plan=torch.float32, seed=5).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith(("wq.weight", "wk.weight")):
-                p.mul_(12)
-            elif n.endswith(("norm.weight", ".bias")):
-                p.normal_(1.0 if n.endswith("weight") else 0.0, 0.5)
+    model = peaked_model(config, seed=5).eval()
     sd = model.state_dict()
     tok = Tokenizer(qwen_style_tokenizer(tmp_path / "tok", 508, assets))
     tokens = torch.tensor([tok.encode(QWEN_TEXTS[1], bos=False)])

@@ -401,6 +401,21 @@ def open_gguf(lc, path: Path, monkeypatch, **kwargs):
                     type_k=lc.GGML_TYPE_F32, type_v=lc.GGML_TYPE_F32, **kwargs)
 
 
+def same_tokens_and_logits(llm, tok, ours, texts: list[str], bos: bool, tolerance: float) -> None:
+    """llama.cpp tokenizes each text as ``tok`` does and computes ``ours``' logits over it, within ``tolerance`` of the
+    largest logit."""
+    for text in texts:
+        ids = tok.encode(text, bos=bos)
+        assert llm.tokenize(text.encode(), add_bos=bos, special=False) == ids, text
+        llm.reset()
+        llm.eval(ids)
+        theirs = torch.tensor(llm.scores[: len(ids)])
+        with torch.no_grad():
+            mine = ours(torch.tensor([ids]))[0]
+        scale = mine.abs().max()
+        assert (theirs - mine).abs().max() <= tolerance * scale, (text, float((theirs - mine).abs().max() / scale))
+
+
 @pytest.fixture(scope="module")
 def peaky_run(tmp_path_factory, assets):
     """A Meta base of the small shape's kind, but tiny, with the real LLaMA-2 tokenizer (32000 pieces) and query and
@@ -447,16 +462,7 @@ def test_llama_cpp_computes_our_logits_and_continuation(peaky_run, tmp_path, kin
     llm = open_gguf(lc, tmp_path / f"model-{kind}.gguf", monkeypatch)
     tok = Tokenizer(peaky_run / "base" / "tokenizer.model")
     ours = (r := open_run(ckpt)).build(r.plan_for("cpu", "32-true"))
-    for text in TEXTS:
-        ids = tok.encode(text, bos=True)
-        assert llm.tokenize(text.encode(), add_bos=True, special=False) == ids, text
-        llm.reset()
-        llm.eval(ids)
-        theirs = torch.tensor(llm.scores[: len(ids)])
-        with torch.no_grad():
-            mine = ours(torch.tensor([ids]))[0]
-        scale = mine.abs().max()
-        assert (theirs - mine).abs().max() <= TOLERANCE[kind] * scale, (text, float((theirs - mine).abs().max()))
+    same_tokens_and_logits(llm, tok, ours, TEXTS, bos=True, tolerance=TOLERANCE[kind])
     prompt = format_prompt({"instruction": "Name three fruits.", "input": ""})
     formatter = lc.llama_chat_format.Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], "</s>", "<s>")
     assert formatter(messages=[{"role": "user", "content": "Name three fruits."}]).prompt == prompt
