@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from .model import Llama
@@ -79,12 +80,26 @@ def token_loss_sum(model: Llama, input_ids: torch.Tensor, labels: torch.Tensor, 
     keep = targets != IGNORE_INDEX
     h, targets = h[:, :-1][keep], targets[keep]  # (N, dim), (N,)
     output = model.output
-    if type(output) is torch.nn.Linear and type(output.weight) is torch.nn.Parameter and output.bias is None:
+    sharded = isinstance(output, FSDPModule)
+    cls = type(output).__bases__[-1] if sharded else type(output)  # fully_shard's class is (FSDPModule, Linear)
+    # A trained FSDP2-sharded output layer's gradient must go through FSDP2's reduce-scatter hooks: the module path.
+    if cls is not torch.nn.Linear or output.bias is not None or (sharded and output.weight.requires_grad):
+        return _module_loss_sum(output, h, targets, chunk_size), keep.sum()
+    # A frozen FSDP2-sharded output layer is gathered for the forward only (its backward needs no weight): the same
+    # fused loss, with the same rounding, as one process or DDP computes.
+    if sharded:
+        output.unshard()
+    try:
         dtype = model.plan.compute_dtype
         need_grad = torch.is_grad_enabled() and (h.requires_grad or output.weight.requires_grad)
         return _FusedLinearCrossEntropy.apply(h, output.weight, targets, chunk_size, dtype, need_grad), keep.sum()
+    finally:
+        if sharded:
+            output.reshard()
 
-    # A LoRA or FSDP-sharded output layer: call the module per chunk, recomputed in backward.
+
+def _module_loss_sum(output: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """A LoRA (or trained FSDP2-sharded) output layer: call the module per chunk, recomputed in backward."""
     def chunk_loss(h_chunk: torch.Tensor, t_chunk: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(output(h_chunk).float(), t_chunk, reduction="sum")
 
@@ -95,4 +110,4 @@ def token_loss_sum(model: Llama, input_ids: torch.Tensor, labels: torch.Tensor, 
             total = total + activation_checkpoint(chunk_loss, h_c, t_c, use_reentrant=False)
         else:
             total = total + chunk_loss(h_c, t_c)
-    return total, keep.sum()
+    return total

@@ -208,12 +208,13 @@ class LlamaLoRAModule(L.LightningModule):
         if self.compile_blocks:
             self.model.compile_blocks()
         if mesh is not None:
-            # FSDP2 over the data-parallel ranks: each block, the output layer (the chunked loss calls it on its own),
-            # then the root (embeddings, final norm).
+            # FSDP2 over the data-parallel ranks: each block, the output layer (gathered on its own by the loss),
+            # then the root (embeddings, final norm; a tied output layer with the embedding it shares).
             data_parallel = mesh["data_parallel"]
             for layer in self.model.layers:
                 fully_shard(layer, mesh=data_parallel)
-            fully_shard(self.model.output, mesh=data_parallel)
+            if not self.config.tie_embeddings:
+                fully_shard(self.model.output, mesh=data_parallel)
             fully_shard(self.model, mesh=data_parallel)
             self.model.to_empty(device=device)
             fill_shards(self.model, sd, seed=self.init_seed)
