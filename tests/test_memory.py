@@ -102,3 +102,17 @@ def test_dora_adds_one_magnitude_per_output_row_and_what_its_correction_keeps():
     assert lora_param_count(c, ["wq"], 4, dora=True) - lora_param_count(c, ["wq"], 4) == c.n_layers * c.dim
     lora, dora = (memory_breakdown(c, Cell(ga=False, mp=True, lora=True, gc=False, dora=d), SETTINGS) for d in (0, 1))
     assert dora["activations"] > lora["activations"] and dora["total"] > lora["total"]
+
+
+def test_a_preference_step_counts_as_sft_on_both_completions():
+    """P pairs: the policy's forward and backward over 2P sequences, plus 4 bytes a token of per-position
+    log-probabilities; the reference pass (no autograd, before the policy's) adds nothing to the peak."""
+    from llama_lora.memory import memory_breakdown
+    from llama_lora.plan import make_plan
+
+    c = LlamaConfig.from_name("llama2-7b")
+    settings = dict(plan=make_plan("cuda", "bf16-mixed", "nf4"), lora_targets=("wq", "wv"), lora_r=16, seq_len=512,
+                    gradient_checkpointing=True)
+    dpo, sft = memory_breakdown(c, micro_batch=2, pairs=True, **settings), memory_breakdown(c, micro_batch=4,
+                                                                                            **settings)
+    assert dpo["total"] - sft["total"] == dpo["loss"] - sft["loss"] == 4 * 512 * 4

@@ -118,6 +118,40 @@ def heldout_records() -> list[dict[str, str]]:
     return [_record(task, item, answer, i % 2) for i, (task, item, answer) in enumerate(held)]
 
 
+def _wrong_answer(task: str, item: object, answer: str, rng: random.Random) -> str:
+    """A plausible wrong answer of the same kind: a nearby number, another letter of the alphabet, another kind or
+    colour of the world."""
+    if task in ("add", "sub", "count"):
+        return str(rng.choice([x for x in range(int(answer) - 2, int(answer) + 3) if x >= 0 and x != int(answer)]))
+    if task == "first":
+        return rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz" if c != answer])
+    pool = sorted({kind if task == "kind" else colour for kind, colour in WORDS.values()} - {answer})
+    return rng.choice(pool)
+
+
+def _pair(task: str, item: object, answer: str, form: int, rng: random.Random) -> dict[str, str]:
+    record = _record(task, item, answer, form)
+    return {"instruction": record["instruction"], "input": record["input"], "chosen": answer,
+            "rejected": _wrong_answer(task, item, answer, rng)}
+
+
+def preference_records(n: int | None = None, seed: int = 0) -> list[dict[str, str]]:
+    """Preference pairs on the training facts, both forms of each: the world's answer chosen, a plausible wrong one
+    rejected (the first ``n`` of a seeded shuffle)."""
+    train, _ = _split()
+    rng = random.Random(f"pairs-{seed}")
+    records = [_pair(task, item, answer, form, rng) for task, item, answer in train for form in (0, 1)]
+    random.Random(seed).shuffle(records)
+    return records[:n] if n is not None else records
+
+
+def heldout_preference_records() -> list[dict[str, str]]:
+    """One pair for each held-out fact (``heldout_records``' instructions): the held-out preference accuracy."""
+    _, held = _split()
+    rng = random.Random("heldout-pairs")
+    return [_pair(task, item, answer, i % 2, rng) for i, (task, item, answer) in enumerate(held)]
+
+
 def demo_tokenizer_file(vocab_size: int, cache_dir: str | Path | None = None) -> Path:
     """The demo's SentencePiece tokenizer, trained (once, cached by content) on its prose and instructions."""
     records = instruction_records() + heldout_records()

@@ -14,7 +14,8 @@ direction: W' = m * (W + s B A) / ||W + s B A||, the norm taken per output row (
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -82,6 +83,10 @@ class LoRALinear(nn.Linear):
         self.lora_magnitude = nn.Parameter(torch.empty(out_features, device=device, dtype=lora_dtype)) if (
             use_dora) else None
         self.merged = False
+        # DPO's reference pass (``reference_model``): the base alone, or with ``reference_adapter``'s (lora_a,
+        # lora_b, magnitude) instead of the trained weights. Plain attributes: in no state dict, not sharded.
+        self.use_reference = False
+        self.reference_adapter: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         self.reset_lora_parameters()
 
     @classmethod
@@ -112,28 +117,36 @@ class LoRALinear(nn.Linear):
         out = F.linear(x, self.weight, self.bias)
         if self.merged:
             return out
-        # (B, T, in) -> (B, T, r) -> (B, T, out). Without autocast the branch runs in the LoRA dtype (fp32).
-        dropped = self.lora_dropout(x)
-        lora = F.linear(F.linear(dropped.to(self.lora_a.dtype), self.lora_a), self.lora_b) * self.scaling
-        if self.lora_magnitude is None:
+        a, b, magnitude = self.lora_a, self.lora_b, self.lora_magnitude
+        if self.use_reference:
+            if self.reference_adapter is None:
+                return out  # the reference is the base
+            a, b, magnitude = self.reference_adapter
+        # (B, T, in) -> (B, T, r) -> (B, T, out). Without autocast the branch runs in the LoRA dtype (fp32). The
+        # reference is computed without dropout, as a frozen model in eval mode would be (and draws no random number).
+        dropout_on = self.training and isinstance(self.lora_dropout, nn.Dropout) and not self.use_reference
+        dropped = self.lora_dropout(x) if dropout_on else x
+        lora = F.linear(F.linear(dropped.to(a.dtype), a), b) * self.scaling
+        if magnitude is None:
             return out + lora.to(out.dtype)
         # DoRA, as PEFT computes it: W' x = (m / ||W + s B A||) (W x + s B A x), added to W x as a correction, with
         # the norm a constant. Under dropout, the correction's W x is of the dropped input too.
-        scale = self.lora_magnitude / self.weight_norm()
-        dropout_on = self.training and isinstance(self.lora_dropout, nn.Dropout)
+        scale = magnitude / self.weight_norm(a, b)
         base = F.linear(dropped, self.weight) if dropout_on else out if self.bias is None else out - self.bias
         return out + ((scale - 1) * base + scale * lora).to(out.dtype)
 
     @torch.no_grad()
-    def weight_norm(self) -> torch.Tensor:
+    def weight_norm(self, a: torch.Tensor | None = None, b: torch.Tensor | None = None) -> torch.Tensor:
         """DoRA's ||W + s B A|| per output row, (out,), in fp32, a row chunk at a time: no full-precision copy of
-        the whole weight (an NF4 base is dequantized in the chunks its matmul uses). A constant for autograd."""
+        the whole weight (an NF4 base is dequantized in the chunks its matmul uses). A constant for autograd.
+        ``a`` and ``b``: another adapter's (DPO's reference) instead of this layer's."""
         if isinstance(self.weight, NF4Weight):
             chunks = self.weight.row_chunks(torch.float32, "scratch")
         else:
             step = max(1, CHUNK_VALUES // self.in_features)
             chunks = (self.weight[r : r + step] for r in range(0, self.out_features, step))
-        a, b, norms, start = self.lora_a.float(), self.lora_b.float(), [], 0
+        a = (self.lora_a if a is None else a).float()
+        b, norms, start = (self.lora_b if b is None else b).float(), [], 0
         with torch.autocast(a.device.type, enabled=False):  # in fp32 under mixed precision too
             for w in chunks:
                 rows = w.shape[0]
@@ -216,6 +229,28 @@ def lora_layers(model: nn.Module) -> Iterable[tuple[str, LoRALinear]]:
 def mark_only_lora_as_trainable(model: nn.Module) -> None:
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
+
+
+@contextmanager
+def reference_model(model: nn.Module) -> Iterator[None]:
+    """Within: every LoRA layer computes as the model training started from (DPO's reference), the base alone or
+    the reference adapter ``set_reference_adapter`` gave, in place: no second copy of the weights exists."""
+    layers = [layer for _, layer in lora_layers(model)]
+    for layer in layers:
+        layer.use_reference = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.use_reference = False
+
+
+def set_reference_adapter(model: nn.Module, tensors: dict[str, torch.Tensor] | None) -> None:
+    """The adapter ``reference_model`` computes with, by the model's own parameter names (lora_a, lora_b and, for
+    DoRA, lora_magnitude); None: the base alone."""
+    for name, layer in lora_layers(model):
+        layer.reference_adapter = None if tensors is None else (
+            tensors[f"{name}.lora_a"], tensors[f"{name}.lora_b"], tensors.get(f"{name}.lora_magnitude"))
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

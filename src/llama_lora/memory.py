@@ -80,7 +80,7 @@ def activation_bytes_per_token_per_layer(config: LlamaConfig, act_bytes: int, lo
 
 def memory_breakdown(config: LlamaConfig, *, plan: RunPlan, lora_targets: Sequence[str] | None, lora_r: int,
                      micro_batch: int, seq_len: int, gradient_checkpointing: bool, loss_chunk: int = 1024,
-                     dora: bool = False) -> dict[str, int]:
+                     dora: bool = False, pairs: bool = False) -> dict[str, int]:
     """Analytic peak memory of one training step, in bytes, by component, for full-length sequences, with each tensor
     stored as the run ``plan`` says.
 
@@ -89,6 +89,9 @@ def memory_breakdown(config: LlamaConfig, *, plan: RunPlan, lora_targets: Sequen
     plan: the blocks' linear weights at 4.127 bits, the embedding, norms and output in the plan's dtypes, and one chunk
     of a weight dequantized at a time (``dequantized``). ``dora``: DoRA's magnitudes, what its correction keeps, and the
     fp32 row chunk its weight norm is taken over (also counted under ``dequantized``: a transient weight copy).
+    ``pairs``: a preference step (DPO, IPO, SimPO) on ``micro_batch`` pairs: the policy's forward and backward over
+    2 x ``micro_batch`` sequences, an SFT step on the same tokens. The reference pass runs before it, without
+    autograd, and is gone by the policy's peak; the per-position log-probabilities are 4 bytes a token.
     """
     n = config.n_params
     dora = dora and lora_targets is not None
@@ -120,14 +123,14 @@ def memory_breakdown(config: LlamaConfig, *, plan: RunPlan, lora_targets: Sequen
     # (and backward): the seed experiment's "MP raises memory". A half-precision base has nothing to cast.
     autocast_cache = matmul_params(config) * 2 if autocast and base_bytes == 4 else 0
     act_bytes = 2 if autocast else compute
-    tokens = micro_batch * seq_len
+    tokens = micro_batch * seq_len * (2 if pairs else 1)
     per_layer = activation_bytes_per_token_per_layer(config, act_bytes, lora_targets or (), autocast, dora)
     if gradient_checkpointing:  # each block's input is kept, plus one block's activations while it is recomputed
         activations = tokens * (config.n_layers * act_bytes * config.dim + per_layer)
     else:
         activations = tokens * config.n_layers * per_layer
     # Fused loss: one chunk of fp32 logits and their gradient, plus grad of the hidden states.
-    loss = min(tokens, loss_chunk) * config.vocab_size * 8 + tokens * config.dim * act_bytes
+    loss = min(tokens, loss_chunk) * config.vocab_size * 8 + tokens * config.dim * act_bytes + pairs * tokens * 4
     total = params + grads + optimizer + autocast_cache + dequantized + activations + loss
     return {"params": params, "grads": grads, "optimizer": optimizer, "autocast_cache": autocast_cache,
             "dequantized": dequantized, "activations": activations, "loss": loss, "total": total}

@@ -22,10 +22,20 @@ from torchmetrics import MeanMetric
 
 from . import run_checkpoint
 from .config import LlamaConfig
-from .lora import LoRASettings, apply_lora, lora_layers, mark_only_lora_as_trainable, trainable_summary
-from .loss import token_loss_sum
+from .data.batches import BatchItem
+from .lora import (
+    LoRASettings,
+    apply_lora,
+    lora_layers,
+    mark_only_lora_as_trainable,
+    reference_model,
+    set_reference_adapter,
+    trainable_summary,
+)
+from .loss import sequence_logps, token_loss_sum
 from .model import Llama, check_checkpoint_layers
 from .plan import BaseDtypeName, RunPlan, make_plan
+from .preference import METRICS, PairScores, PreferenceSettings, pair_metrics, preference_scores
 from .quant import NF4Weight
 from .resilience import GracefulStop, NumericsGuard
 from .trained_run import TrainedRun, open_run
@@ -79,6 +89,7 @@ class LlamaLoRAModule(L.LightningModule):
         init_adapter: str | None = None,
         compile: bool = False,
         max_nonfinite_steps: int = 3,
+        preference: PreferenceSettings | None = None,
     ) -> None:
         """
         Args:
@@ -101,6 +112,9 @@ class LlamaLoRAModule(L.LightningModule):
                 --ckpt_path instead.
             compile: torch.compile each transformer block (fuses norms, RoPE, SwiGLU; pays on GPU for long runs).
             max_nonfinite_steps: stop the run when the loss is inf/NaN for this many optimizer steps in a row.
+            preference: preference tuning on chosen/rejected pairs (data.format preference): the objective (dpo, ipo,
+                simpo) and its beta. The reference model is the one training starts from: init_adapter, or the
+                base with the adapters off. null: supervised fine-tuning.
         """
         super().__init__()
         if checkpoint_dir is not None:
@@ -119,9 +133,13 @@ class LlamaLoRAModule(L.LightningModule):
                                     "PEFT adapter folder")
         if init_adapter is not None and lora is None:
             raise ValueError("model.init_adapter starts from an adapter's LoRA weights: it needs model.lora")
-        self.lora = lora
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "lora"])
+        if preference is not None and lora is None:
+            raise ValueError("model.preference with model.lora null: the reference model is the base with the "
+                             "adapters off, so preference tuning trains an adapter; set model.lora")
+        self.lora, self.preference = lora, preference
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "lora", "preference"])
         self.hparams["lora"] = asdict(lora) if lora is not None else None  # plain types: weights_only loading
+        self.hparams["preference"] = asdict(preference) if preference is not None else None
         self.checkpoint_dir, self.base_dtype_name, self.init_adapter = checkpoint_dir, base_dtype, init_adapter
         self.gradient_checkpointing, self.loss_chunk_size, self.init_seed = (
             gradient_checkpointing, loss_chunk_size, init_seed)
@@ -138,6 +156,9 @@ class LlamaLoRAModule(L.LightningModule):
         # check would reject that, so on_load_checkpoint checks the keys itself (misspelled keys still fail).
         self.strict_loading = False
         self.val_loss = MeanMetric()
+        # Preference runs: TRL's metrics over the validation pairs, each weighted by pair (and synced over ranks)
+        self.val_pairs = torch.nn.ModuleDict({m.replace("/", "_"): MeanMetric() for m in METRICS}) if (
+            preference is not None) else None
         self._rng_to_restore: dict[str, Any] | None = None
         self._resumed = False
         self._configured_schedule: dict[str, Any] = {}
@@ -200,8 +221,12 @@ class LlamaLoRAModule(L.LightningModule):
         if self.lora is not None:
             apply_lora(self.model, self.lora, plan.lora_dtype)
             mark_only_lora_as_trainable(self.model)
-            if self.init_adapter is not None and not (self._trainer is not None and self.trainer.ckpt_path):
+            resuming = self._trainer is not None and self.trainer.ckpt_path
+            if self.init_adapter is not None and not resuming:
                 self._load_init_adapter()
+            if self.preference is not None and self.preference.needs_reference and self.init_adapter is not None:
+                # DPO from an adapter (SFT, then DPO): the reference is that adapter, also after a resume
+                set_reference_adapter(self.model, self._init_adapter_tensors())
         log.info(trainable_summary(self.model))
         if plan.quantization:  # each DDP rank quantizes its own identical copy: nothing to broadcast (or with)
             self._ddp_params_and_buffers_to_ignore = [n for n, p in self.named_parameters() if isinstance(p, NF4Weight)]
@@ -219,9 +244,10 @@ class LlamaLoRAModule(L.LightningModule):
             self.model.to_empty(device=device)
             fill_shards(self.model, sd, seed=self.init_seed)
 
-    def _load_init_adapter(self) -> None:
-        """Copy an adapter's LoRA weights into this new run's (model.init_adapter). Same targets and rank; another
-        alpha is absorbed into B, so that the run starts from exactly the adapter's model."""
+    def _init_adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """The LoRA weights (model.init_adapter) this run starts from, by the model's parameter names, on its device
+        in its LoRA dtype. Same targets and rank; another alpha is absorbed into B; a LoRA adapter under DoRA gets the
+        magnitudes m = ||W + s B A||, so that they make exactly the adapter's model."""
         adapter = open_run(self.init_adapter, self.checkpoint_dir, self.hparams.model)
         if adapter.lora is None:
             raise ValueError(f"model.init_adapter {self.init_adapter} holds no LoRA weights (trained with lora: null)")
@@ -234,12 +260,21 @@ class LlamaLoRAModule(L.LightningModule):
                                  f"{ours}; set model.lora.{key} to the adapter's")
         rescale = adapter.lora.scale / self.lora.scale
         own = dict(self.model.named_parameters())
+        tensors = {name: (t * rescale if name.endswith("lora_b") else t).to(own[name].device, own[name].dtype)
+                   for name, t in adapter.tensors.items()}
+        if self.lora.use_dora and not adapter.lora.use_dora:  # DoRA from a LoRA adapter: m = ||W + s B A||
+            for name, layer in lora_layers(self.model):
+                tensors[f"{name}.lora_magnitude"] = layer.weight_norm(tensors[f"{name}.lora_a"],
+                                                                      tensors[f"{name}.lora_b"]).to(layer.lora_a.dtype)
+        return tensors
+
+    def _load_init_adapter(self) -> None:
+        """Copy an adapter's LoRA weights into this new run's (model.init_adapter): it starts from exactly the
+        adapter's model."""
+        own = dict(self.model.named_parameters())
         with torch.no_grad():
-            for name, t in adapter.tensors.items():
-                own[name].copy_(t * rescale if name.endswith("lora_b") else t)
-            if self.lora.use_dora and not adapter.lora.use_dora:  # DoRA from a LoRA adapter: m = ||W + s B A||
-                for _, layer in lora_layers(self.model):  # makes W' = W + s B A, the adapter's model exactly
-                    layer.lora_magnitude.copy_(layer.weight_norm())
+            for name, t in self._init_adapter_tensors().items():
+                own[name].copy_(t)
         log.info("Started from the LoRA weights of %s (a new run: step 0, this run's data and schedule)",
                  self.init_adapter)
 
@@ -254,6 +289,11 @@ class LlamaLoRAModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "load_tokenizer"):
             datamodule.load_tokenizer().check_fits(self.config.vocab_size)
+        pairs = getattr(datamodule, "format", None) == "preference"
+        if datamodule is not None and pairs != (self.preference is not None):
+            raise ValueError("data.format preference goes with model.preference (the objective: dpo, ipo or simpo)"
+                             if pairs else "model.preference trains on chosen/rejected pairs: set data.format: "
+                             "preference")
 
     def on_train_end(self) -> None:
         # Called after every callback's on_train_end (checkpoints written, summary printed) and before Lightning's
@@ -282,7 +322,36 @@ class LlamaLoRAModule(L.LightningModule):
         return token_loss_sum(self.model, batch["input_ids"], batch["labels"], self.loss_chunk_size,
                               batch.get("segment_ids"))
 
+    def _pair_scores(self, batch: dict[str, torch.Tensor]) -> PairScores:
+        """The objective on a batch of P pairs (2P rows, chosen first). The reference pass runs first, without
+        autograd, with the adapters as training started (``reference_model``); then the policy's, whose activations
+        backward keeps."""
+        pairs = batch["pair_weight"].shape[0]
+        ref = None
+        if "reference_logps" in batch:  # precomputed before training (precompute_reference)
+            ref = torch.cat([batch["reference_logps"][:, 0], batch["reference_logps"][:, 1]])
+        elif self.preference.needs_reference:
+            with torch.no_grad(), reference_model(self.model):
+                ref, _ = sequence_logps(self.model, batch["input_ids"], batch["labels"], self.loss_chunk_size)
+        logps, tokens = sequence_logps(self.model, batch["input_ids"], batch["labels"], self.loss_chunk_size)
+        return preference_scores(self.preference, logps[:pairs], logps[pairs:], tokens[:pairs], tokens[pairs:],
+                                 *((ref[:pairs], ref[pairs:]) if ref is not None else ()))
+
+    def _preference_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        scores, weight = self._pair_scores(batch), batch["pair_weight"]
+        n = weight.sum()
+        self.log("train/loss", (scores.losses.detach() * weight).sum() / n.clamp(min=1), prog_bar=True, on_step=True,
+                 on_epoch=True, batch_size=int(n))
+        for name, values in pair_metrics(scores).items():  # TRL's names, under train/ as TensorBoard shows TRL's
+            self.log(f"train/{name}", (values * weight).sum() / n.clamp(min=1), on_step=True, on_epoch=True,
+                     batch_size=int(n))
+        # The mean over the pairs of the whole accumulation window on all devices, as SFT's over its tokens.
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
+        return (scores.losses * weight).sum() * scale / batch["n_targets_window"].clamp(min=1)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.preference is not None:
+            return self._preference_step(batch)
         loss_sum, n = self._loss(batch)
         # Average over the target tokens of the whole accumulation window on all devices. Lightning divides by
         # accumulate_grad_batches and DDP averages over ranks; multiplying by both undoes that exactly.
@@ -291,6 +360,34 @@ class LlamaLoRAModule(L.LightningModule):
         self.log("train/loss", loss_sum.detach() / n.clamp(min=1), prog_bar=True, on_step=True, on_epoch=True,
                  batch_size=int(n))
         return loss_sum * scale / window
+
+    def on_fit_start(self) -> None:
+        if self.preference is not None and self.preference.precompute_reference:
+            datamodule = self.trainer.datamodule
+            for dataset in (datamodule.train_set, datamodule.val_set):
+                if dataset is not None:
+                    dataset.reference = self._reference_logps(dataset, datamodule.collator(),
+                                                              datamodule.micro_batch_size)
+
+    @torch.no_grad()
+    def _reference_logps(self, dataset: Any, collate: Any, batch_size: int) -> torch.Tensor:
+        """(n, 2) the reference's log-probabilities of chosen and rejected for every pair of ``dataset``, in one pass
+        before training (TRL's precompute_ref_log_probs): each rank computes its share, in the training precision,
+        and all ranks gather the whole."""
+        world, rank, n = self.trainer.world_size, self.trainer.global_rank, len(dataset)
+        share = -(-n // world)
+        mine = range(rank * share, min(n, (rank + 1) * share))
+        out = torch.zeros(share, 2, dtype=torch.float32, device=self.device)
+        with self.trainer.precision_plugin.forward_context(), reference_model(self.model):
+            for start in range(0, len(mine), batch_size):
+                batch = collate([dataset[BatchItem(i)] for i in mine[start : start + batch_size]])
+                logps, _ = sequence_logps(self.model, batch["input_ids"].to(self.device),
+                                          batch["labels"].to(self.device), self.loss_chunk_size)
+                pairs = batch["pair_weight"].shape[0]
+                out[start : start + pairs] = torch.stack([logps[:pairs], logps[pairs:]], dim=1).float()
+        whole = self.all_gather(out).reshape(-1, 2) if world > 1 else out
+        log.info("Reference log-probabilities of %d pairs computed before training", n)
+        return whole[:n].cpu()
 
     def on_train_start(self) -> None:
         if self._resumed:
@@ -304,14 +401,26 @@ class LlamaLoRAModule(L.LightningModule):
             self._rng_to_restore = None
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        if self.preference is not None:
+            scores, weight = self._pair_scores(batch), batch["pair_weight"]
+            self.val_loss.update(scores.losses, weight=weight)  # pair-weighted over batches and ranks
+            for name, values in pair_metrics(scores).items():
+                self.val_pairs[name.replace("/", "_")].update(values, weight=weight)
+            return
         loss_sum, n = self._loss(batch)
         self.val_loss.update(loss_sum / n.clamp(min=1), weight=n)  # token-weighted over batches and ranks
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
         self.log("val/loss", loss, prog_bar=True)
-        self.log("val/ppl", loss.exp())  # perplexity of the same target tokens: exp of their mean loss
         self.val_loss.reset()
+        if self.preference is None:
+            self.log("val/ppl", loss.exp())  # perplexity of the same target tokens: exp of their mean loss
+            return
+        for name in METRICS:
+            metric = self.val_pairs[name.replace("/", "_")]
+            self.log(f"val/{name}", metric.compute())
+            metric.reset()
 
     def configure_optimizers(self) -> dict[str, Any]:
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]

@@ -51,6 +51,8 @@ SETTINGS: dict[str, str] = {
     "data.data_path": "step", "data.format": "step", "data.num_samples": "step", "data.val_size": "step",
     "data.seed": "step", "data.packing": "step", "data.mask_prompt": "step", "data.group_by_length": "step",
     "data.demo_records": "step", "data.chat_template": "step",
+    "model.preference.loss": "step", "model.preference.beta": "step", "model.preference.label_smoothing": "step",
+    "model.preference.simpo_gamma": "step",
 }
 
 
@@ -121,6 +123,9 @@ def _settings(hp: dict, data: dict, quantization: str | None, optimizer: str | N
               "model.lora.use_dora": lora and bool(lora.get("use_dora")),
               "model.lora.lr_ratio": lora and lora.get("lr_ratio"),
               "trainer.accumulate_grad_batches": accumulate, "trainer.devices": devices}
+    preference = hp.get("preference") or {}  # SFT: None for each
+    values.update({f"model.preference.{k}": preference.get(k) for k in ("loss", "beta", "label_smoothing",
+                                                                        "simpo_gamma")})
     values.update({key: data.get(key.removeprefix("data.")) for key in SETTINGS if key.startswith("data.")})
     values["quantization"] = quantization  # compared for model.base_dtype: another dtype of the same kind resumes
     return values

@@ -17,7 +17,7 @@ from ..loss import IGNORE_INDEX
 from ..prompts import PromptFormat
 from ..tokenizer import Tokenizer
 from .packing import pack_first_fit_decreasing
-from .tokenize import ALPACA, preprocess, text_blocks
+from .tokenize import ALPACA, preprocess, preprocess_pairs, text_blocks
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ class Batch(TypedDict, total=False):
     n_tokens: torch.Tensor  # () non-pad tokens of real examples
     n_targets: torch.Tensor  # () tokens the loss sees after the shift
     n_targets_window: torch.Tensor  # () BatchItem.window_targets: the loss's denominator (training only)
+    pair_weight: torch.Tensor  # (P,) preference batches only: 1 per pair, 0 for a padding pair (rows 2P: chosen first)
+    reference_logps: torch.Tensor  # (P, 2) preference batches with a precomputed reference: chosen, rejected
 
 
 class SupervisedDataset(Dataset):
@@ -93,6 +95,44 @@ class SupervisedDataset(Dataset):
     @property
     def lengths(self) -> list[int]:
         return [len(e["input_ids"]) for e in self.examples]
+
+
+class PreferenceDataset(Dataset):
+    """Tokenized preference pairs (``tokenize.preprocess_pairs``): each a dict of ``chosen`` and ``rejected``
+    (input_ids, labels). The sampler weighs each pair 1 (``target_counts``): the loss is the mean over the pairs of
+    the accumulation window, on all ranks. ``indices`` as ``SupervisedDataset``'s."""
+
+    def __init__(self, records: Sequence[dict], tokenizer: Tokenizer, max_seq_len: int = 512, source: str = "data",
+                 limit: int | None = None, record_ids: Sequence[int] | None = None,
+                 prompt_format: PromptFormat = ALPACA) -> None:
+        examples, self.stats = preprocess_pairs(records, tokenizer, max_seq_len, limit, prompt_format)
+        ids = record_ids if record_ids is not None else range(len(records))
+        self.indices = [ids[e.pop("index")] for e in examples]
+        self.examples = examples
+        self.reference: torch.Tensor | None = None  # (n, 2) the reference's log-probabilities, when precomputed
+        if not self.examples:
+            raise ValueError(f"{source}: no preference pairs left after preprocessing ({self.stats.dropped} with a "
+                             f"prompt longer than max_seq_len={max_seq_len}, {self.stats.identical} with chosen equal "
+                             f"to rejected, {self.stats.empty} with an empty completion)")
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, item: int | BatchItem) -> dict[str, Any]:
+        if not isinstance(item, BatchItem):
+            return self.examples[item]
+        pair = {**self.examples[item.index], "padding": item.padding}  # a padding pair weighs 0
+        if self.reference is not None:
+            pair["reference"] = self.reference[item.index].tolist()
+        return pair if item.window_targets is None else {**pair, "n_targets_window": item.window_targets}
+
+    @property
+    def target_counts(self) -> list[int]:
+        return [1] * len(self.examples)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [max(len(e["chosen"][0]), len(e["rejected"][0])) for e in self.examples]
 
 
 class PackedDataset(SupervisedDataset):
@@ -146,6 +186,26 @@ class DataCollatorForSupervisedDataset:
             batch["segment_ids"] = segment_ids  # (B, T)
         if "n_targets_window" in examples[0]:  # all ranks, all micro-batches of this optimizer step
             batch["n_targets_window"] = torch.tensor(examples[0]["n_targets_window"])
+        return batch
+
+
+@dataclass
+class PreferenceCollator:
+    """P pairs as one batch of 2P rows, the chosen completions first, then the rejected ones in the same order:
+    the policy's forward and backward over both in one pass. ``pair_weight`` is 0 for a padding pair."""
+
+    pad_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, pairs: Sequence[dict[str, Any]]) -> Batch:
+        rows = [{"input_ids": p[side][0], "labels": p[side][1], "padding": p.get("padding", False)}
+                for side in ("chosen", "rejected") for p in pairs]
+        batch = DataCollatorForSupervisedDataset(self.pad_id, self.pad_to_multiple_of)(rows)
+        batch["pair_weight"] = torch.tensor([0.0 if p.get("padding") else 1.0 for p in pairs])
+        if "reference" in pairs[0]:  # precomputed: (P, 2) chosen, rejected
+            batch["reference_logps"] = torch.tensor([p["reference"] for p in pairs], dtype=torch.float32)
+        if "n_targets_window" in pairs[0]:  # pairs of the accumulation window, on all ranks
+            batch["n_targets_window"] = torch.tensor(pairs[0]["n_targets_window"])
         return batch
 
 

@@ -12,11 +12,18 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from ..cache import default_cache_dir
-from ..demo import demo_tokenizer_file, instruction_records, prose
+from ..demo import demo_tokenizer_file, instruction_records, preference_records, prose
 from ..prompts import ChatTemplateName, PromptFormat, resolve_format
 from ..tokenizer import Tokenizer
-from .batches import DataCollatorForSupervisedDataset, PackedDataset, ResumableBatchSampler, SupervisedDataset
-from .records import ALPACA_URL, load_records
+from .batches import (
+    DataCollatorForSupervisedDataset,
+    PackedDataset,
+    PreferenceCollator,
+    PreferenceDataset,
+    ResumableBatchSampler,
+    SupervisedDataset,
+)
+from .records import ALPACA_URL, load_records, preference_record
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +56,11 @@ class AlpacaDataModule(L.LightningDataModule):
     ({instruction, input, output}, prompt masked), ``chat`` conversations (``messages`` with role/content, or
     ShareGPT's ``conversations`` with from/value; the loss on the assistant turns, in ``chat_template``: llama3 or
     llama2, by default the tokenizer's family's; a chat template chosen for Alpaca records makes each a two-turn
-    conversation) or ``text`` for continued pretraining (.txt, or JSON/JSONL with a
-    ``text`` field; see ``text_blocks``). ``tokenizer_path``: a SentencePiece or tiktoken ``tokenizer.model``, a
+    conversation), ``text`` for continued pretraining (.txt, or JSON/JSONL with a
+    ``text`` field; see ``text_blocks``), or ``preference`` pairs for ``model.preference`` (``records.
+    preference_record`` lists the forms read; the prompt in the run's prompt format, Alpaca's unless
+    ``chat_template`` names one; the demo's pairs prefer the world's answer to a plausible wrong one).
+    ``tokenizer_path``: a SentencePiece or tiktoken ``tokenizer.model``, a
     ``tokenizer.json`` or a GGUF (its own tokenizer); None: fit.py takes the base's own, and with the demo data trains
     the demo's own tokenizer (``demo_vocab_size`` pieces, cached). ``num_samples``: the number of training records
     (documents for text), taken after a seeded shuffle (200 reproduces the seed experiment; None takes all).
@@ -62,7 +72,7 @@ class AlpacaDataModule(L.LightningDataModule):
     def __init__(
         self,
         data_path: str = ALPACA_URL,
-        format: Literal["alpaca", "chat", "text"] = "alpaca",
+        format: Literal["alpaca", "chat", "text", "preference"] = "alpaca",
         chat_template: ChatTemplateName | None = None,
         tokenizer_path: str | None = "checkpoints/Llama-2-7b/tokenizer.model",
         num_samples: int | None = None,
@@ -94,6 +104,12 @@ class AlpacaDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         if format == "text" and chat_template is not None:
             raise ValueError("data.chat_template is for instruction and chat data; format text trains on raw text")
+        if format == "preference" and packing:
+            raise ValueError("data.packing with data.format preference is not supported (a pair's two completions "
+                             "share a prompt, which packing would split); set data.packing: false")
+        if format == "preference" and not mask_prompt:
+            raise ValueError("data.mask_prompt false with data.format preference: the objectives compare the "
+                             "completions' log-probabilities alone; set data.mask_prompt: true")
         self.data_path, self.format, self.chat_template = data_path, format, chat_template
         self.tokenizer_path, self.num_samples = tokenizer_path, num_samples
         self.val_size, self.seed, self.max_seq_len = val_size, seed, max_seq_len
@@ -103,8 +119,8 @@ class AlpacaDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.demo_records, self.demo_vocab_size = demo_records, demo_vocab_size
         self.tokenizer: Tokenizer | None = None
-        self.train_set: SupervisedDataset | None = None
-        self.val_set: SupervisedDataset | None = None
+        self.train_set: SupervisedDataset | PreferenceDataset | None = None
+        self.val_set: SupervisedDataset | PreferenceDataset | None = None
         self.train_sampler: ResumableBatchSampler | None = None
         self._sampler_state: dict[str, int] | None = None
 
@@ -116,6 +132,8 @@ class AlpacaDataModule(L.LightningDataModule):
     def _records(self) -> list[dict[str, str]]:
         if self.data_path == DEMO and self.format == "text":
             return [{"text": doc} for doc in prose(*(() if self.demo_records is None else (self.demo_records,)))]
+        if self.data_path == DEMO and self.format == "preference":
+            return [preference_record(r, i, DEMO) for i, r in enumerate(preference_records(self.demo_records))]
         if self.data_path == DEMO:
             return instruction_records(self.demo_records)
         return load_records(self.data_path, self.cache_dir, self.format)
@@ -144,6 +162,15 @@ class AlpacaDataModule(L.LightningDataModule):
         fmt = self.prompt_format
         train_ids, val_ids = split_records(len(records), self.num_samples, self.val_size, self.seed)
         source = str(self.data_path)
+        if self.format == "preference":
+            self.train_set = PreferenceDataset([records[i] for i in train_ids], tokenizer, self.max_seq_len, source,
+                                               limit=self.num_samples, record_ids=train_ids, prompt_format=fmt)
+            self.val_set = PreferenceDataset([records[i] for i in val_ids], tokenizer, self.max_seq_len, source,
+                                             record_ids=val_ids, prompt_format=fmt) if val_ids else None
+            log.info("Preference data %s in %s: %d train / %d val pairs (max_seq_len %d; %d dropped, %d truncated)",
+                     source, fmt.description, len(self.train_set), len(self.val_set or []), self.max_seq_len,
+                     self.train_set.stats.dropped, self.train_set.stats.truncated)
+            return
         # The training set is the first num_samples records of the shuffled order that fit max_seq_len.
         self.train_set = SupervisedDataset([records[i] for i in train_ids], tokenizer, self.max_seq_len,
                                            self.mask_prompt, source, limit=self.num_samples, record_ids=train_ids,
@@ -172,8 +199,12 @@ class AlpacaDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
+    def collator(self) -> DataCollatorForSupervisedDataset | PreferenceCollator:
+        kind = PreferenceCollator if self.format == "preference" else DataCollatorForSupervisedDataset
+        return kind(self.load_tokenizer().pad_id, self.pad_to_multiple_of)
+
     def _loader(self, dataset: SupervisedDataset, sampler: Sampler | list[list[int]]) -> DataLoader:
-        collate = DataCollatorForSupervisedDataset(self.load_tokenizer().pad_id, self.pad_to_multiple_of)
+        collate = self.collator()
         # A generator of its own keeps the DataLoader from drawing on the global RNG (exact resume).
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
                           pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,

@@ -101,6 +101,8 @@ def load_records(path: str | Path, cache_dir: str | Path | None = None, format: 
         records = [{"text": r} if isinstance(r, str) else r for r in records]
     if format == "chat":
         return [chat_record(rec, i, path) for i, rec in enumerate(records)]
+    if format == "preference":
+        return [preference_record(rec, i, path) for i, rec in enumerate(records)]
     for i, rec in enumerate(records):
         (validate_text if format == "text" else validate_record)(rec, i, path)
         if format != "text" and rec.get("input") is None:
@@ -132,6 +134,81 @@ def chat_record(rec: Any, index: int, source: str | Path = "data") -> dict[str, 
         messages.append({"role": roles[turn[role_key]], "content": turn[text_key]})
     check_conversation(messages, where)
     return {"messages": messages}
+
+
+PREFERENCE_FORMS = ("{instruction, input, chosen, rejected}; {prompt, chosen, rejected} as strings or as messages; or "
+                    "chosen and rejected alone, whole conversations that share their prompt")
+
+
+def preference_record(rec: Any, index: int, source: str | Path = "data") -> dict[str, Any]:
+    """A preference pair as {"prompt": ..., "chosen": str, "rejected": str}, the completions being the assistant's
+    answer alone. The prompt is an Alpaca prompt ({instruction, input}), a conversation ({"messages": [...]}, ending
+    with the user's turn), or, for whole conversations given as strings (Anthropic HH), the text they share
+    ({"text": ...}, used as written: it carries its own turns). From the forms people have:
+
+    - Alpaca-style: ``instruction`` (and ``input``), ``chosen``, ``rejected``;
+    - TRL's standard form: ``prompt``, ``chosen``, ``rejected`` as strings; its conversational form: ``prompt`` a
+      list of messages, ``chosen`` and ``rejected`` lists holding the assistant's turn;
+    - whole conversations: ``chosen`` and ``rejected`` alone, message lists (UltraFeedback-binarized) or strings
+      (Anthropic HH) that share their prefix, which is the prompt."""
+    where = f"{source}: record {index}"
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where} is a {type(rec).__name__}, expected an object: {PREFERENCE_FORMS}")
+    for key in ("chosen", "rejected"):
+        if key not in rec:
+            raise ValueError(f"{where} has no '{key}' field; preference records are {PREFERENCE_FORMS}")
+    chosen, rejected = rec["chosen"], rec["rejected"]
+    if "instruction" in rec:
+        validate_record({**rec, "output": ""}, index, source)
+        prompt: dict[str, Any] = {"instruction": rec["instruction"], "input": rec.get("input") or ""}
+    elif "prompt" in rec and isinstance(rec["prompt"], str):
+        prompt = {"instruction": rec["prompt"], "input": ""}
+    elif "prompt" in rec and isinstance(rec["prompt"], list):
+        prompt = {"messages": _messages(rec["prompt"], f"{where}, prompt")}
+    elif "prompt" in rec:
+        raise ValueError(f"{where} field 'prompt' is a {type(rec['prompt']).__name__}, expected a string or a list "
+                         "of messages")
+    elif isinstance(chosen, list) and isinstance(rejected, list):  # whole conversations: the shared turns
+        chosen, rejected = _messages(chosen, f"{where}, chosen"), _messages(rejected, f"{where}, rejected")
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+            shared += 1
+        prompt, chosen, rejected = {"messages": chosen[:shared]}, chosen[shared:], rejected[shared:]
+    elif isinstance(chosen, str) and isinstance(rejected, str):  # Anthropic HH: the shared text, TRL's cut
+        shared = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+        if shared and chosen[shared - 1] == " ":
+            shared -= 1  # the answer keeps its leading space
+        prompt, chosen, rejected = {"text": chosen[:shared]}, chosen[shared:], rejected[shared:]
+    else:
+        raise ValueError(f"{where} has no 'instruction' or 'prompt', and chosen and rejected are not both strings or "
+                         f"both message lists; preference records are {PREFERENCE_FORMS}")
+    out = {"prompt": prompt, "chosen": _answer(chosen, f"{where}, chosen"),
+           "rejected": _answer(rejected, f"{where}, rejected")}
+    if "messages" in prompt:
+        check_conversation(prompt["messages"] + [{"role": "assistant", "content": out["chosen"]}], where)
+    return out
+
+
+def _messages(turns: Any, where: str) -> list[dict[str, str]]:
+    if not isinstance(turns, list):
+        raise ValueError(f"{where}: expected a list of {{'role', 'content'}} messages, got a {type(turns).__name__}")
+    for n, turn in enumerate(turns):
+        if not isinstance(turn, dict) or turn.get("role") not in ("system", "user", "assistant") or not isinstance(
+                turn.get("content"), str):
+            raise ValueError(f"{where}, turn {n}: expected {{'role': system, user or assistant, 'content': a string}}, "
+                             f"got {turn!r:.80}")
+    return [{"role": t["role"], "content": t["content"]} for t in turns]
+
+
+def _answer(completion: Any, where: str) -> str:
+    """A completion: a string, or a list holding the assistant's one turn."""
+    if isinstance(completion, str):
+        return completion
+    turns = _messages(completion, where)
+    if len(turns) != 1 or turns[0]["role"] != "assistant":
+        raise ValueError(f"{where}: the completion must be the assistant's one turn, got roles "
+                         f"{[t['role'] for t in turns]}")
+    return turns[0]["content"]
 
 
 def _json_lines(text: str, path: Path) -> list:

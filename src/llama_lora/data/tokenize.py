@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..loss import IGNORE_INDEX
-from ..prompts import FORMATS, PromptFormat
+from ..prompts import FORMATS, ChatFormat, PromptFormat
 from ..tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -21,6 +21,8 @@ class PreprocessStats:
     dropped: int = 0  # the prompt alone did not fit in max_seq_len
     longest_dropped: int = 0  # the longest prompt dropped, in tokens: max_seq_len above it keeps every record
     truncated: int = 0  # the response was cut to fit
+    identical: int = 0  # preference pairs whose chosen equals rejected: nothing to prefer
+    empty: int = 0  # preference pairs with an empty completion
 
 
 ALPACA = FORMATS["alpaca"]
@@ -64,12 +66,85 @@ def preprocess(records: Sequence[dict], tokenizer: Tokenizer, max_seq_len: int =
         stats.truncated += truncated
         examples.append({"input_ids": ids, "labels": labels, "index": i})
     stats.kept = len(examples)
-    if stats.dropped > DROP_WARNING * (stats.kept + stats.dropped):
+    _report(stats, max_seq_len)
+    return examples, stats
+
+
+def _report(stats: PreprocessStats, max_seq_len: int) -> None:
+    total = stats.kept + stats.dropped + stats.identical + stats.empty
+    if stats.dropped > DROP_WARNING * total:
         log.warning("%d of %d records dropped: their prompt alone is longer than max_seq_len=%d; data.max_seq_len %d "
-                    "keeps them all", stats.dropped, stats.kept + stats.dropped, max_seq_len, stats.longest_dropped + 1)
+                    "keeps them all", stats.dropped, total, max_seq_len, stats.longest_dropped + 1)
     elif stats.dropped or stats.truncated:
         log.info("preprocess: kept %d records, dropped %d (prompt longer than max_seq_len=%d), truncated %d",
                  stats.kept, stats.dropped, max_seq_len, stats.truncated)
+    if stats.identical or stats.empty:
+        log.warning("preprocess: dropped %d preference pairs whose chosen equals rejected and %d with an empty "
+                    "completion, of %d", stats.identical, stats.empty, total)
+
+
+def render_completion(prompt: dict, completion: str, tokenizer: Tokenizer, prompt_format: PromptFormat
+                      ) -> tuple[list[int], list[bool]]:
+    """A preference completion after its prompt (``records.preference_record``'s forms): the ids, and which of them
+    are the completion, its end of turn included. The prompt is rendered in ``prompt_format``; a conversation's
+    earlier assistant turns are prompt, not completion. A text prompt (Anthropic HH's shared turns) is used as
+    written: BOS, the text, then the completion and EOS."""
+    if "text" in prompt:
+        head = tokenizer.encode(prompt["text"], bos=True)
+        tail = tokenizer.encode(completion, eos=True)
+        return head + tail, [False] * len(head) + [True] * len(tail)
+    if "messages" in prompt:
+        messages = prompt["messages"] + [{"role": "assistant", "content": completion}]
+        if isinstance(prompt_format, ChatFormat):
+            ids, trained = prompt_format.render({"messages": messages}, tokenizer)
+        elif [m["role"] for m in prompt["messages"]] == ["user"]:  # one question: Alpaca's prompt can ask it
+            ids, trained = prompt_format.render({"instruction": messages[0]["content"], "input": "",
+                                                 "output": completion}, tokenizer)
+        else:
+            raise ValueError(f"a preference prompt of {len(prompt['messages'])} messages needs a chat template, and "
+                             f"the run's prompt is {prompt_format.description}; set data.chat_template")
+    else:
+        ids, trained = prompt_format.render({**prompt, "output": completion}, tokenizer)
+    last = len(trained) - 1 - trained[::-1].index(True)  # the completion: the last trained span alone
+    first = last
+    while first > 0 and trained[first - 1]:
+        first -= 1
+    return ids, [first <= i <= last for i in range(len(ids))]
+
+
+def preprocess_pairs(records: Sequence[dict], tokenizer: Tokenizer, max_seq_len: int = 512, limit: int | None = None,
+                     prompt_format: PromptFormat = ALPACA) -> tuple[list[dict], PreprocessStats]:
+    """Tokenized preference pairs: each a dict of ``chosen`` and ``rejected`` (input_ids, labels) with the prompt
+    and anything after the completion masked (-100), and ``index``, the record's position. Pairs whose chosen equals
+    rejected or with an empty completion are dropped and counted, as are those whose prompt does not fit in
+    ``max_seq_len`` (SFT's warning); a completion that does not fit is cut, and loses its end of turn."""
+    examples, stats = [], PreprocessStats()
+    for i, rec in enumerate(records):
+        if limit is not None and len(examples) >= limit:
+            break
+        if rec["chosen"] == rec["rejected"]:
+            stats.identical += 1
+            continue
+        if not rec["chosen"].strip() or not rec["rejected"].strip():
+            stats.empty += 1
+            continue
+        pair, truncated = {"index": i}, False
+        for side in ("chosen", "rejected"):
+            ids, trained = render_completion(rec["prompt"], rec[side], tokenizer, prompt_format)
+            start = trained.index(True)
+            if start >= max_seq_len:
+                stats.longest_dropped = max(stats.longest_dropped, start)
+                break
+            truncated |= len(ids) > max_seq_len
+            ids, trained = ids[:max_seq_len], trained[:max_seq_len]
+            pair[side] = (ids, [t if m else IGNORE_INDEX for t, m in zip(ids, trained)])
+        else:
+            stats.truncated += truncated
+            examples.append(pair)
+            continue
+        stats.dropped += 1
+    stats.kept = len(examples)
+    _report(stats, max_seq_len)
     return examples, stats
 
 
