@@ -30,7 +30,7 @@ from llama_lora.weights.tensors import check_output_file
 
 
 def evaluate(adapter: str | None = None, checkpoint_dir: str | None = None, model: str | None = None,
-             data_path: str | None = None, data_format: Literal["alpaca", "chat", "text"] | None = None,
+             data_path: str | None = None, data_format: Literal["alpaca", "chat", "text", "preference"] | None = None,
              chat_template: ChatTemplateName | None = None, tokenizer_path: str | None = None,
              val_size: int | None = None, precision: PrecisionName = "auto", base_dtype: BaseDtypeName = "auto",
              out: str = "evaluation.json", tasks: str | None = None, num_fewshot: int | None = None,
@@ -43,7 +43,8 @@ def evaluate(adapter: str | None = None, checkpoint_dir: str | None = None, mode
         checkpoint_dir: base weights (default: the ones the adapter was trained on).
         model: preset (default: the adapter's).
         data_path: Alpaca .json/.jsonl/URL (default: the adapter's training data).
-        data_format: alpaca, chat or text records (default: the adapter's; alpaca for a base alone).
+        data_format: alpaca, chat, text or preference records (default: the adapter's; alpaca for a base alone). A
+            preference run is validated on its pairs: its objective's loss and TRL's rewards and log-probabilities.
         chat_template: the chat template to render them in (default: the adapter's; for chat data on a base alone,
             the model's own where its tokenizer carries one): llama3, llama2, chatml or model.
         tokenizer_path: tokenizer.model (default: the adapter's, or the one beside the base weights).
@@ -82,7 +83,7 @@ def evaluate(adapter: str | None = None, checkpoint_dir: str | None = None, mode
     module = LlamaLoRAModule.validating(run, plan, device)
     results = trainer.validate(module, datamodule, verbose=False)[0]
     record = {"adapter": adapter, "data": str(datamodule.data_path), "val_examples": len(datamodule.val_set or []),
-              "val_loss": results["val/loss"], "val_ppl": results["val/ppl"], "precision": str(trainer.precision)}
+              **{k.replace("/", "_", 1): v for k, v in results.items()}, "precision": str(trainer.precision)}
     table = Table(title="Held-out evaluation")
     for key in record:
         table.add_column(key)

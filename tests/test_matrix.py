@@ -74,7 +74,18 @@ FAMILIES = [
      "gc": True, "accumulate": 2, "processes": 1, "dora": True},
     {"precision": "32-true", "base_dtype": "auto", "source": "hf-qwen3", "targets": "all", "packing": False,
      "gc": False, "accumulate": 1, "processes": 2, "dora": True}]
-COMBINATIONS = pairwise(KNOBS) + OWN_TOKENIZER + FAMILIES
+# And preference tuning (data.format preference), as users follow SFT with it: DPO on an NF4 base with DoRA under
+# bf16-mixed with checkpointing and accumulation; SimPO (no reference) and IPO (its reference precomputed) in two
+# processes on HF fp16 and Meta bf16 bases.
+PREFERENCE = [
+    {"precision": "bf16-mixed", "base_dtype": "nf4", "source": "meta-bf16", "targets": "all", "packing": False,
+     "gc": True, "accumulate": 2, "processes": 1, "dora": True, "preference": {"loss": "dpo", "beta": 0.1}},
+    {"precision": "32-true", "base_dtype": "auto", "source": "hf-fp16", "targets": "attention", "packing": False,
+     "gc": False, "accumulate": 1, "processes": 2, "preference": {"loss": "simpo", "beta": 2.0}},
+    {"precision": "bf16-true", "base_dtype": "bf16", "source": "meta-bf16", "targets": "all", "packing": False,
+     "gc": True, "accumulate": 1, "processes": 2,
+     "preference": {"loss": "ipo", "beta": 0.1, "precompute_reference": True}}]
+COMBINATIONS = pairwise(KNOBS) + OWN_TOKENIZER + FAMILIES + PREFERENCE
 FAST = [0]  # the slice in the default suite (NF4, bf16-mixed, packing, checkpointing)
 
 
@@ -83,7 +94,7 @@ def test_the_combinations_cover_every_pair():
     for a, b in itertools.combinations(names, 2):
         for x, y in itertools.product(KNOBS[a], KNOBS[b]):
             assert any(row[a] == x and row[b] == y for row in COMBINATIONS), (a, x, b, y)
-    assert len(COMBINATIONS) <= 24 + len(OWN_TOKENIZER) + len(FAMILIES)
+    assert len(COMBINATIONS) <= 24 + len(OWN_TOKENIZER) + len(FAMILIES) + len(PREFERENCE)
 
 
 def source_checkpoint(kind: str, folder: Path, cache_dir: Path) -> tuple[str | None, str | None]:
@@ -172,8 +183,10 @@ def run_combination(index: int, tmp_path: Path, cache_dir: Path) -> None:
                  "limit_val_batches": 1, "accumulate_grad_batches": c["accumulate"], "devices": c["processes"],
                  **({"strategy": "ddp"} if c["processes"] > 1 else {})},
         model={"base_dtype": c["base_dtype"], "checkpoint_dir": base, "lora": lora, "gradient_checkpointing": c["gc"],
-               **({"model": None} if c["source"].startswith("hf-qwen") else {})},
+               **({"model": None} if c["source"].startswith("hf-qwen") else {}),
+               **({"preference": c["preference"]} if "preference" in c else {})},
         data={"packing": c["packing"], "micro_batch_size": 2, "tokenizer_path": own_tokenizer,
+              **({"format": "preference"} if "preference" in c else {}),
               # a tokenizer.json base's own (ChatML) template: the demo's instructions as two-turn conversations
               "chat_template": "model" if c["source"].startswith("hf-") and own_tokenizer else None})
     cfg = yaml.safe_load(config.read_text())
@@ -220,7 +233,8 @@ def run_combination(index: int, tmp_path: Path, cache_dir: Path) -> None:
 
 
 def _id(c: dict) -> str:
-    return "-".join(str(v) if not isinstance(v, bool) else (k if v else f"no{k}") for k, v in c.items())
+    return "-".join(v["loss"] if isinstance(v, dict) else str(v) if not isinstance(v, bool) else (k if v else f"no{k}")
+                    for k, v in c.items())
 
 
 @pytest.mark.parametrize("index", FAST, ids=lambda i: _id(COMBINATIONS[i]))

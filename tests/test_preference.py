@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import fit, lora_weights, scalars, write_tiny_config
+from conftest import ROOT, fit, lora_weights, scalars, write_tiny_config
 
 from llama_lora.data import PreferenceCollator, preference_record, preprocess_pairs
 from llama_lora.demo import demo_tokenizer_file
@@ -314,6 +316,16 @@ def test_dpo_from_an_sft_adapter_starts_at_ln2_and_keeps_it_as_the_reference(tmp
     assert scalars(whole / "logs", "train/loss_step") == loss
     a, b = lora_weights(dpo / "ckpt" / "last.ckpt"), lora_weights(whole / "ckpt" / "last.ckpt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # evaluate.py reads the run back: its pairs, its objective, its reference (the SFT adapter): training's last
+    # validation figures
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--adapter",
+                           str(whole / "ckpt" / "last.ckpt"), "--precision", "32-true", "--out",
+                           str(tmp_path / "eval.json")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "eval.json").read_text())
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen"):
+        trained = scalars(whole / "logs", f"val/{key}")
+        assert record[f"val_{key}"] == pytest.approx(trained[max(trained)], rel=1e-5, abs=1e-6), key
 
 
 def test_precomputed_reference_gives_the_loss_of_the_reference_pass(tmp_path, cache_dir):

@@ -10,10 +10,10 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from .data import load_records
-from .demo import heldout_records
+from .data import PreferenceCollator, load_records, preference_record, preprocess_pairs
+from .demo import heldout_preference_records, heldout_records
 from .lora import trainable_summary
-from .loss import IGNORE_INDEX, token_loss_sum
+from .loss import IGNORE_INDEX, sequence_logps, token_loss_sum
 from .memory import peak_rss_bytes, reset_peak_rss
 
 log = logging.getLogger(__name__)
@@ -250,3 +250,54 @@ class InstructionAccuracy(L.Callback):
                 print(f"Held-out exact match {self.before['exact_match']:.0%} -> {self.after['exact_match']:.0%}, "
                       f"loss {self.before['loss']:.3f} -> {self.after['loss']:.3f} ({drop:.0%} lower)", flush=True)
 
+
+
+class PreferenceAccuracy(L.Callback):
+    """Held-out preference accuracy, before training and after: the share of held-out pairs whose chosen completion
+    the model itself finds more likely than the rejected one (summed log-probabilities given the prompt, in the run's
+    prompt format). Logged as ``heldout/preference_accuracy`` and ``heldout/margin`` (the mean log-probability
+    difference, chosen minus rejected).
+
+    ``records``: a JSON file of preference pairs (any form ``data.format: preference`` reads), or ``demo`` for the
+    demo's held-out facts, each against a plausible wrong answer."""
+
+    def __init__(self, records: str = "demo") -> None:
+        self.records = records
+        self.before: dict[str, float] | None = None
+
+    @torch.no_grad()
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        datamodule = trainer.datamodule
+        tok, fmt = datamodule.load_tokenizer(), datamodule.prompt_format
+        records = ([preference_record(r, i, "demo") for i, r in enumerate(heldout_preference_records())]
+                   if self.records == "demo" else load_records(self.records, format="preference"))
+        pairs, _ = preprocess_pairs(records, tok, datamodule.max_seq_len, prompt_format=fmt)
+        collate, margins = PreferenceCollator(tok.pad_id), []
+        was_training = pl_module.model.training
+        pl_module.model.eval()
+        with pl_module.plan.autocast_context():
+            for start in range(0, len(pairs), 16):
+                batch = collate(pairs[start : start + 16])
+                logps, _ = sequence_logps(pl_module.model, batch["input_ids"].to(pl_module.device),
+                                          batch["labels"].to(pl_module.device))
+                n = len(batch["pair_weight"])
+                margins += (logps[:n] - logps[n:]).tolist()
+        pl_module.model.train(was_training)
+        result = {"preference_accuracy": sum(m > 0 for m in margins) / len(margins),
+                  "margin": sum(margins) / len(margins), "pairs": len(margins)}
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({f"heldout/{k}": v for k, v in result.items() if k != "pairs"},
+                                       step=trainer.global_step)
+        return result
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == 0:
+            self.before = self._evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        after = self._evaluate(trainer, pl_module)
+        if trainer.is_global_zero:
+            before = (f"{self.before['preference_accuracy']:.0%} (margin {self.before['margin']:+.2f}) -> "
+                      if self.before is not None else "")
+            print(f"Held-out preference accuracy on {after['pairs']:.0f} pairs: {before}"
+                  f"{after['preference_accuracy']:.0%} (margin {after['margin']:+.2f})", flush=True)

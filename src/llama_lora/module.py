@@ -35,7 +35,7 @@ from .lora import (
 from .loss import sequence_logps, token_loss_sum
 from .model import Llama, check_checkpoint_layers
 from .plan import BaseDtypeName, RunPlan, make_plan
-from .preference import METRICS, PairScores, PreferenceSettings, pair_metrics, preference_scores
+from .preference import METRICS, PairScores, PreferenceSettings, pair_metrics, score_pairs
 from .quant import NF4Weight
 from .resilience import GracefulStop, NumericsGuard
 from .trained_run import TrainedRun, open_run
@@ -167,10 +167,19 @@ class LlamaLoRAModule(L.LightningModule):
     @classmethod
     def validating(cls, run: TrainedRun, plan: RunPlan, device: torch.device) -> LlamaLoRAModule:
         """A module around a trained run's model, built as ``plan`` says (evaluate.py validates it): configure_model
-        keeps it."""
-        module = cls(model=run.preset, checkpoint_dir=run.checkpoint_dir, lora=None)
+        keeps it. A preference run is validated on its pairs with its objective and reference."""
+        preference = PreferenceSettings(**run.preference) if run.preference and run.lora is not None else None
+        module = cls(model=run.preset, checkpoint_dir=run.checkpoint_dir, lora=run.lora if preference else None,
+                     preference=preference)
         module.model = run.build(plan, device)
         module.config, module.plan = module.model.config, plan
+        if preference is not None and preference.needs_reference and run.init_adapter is not None:
+            # a preference run's reference: the adapter it started from, as in training
+            if not Path(run.init_adapter).exists():
+                raise FileNotFoundError(f"{run.source} was trained from model.init_adapter {run.init_adapter}, its "
+                                        "reference model, which no longer exists; put it back to evaluate the pairs")
+            module.init_adapter = run.init_adapter
+            set_reference_adapter(module.model, module._init_adapter_tensors())
         return module
 
     # ----- the run plan -----
@@ -323,19 +332,11 @@ class LlamaLoRAModule(L.LightningModule):
                               batch.get("segment_ids"))
 
     def _pair_scores(self, batch: dict[str, torch.Tensor]) -> PairScores:
-        """The objective on a batch of P pairs (2P rows, chosen first). The reference pass runs first, without
-        autograd, with the adapters as training started (``reference_model``); then the policy's, whose activations
-        backward keeps."""
-        pairs = batch["pair_weight"].shape[0]
-        ref = None
-        if "reference_logps" in batch:  # precomputed before training (precompute_reference)
-            ref = torch.cat([batch["reference_logps"][:, 0], batch["reference_logps"][:, 1]])
-        elif self.preference.needs_reference:
-            with torch.no_grad(), reference_model(self.model):
-                ref, _ = sequence_logps(self.model, batch["input_ids"], batch["labels"], self.loss_chunk_size)
-        logps, tokens = sequence_logps(self.model, batch["input_ids"], batch["labels"], self.loss_chunk_size)
-        return preference_scores(self.preference, logps[:pairs], logps[pairs:], tokens[:pairs], tokens[pairs:],
-                                 *((ref[:pairs], ref[pairs:]) if ref is not None else ()))
+        reference = batch.get("reference_logps")  # precomputed before training (precompute_reference): (P, 2)
+        if reference is not None:
+            reference = torch.cat([reference[:, 0], reference[:, 1]])
+        return score_pairs(self.model, batch["input_ids"], batch["labels"], self.preference, self.loss_chunk_size,
+                           reference)
 
     def _preference_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         scores, weight = self._pair_scores(batch), batch["pair_weight"]

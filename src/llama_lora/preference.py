@@ -26,6 +26,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from .lora import reference_model
+from .loss import sequence_logps
+
 Objective = Literal["dpo", "ipo", "simpo"]
 OBJECTIVES = ("dpo", "ipo", "simpo")
 REFERENCE_FREE = ("simpo",)
@@ -107,6 +110,21 @@ def preference_scores(settings: PreferenceSettings, chosen: torch.Tensor, reject
         losses = -F.logsigmoid(beta * (pc - pr) - settings.simpo_gamma)
         chosen_rewards, rejected_rewards = beta * pc.detach(), beta * pr.detach()
     return PairScores(losses, chosen_rewards, rejected_rewards, chosen.detach(), rejected.detach())
+
+
+def score_pairs(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, settings: PreferenceSettings,
+                chunk_size: int | None = None, reference: torch.Tensor | None = None) -> PairScores:
+    """The objective on a batch of P pairs: 2P rows, the chosen completions first, the prompts masked. The reference
+    pass (``reference`` None and an objective that has one) runs first, without autograd, with the adapters as
+    training started (``lora.reference_model``); then the policy's forward over both completions in one batch, whose
+    activations backward keeps. ``reference``: the (2P,) reference log-probabilities, precomputed."""
+    pairs = input_ids.shape[0] // 2
+    if reference is None and settings.needs_reference:
+        with torch.no_grad(), reference_model(model):
+            reference, _ = sequence_logps(model, input_ids, labels, chunk_size)
+    logps, tokens = sequence_logps(model, input_ids, labels, chunk_size)
+    refs = (reference[:pairs], reference[pairs:]) if settings.needs_reference else ()
+    return preference_scores(settings, logps[:pairs], logps[pairs:], tokens[:pairs], tokens[pairs:], *refs)
 
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",

@@ -52,6 +52,8 @@ class TrainedRun:
     plan: RunPlan | None = None
     init_seed: int = 0  # a bare base or a PEFT adapter: the random init of a preset starts from seed 0, as fit's
     data: dict[str, Any] = field(default_factory=dict)
+    preference: dict[str, Any] | None = None  # a preference run's model.preference (its objective, beta)
+    init_adapter: str | None = None  # the adapter the run started from: a preference run's reference
 
     @property
     def adapted(self) -> bool:
@@ -154,7 +156,9 @@ def open_run(adapter: str | Path | None = None, checkpoint_dir: str | Path | Non
                      preset=model)
     if record is not None:
         return dataclasses.replace(run, source=record.path, tensors=record.tensors, lora=record.lora,
-                                   plan=record.plan, init_seed=record.init_seed, data=record.datamodule_hparams)
+                                   plan=record.plan, init_seed=record.init_seed, data=record.datamodule_hparams,
+                                   preference=record.hparams.get("preference"),
+                                   init_adapter=record.hparams.get("init_adapter"))
     if adapter is not None:  # a PEFT folder: its q/k rows are in HF's order, which the model's head counts undo
         if config is None:
             raise ValueError(f"{adapter}: a PEFT adapter needs its base model: give --checkpoint_dir (or --model)")
