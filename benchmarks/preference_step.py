@@ -14,7 +14,8 @@ P pairs make 2P rows of --seq tokens, each row a prompt (the first half, masked)
     python benchmarks/preference_step.py --shape llama2-7b --pairs 1 --seq 128 --base-dtype nf4 --gc --rounds 2
 
 Prints one JSON object: the median step time of each kind, its ratio to sft (goals: dpo <= 1.4, dpo-precomputed
-<= 1.1), each kind's peak RSS above the model's, and the memory model's prediction (memory.memory_breakdown).
+<= 1.1), each kind's peak RSS (CUDA: allocated memory) above the model's, and the memory model's prediction
+(memory.memory_breakdown).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 
 from llama_lora.config import LlamaConfig
 from llama_lora.lora import LoRASettings, apply_lora, mark_only_lora_as_trainable, reference_model
-from llama_lora.loss import IGNORE_INDEX, sequence_logps, token_loss_sum
+from llama_lora.loss import IGNORE_INDEX, default_loss_chunk, sequence_logps, token_loss_sum
 from llama_lora.memory import GIB, memory_breakdown, peak_rss_bytes, reset_peak_rss
 from llama_lora.plan import make_plan, native_precision
 from llama_lora.preference import PreferenceSettings, score_pairs
@@ -39,11 +40,16 @@ from llama_lora.weights import build_model
 KINDS = ("sft", "dpo", "dpo-precomputed", "simpo")
 
 
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def build(args):
     torch.manual_seed(0)
     config = LlamaConfig.from_name(args.shape)
-    plan = make_plan("cpu", args.precision, args.base_dtype)
-    model = build_model(config, plan=plan, seed=0, gradient_checkpointing=args.gc)
+    plan = make_plan(args.device, args.precision, args.base_dtype)
+    model = build_model(config, plan=plan, device=args.device, seed=0, gradient_checkpointing=args.gc)
     apply_lora(model, LoRASettings(args.lora_targets.split(","), args.lora_r, 2 * args.lora_r, 0.0), plan.lora_dtype)
     mark_only_lora_as_trainable(model)
     g = torch.Generator().manual_seed(1)
@@ -51,7 +57,7 @@ def build(args):
     ids[args.pairs :, : args.seq // 2] = ids[: args.pairs, : args.seq // 2]  # a pair shares its prompt
     labels = ids.clone()
     labels[:, : args.seq // 2] = IGNORE_INDEX
-    return config, plan, model, ids, labels
+    return config, plan, model, ids.to(args.device), labels.to(args.device)
 
 
 def make_step(kind: str, model, plan, ids, labels):
@@ -83,12 +89,18 @@ def memory_of(args) -> dict:
     """One kind in this fresh process: the peak RSS of its steps above the RSS once the model is built."""
     config, plan, model, ids, labels = build(args)
     step = make_step(args.memory_of, model, plan, ids, labels)
-    reset_peak_rss()
-    base = peak_rss_bytes()
+    cuda = args.device.startswith("cuda")
+    if cuda:  # device memory: the allocator's peak above the model's
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        reset_peak_rss()
+        base = peak_rss_bytes()
     for _ in range(2):
         step()
-    return {"kind": args.memory_of, "step_peak_above_model_gib": round((peak_rss_bytes() - base) / GIB, 4),
-            "peak_rss_gib": round(peak_rss_bytes() / GIB, 3)}
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
+    return {"kind": args.memory_of, "step_peak_above_model_gib": round((peak - base) / GIB, 4),
+            "peak_gib": round(peak / GIB, 3)}
 
 
 def main() -> None:
@@ -102,6 +114,7 @@ def main() -> None:
     p.add_argument("--gc", action="store_true", help="gradient checkpointing")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-targets", default="wq,wv")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (peaks: the CUDA allocator's)")
     p.add_argument("--memory-of", choices=KINDS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_of:
@@ -112,10 +125,13 @@ def main() -> None:
     for step in steps.values():  # warm-up: one of each
         step()
     times: dict[str, list[float]] = {kind: [] for kind in steps}
-    for _ in range(args.rounds):
-        for kind, step in steps.items():
+    order = list(steps)
+    for r in range(args.rounds):  # each round in another order: no kind always follows the same one
+        for kind in order[r % len(order):] + order[: r % len(order)]:
+            sync(args.device)
             t = time.perf_counter()
-            step()
+            steps[kind]()
+            sync(args.device)
             times[kind].append(time.perf_counter() - t)
     median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     flags = [a for a in sys.argv[1:] if a != "--memory-of"]
@@ -124,9 +140,10 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, *flags, "--memory-of", kind], capture_output=True, text=True,
                              check=True).stdout
         memory[kind] = json.loads(out.strip().splitlines()[-1])["step_peak_above_model_gib"]
+    chunk = default_loss_chunk(torch.device(args.device))
     predicted = {name: memory_breakdown(config, plan=plan, lora_targets=args.lora_targets.split(","),
                                         lora_r=args.lora_r, micro_batch=micro, seq_len=args.seq,
-                                        gradient_checkpointing=args.gc, loss_chunk=128, pairs=pairs)["total"] / GIB
+                                        gradient_checkpointing=args.gc, loss_chunk=chunk, pairs=pairs)["total"] / GIB
                  for name, micro, pairs in (("sft", 2 * args.pairs, False), ("dpo", args.pairs, True))}
     one_row_logits = args.seq * config.vocab_size * 4 / GIB
     print(json.dumps({
@@ -138,6 +155,7 @@ def main() -> None:
         "dpo_peak_minus_sft_gib": round(memory["dpo"] - memory["sft"], 4),
         "one_sequence_fp32_logits_gib": round(one_row_logits, 4),
         "predicted_total_gib": {k: round(v, 3) for k, v in predicted.items()},
+        "device": args.device, "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
         "cpu_native_bf16": native_precision("cpu")[0] == "bf16-mixed", "threads": torch.get_num_threads(),
         "torch": torch.__version__, "machine": platform.machine(), "rounds": args.rounds}))
 

@@ -29,3 +29,17 @@ def test_ablate_dry_run_writes_json_and_markdown(tmp_path):
     table1 = (tmp_path / "table1.md").read_text()
     assert "\n| GA | " in table1 and "| technique |" in table1 and "\n| NF4 | " in table1 and "[1/4]" in proc.stdout
     assert "\n| DORA | " in table1
+
+
+def test_preference_step_benchmark_prints_its_ratios(tmp_path):
+    """benchmarks/preference_step.py on the tiny shape: every kind timed and its peak measured in its own process;
+    the memory model counts P pairs as an SFT step on 2P sequences."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "preference_step.py"), "--shape", "tiny",
+                           "--pairs", "1", "--seq", "32", "--rounds", "1"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(result["ratio_to_sft"]) == {"sft", "dpo", "dpo-precomputed", "simpo", "reference"}
+    assert result["ratio_to_sft"]["sft"] == 1.0 and all(v > 0 for v in result["median_step_s"].values())
+    assert set(result["step_peak_above_model_gib"]) == {"sft", "dpo", "dpo-precomputed", "simpo"}
+    assert result["predicted_total_gib"]["sft"] == result["predicted_total_gib"]["dpo"]

@@ -94,7 +94,10 @@ CONVERSATION = [{"role": "user", "content": "What is 2 plus 2?"}]
      {"instruction": "What is 2 plus 2?", "input": ""}, "4", "5"),
     ({"prompt": CONVERSATION, "chosen": [{"role": "assistant", "content": "4"}],  # TRL's conversational form
       "rejected": [{"role": "assistant", "content": "5"}]}, {"messages": CONVERSATION}, "4", "5"),
-    ({"chosen": CONVERSATION + [{"role": "assistant", "content": "4"}],  # UltraFeedback-binarized
+    ({"chosen": CONVERSATION + [{"role": "assistant", "content": "4"}],  # whole conversations
+      "rejected": CONVERSATION + [{"role": "assistant", "content": "5"}]}, {"messages": CONVERSATION}, "4", "5"),
+    ({"prompt": "What is 2 plus 2?", "prompt_id": "x", "score_chosen": 8.0,  # UltraFeedback-binarized as it is
+      "chosen": CONVERSATION + [{"role": "assistant", "content": "4"}],
       "rejected": CONVERSATION + [{"role": "assistant", "content": "5"}]}, {"messages": CONVERSATION}, "4", "5"),
     ({"chosen": "\n\nHuman: 2 plus 2?\n\nAssistant: It is 4.",  # Anthropic HH: the shared text, TRL's cut
       "rejected": "\n\nHuman: 2 plus 2?\n\nAssistant: It is 5."}, {"text": "\n\nHuman: 2 plus 2?\n\nAssistant: It is"},
@@ -109,7 +112,7 @@ def test_every_record_form_gives_its_prompt_and_completions(record, prompt, chos
 @pytest.mark.parametrize("record, message", [
     ({"instruction": "Add.", "chosen": "4"}, "record 0 has no 'rejected' field"),
     ({"prompt": 3, "chosen": "4", "rejected": "5"}, "field 'prompt' is a int"),
-    ({"chosen": "4", "rejected": CONVERSATION}, "not both strings or both message lists"),
+    ({"chosen": "4", "rejected": CONVERSATION}, "not both strings or both whole conversations"),
     ({"prompt": CONVERSATION, "chosen": [{"role": "user", "content": "4"}], "rejected": "5"},
      "the completion must be the assistant's one turn"),
     ({"prompt": [{"role": "assistant", "content": "x"}], "chosen": "4", "rejected": "5"}, "roles"),
@@ -424,3 +427,30 @@ def test_a_pairs_file_in_each_form_trains(tmp_path, cache_dir):
     proc = fit(config, check=False)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"{path}: record 24 has no 'rejected' field" in errors[0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(torch.cpu.Stream, "record_event"),
+                    reason="FSDP2 on CPU processes needs torch.cpu.Stream.record_event (torch 2.6 has none)")
+def test_dpo_under_fsdp2_computes_what_ddp_computes(tmp_path, cache_dir):
+    """FSDP2 (its reference pass runs the sharded model a second time, without autograd) trains the weights DDP
+    trains on the same per-rank pairs, on a bf16 base, with validation."""
+    from test_fit import FSDP2, max_relative_difference
+
+    from llama_lora.config import LlamaConfig
+    from llama_lora.weights import save_meta
+
+    config = LlamaConfig.from_name("tiny")
+    save_meta(build_model(config, plan=torch.bfloat16, seed=3).state_dict(), config, tmp_path / "base", 2)
+    model = {"checkpoint_dir": str(tmp_path / "base"), "model": None, "base_dtype": "bf16"}
+    runs = {}
+    for name, strategy in (("ddp", "ddp"), ("fsdp", FSDP2)):
+        d = tmp_path / name
+        d.mkdir()
+        fit(preference_config(d, cache_dir, model=model, trainer={"devices": 2, "strategy": strategy,
+                                                                  "max_steps": 4}, data={"micro_batch_size": 2}))
+        runs[name] = d
+    a, b = (lora_weights(runs[n] / "ckpt" / "last.ckpt") for n in ("fsdp", "ddp"))
+    assert max_relative_difference(a, b) < 1e-5
+    assert scalars(runs["fsdp"] / "logs", "train/loss_step") == scalars(runs["ddp"] / "logs", "train/loss_step")
+    assert scalars(runs["fsdp"] / "logs", "val/loss") == scalars(runs["ddp"] / "logs", "val/loss")

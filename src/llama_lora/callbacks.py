@@ -247,8 +247,9 @@ class InstructionAccuracy(L.Callback):
             self._print("Tuned model (after)", self.after)
             if self.before is not None:
                 drop = 1 - self.after["loss"] / self.before["loss"]
+                change = f"{drop:.0%} lower" if drop >= 0 else f"{-drop:.0%} higher"
                 print(f"Held-out exact match {self.before['exact_match']:.0%} -> {self.after['exact_match']:.0%}, "
-                      f"loss {self.before['loss']:.3f} -> {self.after['loss']:.3f} ({drop:.0%} lower)", flush=True)
+                      f"loss {self.before['loss']:.3f} -> {self.after['loss']:.3f} ({change})", flush=True)
 
 
 

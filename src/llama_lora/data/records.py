@@ -158,7 +158,15 @@ def preference_record(rec: Any, index: int, source: str | Path = "data") -> dict
         if key not in rec:
             raise ValueError(f"{where} has no '{key}' field; preference records are {PREFERENCE_FORMS}")
     chosen, rejected = rec["chosen"], rec["rejected"]
-    if "instruction" in rec:
+    whole = isinstance(chosen, list) and isinstance(rejected, list) and any(
+        isinstance(t, dict) and t.get("role") != "assistant" for t in chosen + rejected)
+    if whole:  # whole conversations (UltraFeedback-binarized has its prompt as a string beside them): the shared turns
+        chosen, rejected = _messages(chosen, f"{where}, chosen"), _messages(rejected, f"{where}, rejected")
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+            shared += 1
+        prompt, chosen, rejected = {"messages": chosen[:shared]}, chosen[shared:], rejected[shared:]
+    elif "instruction" in rec:
         validate_record({**rec, "output": ""}, index, source)
         prompt: dict[str, Any] = {"instruction": rec["instruction"], "input": rec.get("input") or ""}
     elif "prompt" in rec and isinstance(rec["prompt"], str):
@@ -168,12 +176,6 @@ def preference_record(rec: Any, index: int, source: str | Path = "data") -> dict
     elif "prompt" in rec:
         raise ValueError(f"{where} field 'prompt' is a {type(rec['prompt']).__name__}, expected a string or a list "
                          "of messages")
-    elif isinstance(chosen, list) and isinstance(rejected, list):  # whole conversations: the shared turns
-        chosen, rejected = _messages(chosen, f"{where}, chosen"), _messages(rejected, f"{where}, rejected")
-        shared = 0
-        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
-            shared += 1
-        prompt, chosen, rejected = {"messages": chosen[:shared]}, chosen[shared:], rejected[shared:]
     elif isinstance(chosen, str) and isinstance(rejected, str):  # Anthropic HH: the shared text, TRL's cut
         shared = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
         if shared and chosen[shared - 1] == " ":
@@ -181,7 +183,7 @@ def preference_record(rec: Any, index: int, source: str | Path = "data") -> dict
         prompt, chosen, rejected = {"text": chosen[:shared]}, chosen[shared:], rejected[shared:]
     else:
         raise ValueError(f"{where} has no 'instruction' or 'prompt', and chosen and rejected are not both strings or "
-                         f"both message lists; preference records are {PREFERENCE_FORMS}")
+                         f"both whole conversations; preference records are {PREFERENCE_FORMS}")
     out = {"prompt": prompt, "chosen": _answer(chosen, f"{where}, chosen"),
            "rejected": _answer(rejected, f"{where}, rejected")}
     if "messages" in prompt:
