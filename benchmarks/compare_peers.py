@@ -26,6 +26,14 @@ against `litgpt finetune_lora` (its own data pipeline; bf16-true, its fastest se
 and torchtune's `lora_finetune_single_device` recipe (its own alpaca_dataset read from the local JSON; dtype bf16 or
 fp32). Wall time of the whole command, data preparation included.
 
+dpo: one DPO step (beta 0.1, LoRA r=8 on the query and value projections, AdamW) on 2 pairs of 256 tokens (a
+128-token prompt shared by a 128-token chosen and rejected completion, random tokens) of the `small` shape: ours
+(`preference.score_pairs`: the reference pass in place with the adapters off, then the policy's pass over the 4 rows)
+against TRL's `DPOTrainer` with a PEFT `LoraConfig` (its reference: the adapter disabled), the peer's interpreter
+needing trl, peft and transformers (`pip install trl==1.16.0 peft==0.21.2 transformers==5.25.0`). TRL's step is
+timed from its Trainer's on_step_begin to on_step_end (the batch fetched before). Alternating rounds, each tool in its
+own process; peak RSS with the RSS before the model.
+
 Prints a table with ratios and writes the raw JSON lines to --out.
 """
 
@@ -186,6 +194,103 @@ def step_worker(tool: str, steps: int, warmup: int, precision: str) -> dict:
     return {"tool": tool, "step_s": step_s, "tokens_per_s": 4 * 256 / step_s, "peak_rss_gib": peak_rss_gib(),
             "baseline_rss_gib": baseline, "trainable_params": trainable, "first_loss": losses[0],
             "threads": torch.get_num_threads(), "torch": torch.__version__, "precision": precision}
+
+
+def dpo_worker(tool: str, steps: int, warmup: int, precision: str, pairs: int = 2, seq: int = 256) -> dict:
+    """One tool's DPO steps on ``pairs`` pairs of ``seq`` tokens (prompt: the first half) in this process."""
+    import torch
+
+    torch.manual_seed(0)
+    baseline = peak_rss_gib()
+    half = seq // 2
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(3, SMALL["vocab"], (warmup + steps, pairs, half), generator=g)
+    answers = torch.randint(3, SMALL["vocab"], (warmup + steps, 2, pairs, half - 1), generator=g)
+    times = []
+    if tool == "llama-lora":
+        from llama_lora.loss import IGNORE_INDEX
+        from llama_lora.preference import PreferenceSettings, score_pairs
+
+        model, _ = build_llama_lora(torch.bfloat16 if precision == "bf16" else torch.float32)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        settings = PreferenceSettings(loss="dpo", beta=0.1)
+        for i in range(warmup + steps):  # rows: chosen then rejected, each prompt + answer + EOS (id 2)
+            rows = [torch.cat([prompts[i, j], answers[i, side, j], torch.tensor([2])]) for side in (0, 1)
+                    for j in range(pairs)]
+            ids = torch.stack(rows)
+            labels = ids.clone()
+            labels[:, :half] = IGNORE_INDEX
+            t = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = score_pairs(model, ids, labels, settings).losses.mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+    else:  # TRL's DPOTrainer + PEFT, on a word-level tokenizer whose words are the token ids (no merges to differ)
+        import tempfile
+
+        import tokenizers
+        from datasets import Dataset
+        from peft import LoraConfig
+        from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+        from trl import DPOConfig, DPOTrainer
+
+        tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"t{i}": i for i in range(SMALL["vocab"])},
+                                                              unk_token="t0"))
+        tk.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+        tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="t0", eos_token="t2", bos_token="t1")
+
+        def text(t) -> str:
+            return " ".join(f"t{int(i)}" for i in t)
+
+        records = [{"prompt": text(prompts[i, j]), "chosen": text(answers[i, 0, j]), "rejected": text(answers[i, 1, j])}
+                   for i in range(warmup + steps) for j in range(pairs)]
+        config = LlamaConfig(vocab_size=SMALL["vocab"], hidden_size=SMALL["dim"], intermediate_size=SMALL["ffn"],
+                             num_hidden_layers=SMALL["n_layers"], num_attention_heads=SMALL["n_heads"],
+                             num_key_value_heads=SMALL["n_heads"], tie_word_embeddings=False)
+        model = LlamaForCausalLM(config)
+        if precision == "bf16":
+            model = model.to(torch.bfloat16)  # PEFT keeps its adapters in fp32 (autocast_adapter_dtype)
+
+        class Timer(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                self.t = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                times.append(time.perf_counter() - self.t)
+
+        args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=pairs, max_steps=warmup + steps,
+                         learning_rate=1e-5, logging_steps=10**6, report_to=[], save_strategy="no",
+                         bf16=precision == "bf16", use_cpu=True, max_length=seq + 8, beta=0.1,
+                         dataloader_num_workers=0)
+        trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tok,
+                             peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                    target_modules=["q_proj", "v_proj"]), callbacks=[Timer()])
+        trainer.train()
+        times = times[warmup:]
+    return {"tool": tool, "step_s": statistics.median(times), "peak_rss_gib": peak_rss_gib(),
+            "baseline_rss_gib": baseline, "precision": precision, "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
+
+
+def compare_dpo(args) -> list[dict]:
+    tools = ["llama-lora"] + (["trl"] if args.peer_python else [])
+    rounds: dict[str, list[dict]] = {t: [] for t in tools}
+    for r in range(args.rounds):
+        for tool in tools if r % 2 == 0 else reversed(tools):
+            python = sys.executable if tool == "llama-lora" else args.peer_python
+            result = run_json([python, __file__, "dpo-worker", tool, "--steps", str(args.steps), "--warmup",
+                               str(args.warmup), "--precision", args.precision])
+            rounds[tool].append(result)
+            print(f"round {r + 1}/{args.rounds} {tool:10s} {result['step_s']:.3f} s/step  "
+                  f"peak RSS {result['peak_rss_gib']:.2f} GiB", flush=True)
+    return [{"bench": "dpo", "tool": tool, "step_s": statistics.median(r["step_s"] for r in results),
+             "peak_rss_gib": max(r["peak_rss_gib"] for r in results),
+             "baseline_rss_gib": statistics.median(r["baseline_rss_gib"] for r in results),
+             "precision": args.precision, "rounds": [round(r["step_s"], 3) for r in results]}
+            for tool, results in rounds.items()]
 
 
 # ----- driver -----
@@ -452,6 +557,14 @@ def compare_epoch(args) -> list[dict]:
 
 
 def table(rows: list[dict], bench: str) -> str:
+    if bench == "dpo":
+        trl = next((r["step_s"] for r in rows if r["tool"] == "trl"), None)
+        lines = ["| tool | DPO step | vs TRL | peak RSS | RSS before the model |", "|---|---|---|---|---|"]
+        for r in rows:
+            ratio = f"{trl / r['step_s']:.2f}x" if trl else "-"
+            lines.append(f"| {r['tool']} | {r['step_s']:.3f} s | {ratio} | {r['peak_rss_gib']:.2f} GiB | "
+                         f"{r['baseline_rss_gib']:.2f} GiB |")
+        return "\n".join(lines)
     if bench == "step":
         best_peer = max((r["tokens_per_s"] for r in rows if r["tool"] != "llama-lora"), default=None)
         lines = ["| tool | tokens/s | vs better peer | peak RSS | RSS before the model |", "|---|---|---|---|---|"]
@@ -498,6 +611,18 @@ def main() -> None:
     epoch.add_argument("--tools", default="ours,litgpt,torchtune", help="which of ours,litgpt,torchtune to run")
     epoch.add_argument("--compile", action="store_true", help="llama-lora with model.compile: true")
     epoch.add_argument("--out", default=None)
+    dpo = sub.add_parser("dpo")
+    dpo.add_argument("--peer-python", help="interpreter of a venv with trl, peft and transformers installed")
+    dpo.add_argument("--rounds", type=int, default=4)
+    dpo.add_argument("--steps", type=int, default=5)
+    dpo.add_argument("--warmup", type=int, default=2)
+    dpo.add_argument("--precision", choices=["auto", "bf16-mixed", "32-true"], default="auto")
+    dpo.add_argument("--out", default=None)
+    dpo_worker_parser = sub.add_parser("dpo-worker")
+    dpo_worker_parser.add_argument("tool", choices=["llama-lora", "trl"])
+    dpo_worker_parser.add_argument("--steps", type=int, default=5)
+    dpo_worker_parser.add_argument("--warmup", type=int, default=2)
+    dpo_worker_parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     worker = sub.add_parser("step-worker")
     worker.add_argument("tool", choices=TOOLS)
     worker.add_argument("--steps", type=int, default=10)
@@ -507,10 +632,13 @@ def main() -> None:
     if args.command == "step-worker":
         print(json.dumps(step_worker(args.tool, args.steps, args.warmup, args.precision)))
         return
+    if args.command == "dpo-worker":
+        print(json.dumps(dpo_worker(args.tool, args.steps, args.warmup, args.precision)))
+        return
     args.precision = resolve_precision(args.precision)
     if args.command == "epoch":
         args.tools = set(args.tools.split(","))
-    rows = compare_steps(args) if args.command == "step" else compare_epoch(args)
+    rows = {"step": compare_steps, "epoch": compare_epoch, "dpo": compare_dpo}[args.command](args)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "cpu_kind": cpu_kind(), "precision": args.precision, "python": platform.python_version(),
             "isa_limit": os.environ.get("ONEDNN_MAX_CPU_ISA")}

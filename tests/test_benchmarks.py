@@ -31,6 +31,7 @@ def test_ablate_dry_run_writes_json_and_markdown(tmp_path):
     assert "\n| DORA | " in table1
 
 
+@pytest.mark.slow
 def test_preference_step_benchmark_prints_its_ratios(tmp_path):
     """benchmarks/preference_step.py on the tiny shape: every kind timed and its peak measured in its own process;
     the memory model counts P pairs as an SFT step on 2P sequences."""

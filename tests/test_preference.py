@@ -281,7 +281,8 @@ def preference_config(tmp_path, cache_dir, preference=None, **overrides):
     return write_tiny_config(tmp_path, cache_dir, model=model, data=data, **overrides)
 
 
-@pytest.mark.parametrize("case", ["lora", "nf4-dora-bf16", "ipo"])
+@pytest.mark.parametrize("case", ["lora", pytest.param("nf4-dora-bf16", marks=pytest.mark.slow),
+                                  pytest.param("ipo", marks=pytest.mark.slow)])
 def test_first_step_starts_at_the_reference(tmp_path, cache_dir, case):
     """B = 0: the policy is the reference, so DPO's first loss is ln 2 exactly and every reward 0 (IPO's first loss
     is 1 / (4 beta^2)), on an NF4 base with DoRA under bf16-mixed too; and training moves away from it."""
@@ -331,6 +332,7 @@ def test_dpo_from_an_sft_adapter_starts_at_ln2_and_keeps_it_as_the_reference(tmp
         assert record[f"val_{key}"] == pytest.approx(trained[max(trained)], rel=1e-5, abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_precomputed_reference_gives_the_loss_of_the_reference_pass(tmp_path, cache_dir):
     """The reference's log-probabilities computed in one pass before training (precompute_reference) give the
     losses, rewards and weights of the reference pass run at every step, from an init adapter (dropout on: the
