@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import os
 import re
 import signal
@@ -471,3 +472,31 @@ def test_a_run_that_fails_at_set_up_leaves_no_empty_version_folder(tmp_path, cac
     proc = fit(write_tiny_config(tmp_path, cache_dir), *args, check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert not [p for p in (tmp_path / "logs").rglob("version_*")], list((tmp_path / "logs").rglob("*"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(torch.cpu.Stream, "record_event"),
+                    reason="FSDP2 on CPU processes needs torch.cpu.Stream.record_event (torch 2.6 has none)")
+def test_fsdp2_starts_from_an_init_adapter_as_ddp_does(tmp_path, cache_dir):
+    """model.init_adapter under FSDP2: each rank copies its rows of the adapter into its shards after the sharded
+    build (it was copied into the meta-device model and lost: the run started from B = 0). Its first losses and
+    trained weights are DDP's on the same per-rank batches; DPO from it starts at ln 2, its reference the adapter."""
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    fit(write_tiny_config(sft, cache_dir, trainer={"max_steps": 4}))
+    adapter = str(sft / "ckpt" / "last.ckpt")
+    runs = {}
+    for name, strategy in (("ddp", "ddp"), ("fsdp", FSDP2)):
+        for kind, extra in (("sft", {}), ("dpo", {"preference": {"loss": "dpo", "beta": 0.1}})):
+            d = tmp_path / f"{name}-{kind}"
+            d.mkdir()
+            fit(write_tiny_config(d, cache_dir, trainer={"devices": 2, "strategy": strategy, "max_steps": 2},
+                                  model={"init_adapter": adapter, **extra},
+                                  data={"micro_batch_size": 2, **({"format": "preference"} if extra else {})}))
+            runs[name, kind] = d
+    for kind in ("sft", "dpo"):
+        a, b = (scalars(runs[n, kind] / "logs", "train/loss_step") for n in ("fsdp", "ddp"))
+        assert a == pytest.approx(b, rel=1e-6), kind
+        w = [lora_weights(runs[n, kind] / "ckpt" / "last.ckpt") for n in ("fsdp", "ddp")]
+        assert max_relative_difference(*w) < 1e-5, kind
+    assert scalars(runs["fsdp", "dpo"] / "logs", "train/loss_step")[0] == torch.tensor(math.log(2)).item()

@@ -46,6 +46,7 @@ from .weights import (
     checkpoint_config,
     detect_format,
     fill_shards,
+    load_rows,
     open_checkpoint,
 )
 
@@ -230,12 +231,8 @@ class LlamaLoRAModule(L.LightningModule):
         if self.lora is not None:
             apply_lora(self.model, self.lora, plan.lora_dtype)
             mark_only_lora_as_trainable(self.model)
-            resuming = self._trainer is not None and self.trainer.ckpt_path
-            if self.init_adapter is not None and not resuming:
-                self._load_init_adapter()
-            if self.preference is not None and self.preference.needs_reference and self.init_adapter is not None:
-                # DPO from an adapter (SFT, then DPO): the reference is that adapter, also after a resume
-                set_reference_adapter(self.model, self._init_adapter_tensors())
+            if mesh is None:
+                self._start_from_adapter()
         log.info(trainable_summary(self.model))
         if plan.quantization:  # each DDP rank quantizes its own identical copy: nothing to broadcast (or with)
             self._ddp_params_and_buffers_to_ignore = [n for n, p in self.named_parameters() if isinstance(p, NF4Weight)]
@@ -252,6 +249,8 @@ class LlamaLoRAModule(L.LightningModule):
             fully_shard(self.model, mesh=data_parallel)
             self.model.to_empty(device=device)
             fill_shards(self.model, sd, seed=self.init_seed)
+            if self.lora is not None:  # each rank copies its rows of the adapter into its shards
+                self._start_from_adapter()
 
     def _init_adapter_tensors(self) -> dict[str, torch.Tensor]:
         """The LoRA weights (model.init_adapter) this run starts from, by the model's parameter names, on its device
@@ -277,15 +276,23 @@ class LlamaLoRAModule(L.LightningModule):
                                                                       tensors[f"{name}.lora_b"]).to(layer.lora_a.dtype)
         return tensors
 
-    def _load_init_adapter(self) -> None:
-        """Copy an adapter's LoRA weights into this new run's (model.init_adapter): it starts from exactly the
-        adapter's model."""
-        own = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, t in self._init_adapter_tensors().items():
-                own[name].copy_(t)
-        log.info("Started from the LoRA weights of %s (a new run: step 0, this run's data and schedule)",
-                 self.init_adapter)
+    def _start_from_adapter(self) -> None:
+        """model.init_adapter: copy its LoRA weights into this new run's (not on a resume: the checkpoint has them),
+        so that it starts from exactly the adapter's model; a preference run keeps them as its reference, also after
+        a resume (SFT, then DPO from the SFT adapter)."""
+        if self.init_adapter is None:
+            return
+        resuming = self._trainer is not None and self.trainer.ckpt_path
+        reference = self.preference is not None and self.preference.needs_reference
+        if resuming and not reference:
+            return
+        tensors = self._init_adapter_tensors()
+        if not resuming:
+            load_rows(self.model, tensors)
+            log.info("Started from the LoRA weights of %s (a new run: step 0, this run's data and schedule)",
+                     self.init_adapter)
+        if reference:
+            set_reference_adapter(self.model, tensors)
 
     def setup(self, stage: str) -> None:
         if self.plan is None:

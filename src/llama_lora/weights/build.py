@@ -96,6 +96,20 @@ def fill_shards(model: torch.nn.Module, sd: LazyStateDict | None, seed: int | No
             local.copy_(full[start:stop])
 
 
+@torch.no_grad()
+def load_rows(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy whole tensors (an adapter's, by the model's parameter names) into the model: into each rank's own rows of
+    a parameter that ``fully_shard`` split on dim 0, whole into a plain one."""
+    own = dict(model.named_parameters())
+    for name, t in tensors.items():
+        p = own[name]
+        if isinstance(p, DTensor):
+            local, start = p.to_local(), _first_local_row(p)
+            local.copy_(t[start : start + local.shape[0]])
+        else:
+            p.copy_(t)
+
+
 def _first_local_row(p) -> int:
     """First row of this rank's shard of a DTensor sharded on dim 0 over a 1-D mesh (torch.chunk's split)."""
     (placement,) = p.placements
