@@ -73,6 +73,15 @@ def test_an_overlay_whose_base_is_missing_says_so_in_one_line(tmp_path):
     assert "extends nowhere.yaml, which is not at" in proc.stderr.strip().splitlines()[-1]
 
 
+def test_a_trainer_setting_lightning_rejects_is_refused_in_one_line(tmp_path, cache_dir):
+    """Lightning's own checks of the Trainer's settings (MisconfigurationException) are user errors too: turning
+    checkpointing off in a config whose callbacks hold a ModelCheckpoint printed Lightning's traceback."""
+    proc = fit(write_tiny_config(tmp_path, cache_dir), "--trainer.enable_checkpointing", "false", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "enable_checkpointing=False" in last and "ModelCheckpoint" in last
+
+
 def test_print_config_runs_as_is(tmp_path, cache_dir):
     config = write_tiny_config(tmp_path, cache_dir)
     printed = tmp_path / "printed.yaml"

@@ -112,8 +112,9 @@ def argument_message(e: argparse.ArgumentError) -> str:
 
 
 def main_guard(main: Callable[..., Any], *args: Any) -> None:
-    """Run main. A user error (bad path, config, data, checkpoint) prints one line and exits with code 2; a run that
-    failed on its own (resilience.RunFailed: diverged, out of memory) prints its message and exits with code 1."""
+    """Run main. A user error (bad path, config, data, checkpoint; Trainer settings Lightning rejects) prints one line
+    and exits with code 2; a run that failed on its own (resilience.RunFailed: diverged, out of memory) prints its
+    message and exits with code 1."""
     try:
         main(*args)
     except argparse.ArgumentError as e:
@@ -129,3 +130,10 @@ def main_guard(main: Callable[..., Any], *args: Any) -> None:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Exception as e:
+        # Lightning's own checks of the Trainer's settings (flags that contradict each other, or a config's callbacks)
+        lightning = sys.modules.get("lightning.fabric.utilities.exceptions")
+        if lightning is None or not isinstance(e, lightning.MisconfigurationException):
+            raise
+        print(f"error: trainer: {user_message(e)}", file=sys.stderr)
+        sys.exit(2)
