@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -49,17 +50,21 @@ def recompute_flops(config: LlamaConfig, batch: int, seq: int, layers: int) -> f
     return batch * seq * layers * (2 * block + 4 * config.dim * seq)
 
 
-def matmul_gflops(dtype: torch.dtype, tokens: int, device: torch.device, repeat: int = 5) -> float:
-    """The rate of a 4096 x 4096 weight times ``tokens`` rows in ``dtype`` on this machine, now: the roofline the step
-    is compared with."""
+def matmul_gflops(dtype: torch.dtype, tokens: int, device: torch.device, seconds: float = 1.0) -> float:
+    """The rate of a 4096 x 4096 weight times ``tokens`` rows in ``dtype`` on this machine, now, over at least
+    ``seconds`` of repeated matmuls: the roofline the step is compared with. ``run_shape`` measures it after every step
+    of the run, so a machine whose speed drifts (a shared VM: 62-110 GFLOP/s within a minute on 2 AVX2 EPYC cores) is
+    compared with itself at the same time, not with one short sample."""
     w, x = torch.randn(4096, 4096, dtype=dtype, device=device), torch.randn(tokens, 4096, dtype=dtype, device=device)
     x @ w.T
-    t = time.perf_counter()
-    for _ in range(repeat):
+    n, t = 0, time.perf_counter()
+    while True:
         x @ w.T
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * 4096 * 4096 * tokens * repeat / (time.perf_counter() - t) / 1e9
+        n += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if time.perf_counter() - t >= seconds:
+            return 2 * 4096 * 4096 * tokens * n / (time.perf_counter() - t) / 1e9
 
 
 def peak_rss_gib() -> float:
@@ -88,7 +93,9 @@ def run_shape(args) -> dict:
     g = torch.Generator().manual_seed(1)
     data = torch.randint(0, config.vocab_size, (args.steps + args.warmup, batch, seq), generator=g).to(device)
     scaler = torch.amp.GradScaler(device.type, enabled=plan.precision == "16-mixed")
-    times = []
+    times, rates = [], []
+    roofline = args.gc or args.gc_layers is not None
+    before = [matmul_gflops(plan.compute_dtype, batch * seq, device) for _ in range(3)] if roofline else []
     for i in range(args.warmup + args.steps):
         x = data[i]
         labels = x.clone()
@@ -108,10 +115,11 @@ def run_shape(args) -> dict:
             torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
+            if roofline:  # the matmul's rate right after each step: the same machine state as the step's
+                rates.append(matmul_gflops(plan.compute_dtype, batch * seq, device))
         if i == 0:
             first_step_s = time.perf_counter() - t
-    times.sort()
-    step_s = times[len(times) // 2]
+    step_s = sorted(times)[len(times) // 2]
     result = {
         "shape": args.shape, "micro_batch": batch, "seq_len": seq, "device": str(device),
         "base_dtype": plan.quantization or str(plan.linear_dtype).removeprefix("torch."), "precision": plan.precision,
@@ -125,12 +133,20 @@ def run_shape(args) -> dict:
         "checkpoint": str(args.checkpoint) if args.checkpoint else "random init",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
     }
-    if args.gc or args.gc_layers is not None:  # what the step computes, recomputation included, against a matmul's rate
+    if roofline:  # what the step computes, recomputation included, against a matmul's rate
         layers = config.n_layers if args.gc_layers is None else args.gc_layers
         done = lora_step_flops(config, batch, seq) + recompute_flops(config, batch, seq, layers)
-        rate = matmul_gflops(plan.compute_dtype, batch * seq, device)
-        result.update(step_gflops_with_recompute=round(done / step_s / 1e9, 1), matmul_gflops=round(rate, 1),
-                      fraction_of_matmul_rate=round(done / step_s / 1e9 / rate, 3))
+        # Each step against the matmul timed right after it, and the best step against the best matmul window (those
+        # and three before the first step): a shared machine's noise only ever slows either, so the best of each is
+        # its truest rate.
+        shares = [done / s / 1e9 / r for s, r in zip(times, rates)]
+        result.update(step_gflops_with_recompute=round(done / step_s / 1e9, 1),
+                      matmul_gflops=round(statistics.median(rates), 1),
+                      matmul_gflops_each=[round(r, 1) for r in rates],
+                      fraction_of_matmul_rate=round(statistics.median(shares), 3),
+                      fraction_each=[round(f, 3) for f in shares],
+                      matmul_gflops_before=[round(r, 1) for r in before],
+                      fraction_best_of_best=round(done / min(times) / 1e9 / max(rates + before), 3))
     if device.type == "cuda":
         result["cuda_max_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         result["cuda_max_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
