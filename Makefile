@@ -6,6 +6,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+# make test runs the suite in WORKERS pytest-xdist processes, one core each
+WORKERS ?= 2
 BIN := $(VENV)/bin
 
 .PHONY: demo test
@@ -15,7 +17,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
-	$(BIN)/pytest -m "" --durations=25
+	$(BIN)/pytest -m "" -n $(WORKERS) --dist loadscope --durations=25
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

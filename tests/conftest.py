@@ -15,6 +15,12 @@ from llama_lora.weights import build_model
 ROOT = Path(__file__).resolve().parent.parent
 FIT = ROOT / "scripts" / "fit.py"
 
+# `make test` runs the suite in as many pytest-xdist workers as there are cores: each worker, and the processes its
+# tests start (fit.py, DDP ranks), then computes on one thread, so that workers do not contend for the same cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 @pytest.fixture
 def tiny_config() -> LlamaConfig:
