@@ -179,6 +179,26 @@ def test_ddp_two_processes_equals_single_process(tmp_path, cache_dir):
         torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-5)
 
 
+def test_slurm_environment_gives_the_trainer_its_ranks(monkeypatch):
+    """Under SLURM (docs/scaling.md's sbatch script: srun, one task per device) Lightning reads the ranks from SLURM's
+    environment, as its own tests fake it: task 3 of 4 on the second of 2 nodes is global rank 3, node 1, local 1."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    from llama_lora.trainer import Trainer
+
+    for key, value in {"SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_NAME": "llama-lora",
+                       "SLURM_JOB_ID": "1234", "SLURM_NODELIST": "node[0-1]", "SLURM_NODEID": "1",
+                       "SLURM_PROCID": "3", "SLURM_LOCALID": "1"}.items():
+        monkeypatch.setenv(key, value)
+    for key in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "RANK", "WORLD_SIZE", "GROUP_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    trainer = Trainer(accelerator="cpu", devices=2, num_nodes=2, strategy="ddp", logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False)
+    assert isinstance(trainer.strategy.cluster_environment, SLURMEnvironment)
+    assert (trainer.world_size, trainer.global_rank, trainer.node_rank, trainer.local_rank) == (4, 3, 1, 1)
+    assert trainer.strategy.cluster_environment.main_address == "node0"
+
+
 @pytest.mark.slow
 def test_ddp_three_processes_across_a_short_last_batch_equals_single_process(tmp_path, cache_dir):
     """3 ranks with micro-batch 2 against 1 process with micro-batch 6, through an epoch boundary: 112 examples make
@@ -361,6 +381,41 @@ def test_fsdp2_on_a_bf16_base_computes_what_ddp_computes(tmp_path, cache_dir, pr
     assert max_relative_difference(runs["fsdp"], runs["ddp"]) < 1e-5
     ddp = max_relative_difference(runs["ddp"], runs["single"])
     assert max_relative_difference(runs["fsdp"], runs["single"]) <= 1.01 * ddp + 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(torch.cpu.Stream, "record_event"),
+                    reason="FSDP2 on CPU processes needs torch.cpu.Stream.record_event (torch 2.6 has none)")
+def test_dora_under_fsdp2_computes_what_ddp_computes(tmp_path, cache_dir):
+    """DoRA under FSDP2 was refused at start-up: the sharded build did not set the magnitudes. FSDP2 shards on dim 0,
+    the output rows, and DoRA's norm is per output row, so each rank sets its own magnitudes from its own rows of W.
+    From a Meta checkpoint in 2 shards, and from a LoRA init adapter (m = ||W + s B A||, each rank its rows, then
+    gathered): the losses and trained weights of 2 FSDP2 processes are DDP's on the same per-rank batches."""
+    from llama_lora.weights import build_model, save_meta
+
+    save_meta(build_model(tiny_family("llama"), plan=torch.float32, seed=3).state_dict(), tiny_family("llama"),
+              tmp_path / "base", 2)
+    lora = {"targets": ["wq", "wv", "w2"], "r": 4, "alpha": 8, "dropout": 0.0}
+    base = {"checkpoint_dir": str(tmp_path / "base"), "model": None}
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    fit(write_tiny_config(sft, cache_dir, trainer={"max_steps": 3, "limit_val_batches": 0},
+                          model={**base, "lora": lora}))
+    for start in ({}, {"init_adapter": str(sft / "ckpt" / "last.ckpt")}):
+        runs = {}
+        for name, strategy in (("ddp", "ddp"), ("fsdp", FSDP2)):
+            d = tmp_path / f"{name}-{len(start)}"
+            d.mkdir()
+            fit(write_tiny_config(d, cache_dir, trainer={"devices": 2, "strategy": strategy, "max_steps": 3,
+                                                         "limit_val_batches": 0},
+                                  model={**base, **start, "lora": {**lora, "use_dora": True}},
+                                  data={"micro_batch_size": 2}))
+            runs[name] = d
+        a, b = (scalars(runs[n] / "logs", "train/loss_step") for n in ("fsdp", "ddp"))
+        assert a == pytest.approx(b, rel=1e-6), start
+        w = [lora_weights(runs[n] / "ckpt" / "last.ckpt") for n in ("fsdp", "ddp")]
+        assert any(k.endswith("lora_magnitude") for k in w[0])
+        assert max_relative_difference(*w) < 1e-5, start
 
 
 def test_model_parallel_with_sharded_checkpoints_is_refused_at_start_up(tmp_path, cache_dir):

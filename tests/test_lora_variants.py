@@ -277,16 +277,6 @@ def test_a_dora_run_merges_exports_generates_evaluates_and_resumes(dora_run, tmp
     assert torch.load(dora_run / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 3
 
 
-def test_dora_with_fsdp2_is_refused_at_start_up():
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    from llama_lora.plan import make_plan
-
-    with pytest.raises(ValueError, match="use_dora is not supported"):
-        make_plan("cpu", "32-true", "fp32", strategy=ModelParallelStrategy(save_distributed_checkpoint=False),
-                  dora=True)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [{"model": {"base_dtype": "nf4"}, "data": {"packing": True}},
                                    {"trainer": {"devices": 2, "strategy": "ddp"}, "data": {"micro_batch_size": 2}}])

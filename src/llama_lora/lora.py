@@ -135,25 +135,10 @@ class LoRALinear(nn.Linear):
         base = F.linear(dropped, self.weight) if dropout_on else out if self.bias is None else out - self.bias
         return out + ((scale - 1) * base + scale * lora).to(out.dtype)
 
-    @torch.no_grad()
     def weight_norm(self, a: torch.Tensor | None = None, b: torch.Tensor | None = None) -> torch.Tensor:
-        """DoRA's ||W + s B A|| per output row, (out,), in fp32, a row chunk at a time: no full-precision copy of
-        the whole weight (an NF4 base is dequantized in the chunks its matmul uses). A constant for autograd.
-        ``a`` and ``b``: another adapter's (DPO's reference) instead of this layer's."""
-        if isinstance(self.weight, NF4Weight):
-            chunks = self.weight.row_chunks(torch.float32, "scratch")
-        else:
-            step = max(1, CHUNK_VALUES // self.in_features)
-            chunks = (self.weight[r : r + step] for r in range(0, self.out_features, step))
-        a = (self.lora_a if a is None else a).float()
-        b, norms, start = (self.lora_b if b is None else b).float(), [], 0
-        with torch.autocast(a.device.type, enabled=False):  # in fp32 under mixed precision too
-            for w in chunks:
-                rows = w.shape[0]
-                w = torch.addmm(w.float(), b[start : start + rows], a, alpha=self.scaling)
-                norms.append(torch.linalg.vector_norm(w, dim=1))
-                start += rows
-        return torch.cat(norms)
+        """DoRA's ||W + s B A|| per output row (``row_norms``) of this layer; ``a`` and ``b``: another adapter's (DPO's
+        reference) instead of this layer's."""
+        return row_norms(self.weight, self.lora_a if a is None else a, self.lora_b if b is None else b, self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """The LoRA update (alpha / r) B A, (out, in), in fp32 (for DoRA, the direction's update, before m)."""
@@ -176,6 +161,29 @@ class LoRALinear(nn.Linear):
     def extra_repr(self) -> str:
         dora = ", dora" if self.lora_magnitude is not None else ""
         return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}{dora}, merged={self.merged}"
+
+
+@torch.no_grad()
+def row_norms(weight: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None = None,
+              scaling: float = 1.0) -> torch.Tensor:
+    """DoRA's ||W + s B A|| per row of ``weight`` (a layer's, or some of its rows with ``b``'s same rows: an FSDP2
+    shard), (rows,), in fp32, a row chunk at a time: no full-precision copy of the whole weight (an NF4 base is
+    dequantized in the chunks its matmul uses). Without ``a`` and ``b``: ||W||, DoRA's initial magnitude (the same
+    bits as with B = 0). A constant for autograd."""
+    if isinstance(weight, NF4Weight):
+        chunks = weight.row_chunks(torch.float32, "scratch")
+    else:
+        step = max(1, CHUNK_VALUES // weight.shape[1])
+        chunks = (weight[r : r + step] for r in range(0, weight.shape[0], step))
+    norms, start = [], 0
+    with torch.autocast(weight.device.type, enabled=False):  # in fp32 under mixed precision too
+        for w in chunks:
+            rows = w.shape[0]
+            w = w.float() if a is None else torch.addmm(w.float(), b[start : start + rows].float(), a.float(),
+                                                        alpha=scaling)
+            norms.append(torch.linalg.vector_norm(w, dim=1))
+            start += rows
+    return torch.cat(norms)
 
 
 def merged_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,

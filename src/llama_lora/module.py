@@ -29,6 +29,7 @@ from .lora import (
     lora_layers,
     mark_only_lora_as_trainable,
     reference_model,
+    row_norms,
     set_reference_adapter,
     trainable_summary,
 )
@@ -46,7 +47,9 @@ from .weights import (
     checkpoint_config,
     detect_format,
     fill_shards,
+    gather_rows,
     load_rows,
+    local_rows,
     open_checkpoint,
 )
 
@@ -192,8 +195,7 @@ class LlamaLoRAModule(L.LightningModule):
             return make_plan("cpu", "auto", self.base_dtype_name, lora=self.lora is not None,
                              compile=self.compile_blocks)
         plan = make_plan(trainer.strategy.root_device, trainer.precision, self.base_dtype_name,
-                         lora=self.lora is not None, strategy=trainer.strategy,
-                         dora=self.lora is not None and self.lora.use_dora, compile=self.compile_blocks)
+                         lora=self.lora is not None, strategy=trainer.strategy, compile=self.compile_blocks)
         why = getattr(trainer, "precision_reason", "")  # Trainer(precision="auto") says why it chose
         return dataclasses.replace(plan, reason=why) if why else plan
 
@@ -271,9 +273,11 @@ class LlamaLoRAModule(L.LightningModule):
         tensors = {name: (t * rescale if name.endswith("lora_b") else t).to(own[name].device, own[name].dtype)
                    for name, t in adapter.tensors.items()}
         if self.lora.use_dora and not adapter.lora.use_dora:  # DoRA from a LoRA adapter: m = ||W + s B A||
-            for name, layer in lora_layers(self.model):
-                tensors[f"{name}.lora_magnitude"] = layer.weight_norm(tensors[f"{name}.lora_a"],
-                                                                      tensors[f"{name}.lora_b"]).to(layer.lora_a.dtype)
+            for name, layer in lora_layers(self.model):  # under FSDP2 each rank its own rows, then gathered
+                w, start = local_rows(layer.weight)
+                b = tensors[f"{name}.lora_b"][start : start + w.shape[0]]
+                norms = row_norms(w, tensors[f"{name}.lora_a"], b, layer.scaling).to(layer.lora_a.dtype)
+                tensors[f"{name}.lora_magnitude"] = gather_rows(norms, layer.weight)
         return tensors
 
     def _start_from_adapter(self) -> None:

@@ -11,7 +11,7 @@ from torch.distributed.tensor import DTensor
 
 from ..config import LlamaConfig
 from ..layout import is_block_linear
-from ..lora import init_lora_a
+from ..lora import init_lora_a, row_norms
 from ..model import Llama, init_base_tensor
 from ..plan import RunPlan
 from ..quant import quantize
@@ -83,8 +83,7 @@ def fill_shards(model: torch.nn.Module, sd: LazyStateDict | None, seed: int | No
     lora = [(n, p) for n, m in model.named_modules() if hasattr(m, "lora_a") for n, p in
             ((f"{n}.lora_a", m.lora_a), (f"{n}.lora_b", m.lora_b))]  # in the order LoRALinear draws them
     for name, p in base + lora:
-        local = p.to_local() if isinstance(p, DTensor) else p
-        start = _first_local_row(p) if isinstance(p, DTensor) else 0
+        local, start = local_rows(p)
         stop = start + local.shape[0]
         if name.endswith("lora_b"):
             local.zero_()
@@ -94,6 +93,9 @@ def fill_shards(model: torch.nn.Module, sd: LazyStateDict | None, seed: int | No
             full = torch.empty(p.shape, dtype=p.dtype, device=device)
             init_lora_a(full) if name.endswith("lora_a") else init_base_tensor(name, full, generator=generator)
             local.copy_(full[start:stop])
+    for _, m in model.named_modules():  # DoRA: each rank's magnitudes are the norms of its own rows of W (B = 0)
+        if getattr(m, "lora_magnitude", None) is not None:
+            local_rows(m.lora_magnitude)[0].copy_(row_norms(local_rows(m.weight)[0]))
 
 
 @torch.no_grad()
@@ -102,17 +104,27 @@ def load_rows(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     a parameter that ``fully_shard`` split on dim 0, whole into a plain one."""
     own = dict(model.named_parameters())
     for name, t in tensors.items():
-        p = own[name]
-        if isinstance(p, DTensor):
-            local, start = p.to_local(), _first_local_row(p)
-            local.copy_(t[start : start + local.shape[0]])
-        else:
-            p.copy_(t)
+        local, start = local_rows(own[name])
+        local.copy_(t[start : start + local.shape[0]])
 
 
-def _first_local_row(p) -> int:
-    """First row of this rank's shard of a DTensor sharded on dim 0 over a 1-D mesh (torch.chunk's split)."""
+def local_rows(p: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """This rank's rows of a parameter and the first one's index: the local shard of a DTensor that ``fully_shard``
+    split on dim 0 over a 1-D mesh (torch.chunk's split), or a plain tensor whole (from row 0)."""
+    if not isinstance(p, DTensor):
+        return p, 0
     (placement,) = p.placements
     assert placement.is_shard(0), f"expected a dim-0 shard, got {placement}"
     world, rank = p.device_mesh.size(), p.device_mesh.get_local_rank()
-    return min(rank * -(-p.shape[0] // world), p.shape[0])
+    return p.to_local(), min(rank * -(-p.shape[0] // world), p.shape[0])
+
+
+def gather_rows(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The whole tensor, on every rank, of rows each rank computed for its own shard of ``like`` (a parameter split on
+    dim 0 by ``fully_shard``, or a plain one: ``local`` is then the whole already)."""
+    if not isinstance(like, DTensor):
+        return local
+    shape = (like.shape[0], *local.shape[1:])
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False, shape=shape,
+                              stride=stride).full_tensor()
