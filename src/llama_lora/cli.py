@@ -123,17 +123,15 @@ def main_guard(main: Callable[..., Any], *args: Any) -> None:
     except USER_ERRORS as e:
         print(f"error: {user_message(e)}", file=sys.stderr)
         sys.exit(2)
-    except RuntimeError as e:
-        # Only a training run raises RunFailed, so resilience (and Lightning) is imported when it exists.
-        resilience = sys.modules.get("llama_lora.resilience")
-        if resilience is None or not isinstance(e, resilience.RunFailed):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
     except Exception as e:
-        # Lightning's own checks of the Trainer's settings (flags that contradict each other, or a config's callbacks)
+        # Only a training run raises these (resilience.RunFailed: the run failed on its own; Lightning's own checks of
+        # the Trainer's settings: a user error), so their modules are imported when they can occur.
+        resilience = sys.modules.get("llama_lora.resilience")
         lightning = sys.modules.get("lightning.fabric.utilities.exceptions")
-        if lightning is None or not isinstance(e, lightning.MisconfigurationException):
-            raise
-        print(f"error: trainer: {user_message(e)}", file=sys.stderr)
-        sys.exit(2)
+        if resilience is not None and isinstance(e, resilience.RunFailed):
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        if lightning is not None and isinstance(e, lightning.MisconfigurationException):
+            print(f"error: trainer: {user_message(e)}", file=sys.stderr)
+            sys.exit(2)
+        raise
