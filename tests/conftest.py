@@ -22,6 +22,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Each test leaves os.environ as it found it, whatever Lightning wrote into it (its SLURMEnvironment sets
+    MASTER_ADDR to the faked node's name, and every later multi-process test in that worker waited for it)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture
 def tiny_config() -> LlamaConfig:
     return LlamaConfig.from_name("tiny")
