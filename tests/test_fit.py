@@ -415,7 +415,9 @@ def test_dora_under_fsdp2_computes_what_ddp_computes(tmp_path, cache_dir):
         assert a == pytest.approx(b, rel=1e-6), start
         w = [lora_weights(runs[n] / "ckpt" / "last.ckpt") for n in ("fsdp", "ddp")]
         assert any(k.endswith("lora_magnitude") for k in w[0])
-        assert max_relative_difference(*w) < 1e-5, start
+        # within 1e-5 on a real AVX2 CPU; 5.1e-5 on an AVX-512 one (Zen 4, 2026-12-07), in lora_b after 3 Adam steps
+        # at lr 0.01 (5e-7 absolute, summation order), with the losses equal to 1e-6 (a wrong magnitude shows there)
+        assert max_relative_difference(*w) < 1e-4, start
 
 
 def test_model_parallel_with_sharded_checkpoints_is_refused_at_start_up(tmp_path, cache_dir):
