@@ -192,7 +192,7 @@ def test_the_kernel_equals_the_torch_dequantization_bit_for_bit(capability, tmp_
     w = torch.randn(96, 256) * torch.logspace(-3, 2, 96)[:, None]
     w[5] = 0  # blocks of zeros: scale 0
     q = quantize(w)
-    scale = quant._block_scales(q.scales, q.factor, q.mean, q.packed.numel() * 2 // quant.BLOCK)
+    scale = quant._block_scales(q.scales, q.factor, q.mean, 0, q.packed.numel() * 2 // quant.BLOCK)
     for kind, dtype in enumerate((torch.float32, torch.bfloat16, torch.float16)):
         out = torch.full((q.packed.numel() * 2,), float("nan"), dtype=dtype)
         status = call(q.packed.data_ptr(), scale.data_ptr(), quant.LEVELS.data_ptr(), out.data_ptr(),
@@ -389,8 +389,9 @@ def test_what_nf4_cannot_do_is_refused_in_one_line(tmp_path, cache_dir):
         make_plan(base_dtype="nf4", lora=False)
     with pytest.raises(ValueError, match="model.compile with model.base_dtype nf4"):
         LlamaLoRAModule(model="tiny", base_dtype="nf4", compile=True).plan_for(None)  # the plan refuses it
-    with pytest.raises(ValueError, match="FSDP2\\) with model.base_dtype nf4 is not supported.*ddp"):
-        make_plan(base_dtype="nf4", strategy=ModelParallelStrategy(save_distributed_checkpoint=False))
+    # FSDP2 splits an NF4 weight by rows in whole blocks: accepted where rows are whole blocks (tests/
+    # test_sharded_qlora.py), refused where they are not (tiny's w2, 176 values wide; the launch: same file)
+    make_plan(base_dtype="nf4", strategy=ModelParallelStrategy(save_distributed_checkpoint=False))
 
 
 def test_merge_of_an_adapter_trained_on_a_random_nf4_base(tmp_path, cache_dir, tokens):

@@ -15,6 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
@@ -50,6 +51,7 @@ from .weights import (
     gather_rows,
     load_rows,
     local_rows,
+    meta_model,
     open_checkpoint,
 )
 
@@ -157,8 +159,11 @@ class LlamaLoRAModule(L.LightningModule):
         self.model: Llama | None = None
         self.plan: RunPlan | None = None  # decided at start-up (plan_for), before anything is built
         # Checkpoints hold the trainable weights only; the frozen base comes from checkpoint_dir. Lightning's strict
-        # check would reject that, so on_load_checkpoint checks the keys itself (misspelled keys still fail).
+        # check would reject that, so on_load_checkpoint checks the keys itself (misspelled keys still fail). The
+        # module's state_dict leaves the base out, so no strategy gathers it to save it (FSDP2 gathered a sharded
+        # base whole onto rank 0, and cannot gather an NF4 one).
         self.strict_loading = False
+        self._register_state_dict_hook(run_checkpoint.leave_out_frozen)
         self.val_loss = MeanMetric()
         # Preference runs: TRL's metrics over the validation pairs, each weighted by pair (and synced over ranks)
         self.val_pairs = torch.nn.ModuleDict({m.replace("/", "_"): MeanMetric() for m in METRICS}) if (
@@ -196,6 +201,8 @@ class LlamaLoRAModule(L.LightningModule):
                              compile=self.compile_blocks)
         plan = make_plan(trainer.strategy.root_device, trainer.precision, self.base_dtype_name,
                          lora=self.lora is not None, strategy=trainer.strategy, compile=self.compile_blocks)
+        if plan.quantization and isinstance(trainer.strategy, ModelParallelStrategy):
+            meta_model(self.config, plan)  # refuses, before any rank starts, an NF4 weight FSDP2 cannot split
         why = getattr(trainer, "precision_reason", "")  # Trainer(precision="auto") says why it chose
         return dataclasses.replace(plan, reason=why) if why else plan
 
@@ -225,9 +232,7 @@ class LlamaLoRAModule(L.LightningModule):
                                      checkpoint_layers=self.checkpoint_layers)
         else:  # built on the meta device, sharded, then each rank fills its own shards (below)
             sd, sources, _ = open_checkpoint(self.checkpoint_dir, self.config) if self.checkpoint_dir else (None,) * 3
-            with torch.device("meta"):  # FSDP2 runs no quantized plan: every base tensor in one dtype
-                self.model = Llama(self.config, self.gradient_checkpointing, self.checkpoint_layers, plan).to(
-                    plan.norm_dtype)
+            self.model = meta_model(self.config, plan, self.gradient_checkpointing, self.checkpoint_layers)
             if sd is not None:
                 check_state_dict(self.model, sd, sources, what=f"model {self.hparams.model or self.checkpoint_dir!r}")
         if self.lora is not None:
@@ -492,7 +497,7 @@ class LlamaLoRAModule(L.LightningModule):
         if self.model is None:  # loading outside a Trainer (e.g. for generation): build first
             self.configure_model()
         # ModelParallelStrategy loads and removes "state_dict" before this hook; the key list is kept beside it.
-        expected = {n for n, p in self.named_parameters() if p.requires_grad}
+        expected = run_checkpoint.trained_names(self)
         got = set(run_checkpoint.trainable_keys(checkpoint))
         missing, unexpected = sorted(expected - got), sorted(got - expected)
         if missing or unexpected:

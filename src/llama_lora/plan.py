@@ -213,7 +213,7 @@ def make_plan(device: str | torch.device = "cpu", precision: Any = "auto", base_
             notes.append(f"{precision} with model.base_dtype {base_dtype} on this CPU: {reason}, so a run can take "
                          f"100x longer. Use trainer.precision auto and model.base_dtype auto ({_native(device)[0]} "
                          "here)")
-    _check_strategy(strategy, quantization)
+    _check_strategy(strategy)
     if compile and quantization:
         raise ValueError("model.compile with model.base_dtype nf4 (an NF4 base) is not supported; set model.compile: "
                          "false")
@@ -225,23 +225,19 @@ def make_plan(device: str | torch.device = "cpu", precision: Any = "auto", base_
                    warnings=tuple(notes))
 
 
-def _check_strategy(strategy: Any, quantization: str | None) -> None:
+def _check_strategy(strategy: Any) -> None:
     """Refuse, before anything is built, the strategies that cannot train this module to the end.
 
     - FSDP1 (``strategy: fsdp``): Lightning's FSDPPrecision refuses gradient clipping by norm, which every config uses.
     - ModelParallelStrategy with ``save_distributed_checkpoint: true`` (its default): torch.distributed.checkpoint
       reloads only the keys a checkpoint holds when told to, and Lightning does not tell it, so an adapter-only
       checkpoint cannot be resumed. An adapter is a few MB: one gathered file is the right form anyway.
-    - ModelParallelStrategy with an NF4 base: its shards cannot hold 4-bit blocks.
     """
     if strategy is None:
         return
     if isinstance(strategy, FSDPStrategy):
         raise ValueError("trainer.strategy: FSDP1 (fsdp) is not supported, it cannot clip gradients by norm; use "
                          "ModelParallelStrategy (FSDP2) with save_distributed_checkpoint: false, or ddp")
-    if isinstance(strategy, ModelParallelStrategy) and quantization:
-        raise ValueError("trainer.strategy: ModelParallelStrategy (FSDP2) with model.base_dtype nf4 is not supported "
-                         "(its shards cannot hold 4-bit blocks); use ddp, where each rank quantizes its own copy")
     if isinstance(strategy, ModelParallelStrategy) and strategy._save_distributed_checkpoint:
         raise ValueError("trainer.strategy: ModelParallelStrategy needs save_distributed_checkpoint: false (its "
                          "sharded checkpoints of an adapter-only state cannot be resumed); the adapter is gathered "

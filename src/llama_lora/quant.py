@@ -65,32 +65,71 @@ def _codes(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def quantize(w: torch.Tensor, dtype: torch.dtype | None = None, chunk_blocks: int = 4096) -> NF4Weight:
+def quantize(w: torch.Tensor, dtype: torch.dtype | None = None, chunk_blocks: int = 4096, *, first_block: int = 0,
+             total_blocks: int | None = None, group: Any = None) -> NF4Weight:
     """w (any float dtype) as an NF4Weight of the same shape, labelled ``dtype`` (default: w's), the dtype it
     dequantizes to by default. Deterministic: the same weight gives the same bits, so a resumed run quantizes its base
-    again to exactly what it trained on."""
+    again to exactly what it trained on.
+
+    Under FSDP2 a rank quantizes only its own rows: ``w`` is then blocks ``first_block`` on of a weight of
+    ``total_blocks``, and the double quantization's two statistics over the whole weight (the mean of the block
+    scales, each group's largest deviation from it) are reduced over the ranks' process ``group``: each rank's blocks
+    get the bits one process gives them (the mean as a float64 sum either way, so the summation order does not show)."""
     if w.numel() % BLOCK:
         raise ValueError(f"NF4 needs a multiple of {BLOCK} values per weight, got shape {tuple(w.shape)}")
     blocks = w.detach().reshape(-1, BLOCK)
-    packed = torch.empty(blocks.shape[0], BLOCK // 2, dtype=torch.uint8, device=w.device)
-    absmax = torch.empty(blocks.shape[0], dtype=torch.float32, device=w.device)
-    for i in range(0, blocks.shape[0], chunk_blocks):  # chunks that stay in cache: several passes over each
+    n = blocks.shape[0]
+    total = n if total_blocks is None else total_blocks
+    packed = torch.empty(n, BLOCK // 2, dtype=torch.uint8, device=w.device)
+    absmax = torch.empty(n, dtype=torch.float32, device=w.device)
+    for i in range(0, n, chunk_blocks):  # chunks that stay in cache: several passes over each
         x = blocks[i : i + chunk_blocks].to(torch.float32, copy=True)  # normalised in place below: never w itself
         a = x.abs().amax(dim=1)
         absmax[i : i + chunk_blocks] = a
         codes = _codes(x.div_(a.clamp(min=torch.finfo(torch.float32).tiny)[:, None]))
         packed[i : i + chunk_blocks] = codes[:, 0::2] << 4 | codes[:, 1::2]
-    # Double quantization of the block scales.
-    mean = absmax.mean()
-    n_groups = -(-absmax.numel() // SCALE_GROUP)
-    centred = F.pad(absmax - mean, (0, n_groups * SCALE_GROUP - absmax.numel())).view(n_groups, SCALE_GROUP)
-    factor = centred.abs().amax(dim=1) / 127
-    scales = torch.round(centred / factor.clamp(min=torch.finfo(torch.float32).tiny)[:, None]).to(torch.int8)
-    return NF4Weight(packed.flatten(), scales.flatten(), factor, mean.reshape(1), w.shape, dtype or w.dtype)
+    # Double quantization of the block scales: centred on their mean, int8 in groups of SCALE_GROUP blocks.
+    total_sum = absmax.double().sum()
+    if group is not None:
+        torch.distributed.all_reduce(total_sum, group=group)
+    mean = (total_sum / total).float()
+    centred = absmax - mean
+    # the groups this rank's blocks fall in (a group at a shard's edge is shared: its maximum is reduced)
+    g0, offset = divmod(first_block, SCALE_GROUP)
+    local = F.pad(centred, (offset, -(-(offset + n) // SCALE_GROUP) * SCALE_GROUP - offset - n))
+    largest = torch.zeros(-(-total // SCALE_GROUP), dtype=torch.float32, device=w.device)
+    largest[g0 : g0 + local.numel() // SCALE_GROUP] = local.view(-1, SCALE_GROUP).abs().amax(dim=1)
+    if group is not None:
+        torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX, group=group)
+    factor = largest / 127
+    step = _group_factors(factor, first_block, n).clamp(min=torch.finfo(torch.float32).tiny)
+    scales = torch.round(centred / step).to(torch.int8)
+    return NF4Weight(packed.flatten(), scales, factor, mean.reshape(1), w.shape, dtype or w.dtype, first_block)
 
 
-def _block_scales(scales: torch.Tensor, factor: torch.Tensor, mean: torch.Tensor, n_blocks: int) -> torch.Tensor:
-    return (scales.view(-1, SCALE_GROUP).float() * factor[:, None]).flatten()[:n_blocks] + mean
+def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str | None = None) -> NF4Weight:
+    """An NF4 weight of ``shape`` whose data are not set (on the meta device: a model to shard, then fill)."""
+    numel = torch.Size(shape).numel()
+    if numel % BLOCK:
+        raise ValueError(f"NF4 needs a multiple of {BLOCK} values per weight, got shape {tuple(shape)}")
+    blocks = numel // BLOCK
+    return NF4Weight(torch.empty(blocks * BLOCK // 2, dtype=torch.uint8, device=device),
+                     torch.empty(blocks, dtype=torch.int8, device=device),
+                     torch.empty(-(-blocks // SCALE_GROUP), dtype=torch.float32, device=device),
+                     torch.empty(1, dtype=torch.float32, device=device), torch.Size(shape), dtype)
+
+
+def _group_factors(factor: torch.Tensor, first_block: int, n_blocks: int) -> torch.Tensor:
+    """Each of blocks first_block .. first_block + n_blocks its group's factor (n_blocks,)."""
+    g0, offset = divmod(first_block, SCALE_GROUP)
+    g1 = -(-(first_block + n_blocks) // SCALE_GROUP)
+    return factor[g0:g1].repeat_interleave(SCALE_GROUP)[offset : offset + n_blocks]
+
+
+def _block_scales(scales: torch.Tensor, factor: torch.Tensor, mean: torch.Tensor, first_block: int,
+                  n_blocks: int) -> torch.Tensor:
+    """The fp32 scales of blocks first_block .. first_block + n_blocks of a weight, ``scales`` holding theirs."""
+    return scales[:n_blocks].float() * _group_factors(factor, first_block, n_blocks) + mean
 
 
 def _dequantize_eager(packed: torch.Tensor, block_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -283,32 +322,52 @@ def nf4_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
 
 class NF4Weight(torch.Tensor):
     """A frozen weight stored as NF4 (see the module docstring): shape and dtype are the original's; the data are
-    ``packed`` codes (uint8, two per byte), int8 block ``scales``, their fp32 group ``factor`` and their ``mean``."""
+    ``packed`` codes (uint8, two per byte), int8 block ``scales``, their fp32 group ``factor`` and their ``mean``.
+
+    Under FSDP2 (``fully_shard``) it is split by rows in whole blocks: a rank's shard holds the codes and int8 scales
+    of its own rows (``first_block`` is where they start in the whole weight, ``full_rows`` its rows), and the whole
+    weight's group factors and mean, 4 bytes per 16,384 values. FSDP2 all-gathers the codes and scales
+    (``fsdp_pre_all_gather``) and makes of them the whole NF4 weight again (``fsdp_post_all_gather``): what a forward
+    and its backward dequantize, a chunk at a time, as in one process. The half-precision weight is never gathered."""
 
     @staticmethod
-    def __new__(cls, packed, scales, factor, mean, shape, dtype):
+    def __new__(cls, packed, scales, factor, mean, shape, dtype, first_block=0, full_rows=None):
         return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=packed.device,
                                                    requires_grad=False)
 
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, factor: torch.Tensor, mean: torch.Tensor,
-                 shape: torch.Size, dtype: torch.dtype) -> None:
+                 shape: torch.Size, dtype: torch.dtype, first_block: int = 0, full_rows: int | None = None) -> None:
         self.packed, self.scales, self.factor, self.mean = packed, scales, factor, mean
+        self.first_block = first_block
+        self.full_rows = shape[0] if full_rows is None and len(shape) else full_rows
 
     def inner(self) -> dict[str, torch.Tensor]:
         return {"packed": self.packed, "scales": self.scales, "factor": self.factor, "mean": self.mean}
+
+    def _like(self, shape: torch.Size | None = None, first_block: int | None = None, dtype: torch.dtype | None = None,
+              **inner: torch.Tensor) -> NF4Weight:
+        """Another NF4Weight with this one's metadata, some of it replaced."""
+        first = self.first_block if first_block is None else first_block
+        return NF4Weight(**{**self.inner(), **inner}, shape=self.shape if shape is None else shape,
+                         dtype=dtype or self.dtype, first_block=first, full_rows=self.full_rows)
 
     @property
     def nbytes_stored(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.inner().values())
 
+    @property
+    def cols(self) -> int:
+        return self.shape[-1] if self.dim() else 1
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        block_scale = _block_scales(self.scales, self.factor, self.mean, self.packed.numel() * 2 // BLOCK)
-        return _dequantize(self.packed, block_scale, dtype or self.dtype).view(self.shape)
+        n = self.numel() // BLOCK
+        block_scale = _block_scales(self.scales, self.factor, self.mean, self.first_block, n)
+        return _dequantize(self.packed[: n * BLOCK // 2], block_scale, dtype or self.dtype).view(self.shape)
 
     def row_bounds(self) -> list[tuple[int, int]]:
         """The (start, stop) rows of each chunk ``row_chunks`` gives: about CHUNK_VALUES values each (one chunk, the
         whole weight, when rows do not hold whole blocks)."""
-        rows, cols = self.shape[0], self.numel() // self.shape[0]
+        rows, cols = self.shape[0], self.cols
         step = rows if cols % BLOCK else max(1, CHUNK_VALUES // cols)
         return [(r, min(r + step, rows)) for r in range(0, rows, step)]
 
@@ -317,13 +376,65 @@ class NF4Weight(torch.Tensor):
         CPU the same memory each time (a chunk is valid until the next is made); "pool", on a CPU memory to give back
         (``_give_back``) once used. Elsewhere always new: CUDA's caching allocator reuses memory already."""
         into = {"new": None, "scratch": _scratch, "pool": _pooled}[buffer] if self.device.type == "cpu" else None
-        cols = self.numel() // self.shape[0]
-        block_scale = _block_scales(self.scales, self.factor, self.mean, self.numel() // BLOCK)
+        cols = self.cols
+        block_scale = _block_scales(self.scales, self.factor, self.mean, self.first_block, self.numel() // BLOCK)
         for start, stop in self.row_bounds():  # whole blocks: rows hold whole blocks, or the one chunk is all rows
             first, last = start * cols // BLOCK, stop * cols // BLOCK
             out = None if into is None else into(self.device, dtype, stop - start, cols)
             yield _dequantize(self.packed[first * BLOCK // 2 : last * BLOCK // 2], block_scale[first:last], dtype,
                               out).view(-1, cols)
+
+    def rows(self, start: int, stop: int) -> NF4Weight:
+        """Rows start .. stop, sharing this weight's data (a row holds whole blocks: FSDP2's shards)."""
+        if self.cols % BLOCK:
+            raise ValueError(f"an NF4 weight of shape {tuple(self.shape)} cannot be split by rows: its rows do not "
+                             f"hold whole blocks of {BLOCK} values")
+        stop = min(stop, self.shape[0])
+        start = min(start, stop)
+        per_row = self.cols // BLOCK
+        return self._like(shape=torch.Size((stop - start, *self.shape[1:])),
+                          first_block=self.first_block + start * per_row,
+                          packed=self.packed[start * per_row * BLOCK // 2 : stop * per_row * BLOCK // 2],
+                          scales=self.scales[start * per_row : stop * per_row])
+
+    def _empty(self, shape: torch.Size, make: Any, device: torch.device | None = None) -> NF4Weight:
+        """A new weight of ``shape`` (rows of this one's width) with this one's metadata, its codes and scales made by
+        ``make`` (torch.zeros, torch.empty), as are its group factors and mean (a shard copied in brings its own)."""
+        device = device or self.device
+        blocks = (torch.Size(shape).numel()) // BLOCK
+        return self._like(shape=torch.Size(shape), packed=make(blocks * BLOCK // 2, dtype=torch.uint8, device=device),
+                          scales=make(blocks, dtype=torch.int8, device=device),
+                          factor=make(self.factor.shape, dtype=torch.float32, device=device),
+                          mean=make(1, dtype=torch.float32, device=device))
+
+    # FSDP2's extension points for a tensor subclass (torch.distributed.fsdp, as torchao's NF4Tensor): the
+    # all-gather moves 4-bit codes and int8 scales, not the weight in its compute dtype.
+    def fsdp_pre_all_gather(self, mesh: Any) -> tuple[tuple[torch.Tensor, ...], Any]:
+        # Every rank sends as many bytes: FSDP2 pads the last shards (torch.chunk's split) to the first's rows. The
+        # older one-argument signature: the newer one demands inputs of the padded shard's shape, which 4-bit codes
+        # cannot have.
+        padded = -(-self.full_rows // mesh.size()) * self.cols // BLOCK
+        n = self.numel() // BLOCK
+        packed, scales = self.packed[: n * BLOCK // 2], self.scales[:n]
+        if n < padded:
+            packed, scales = F.pad(packed, (0, (padded - n) * BLOCK // 2)), F.pad(scales, (0, padded - n))
+        if mesh.size() == 1:  # FSDP2 copies a lone rank's one input, not several: the two as one byte buffer
+            return (torch.cat([packed, scales.view(torch.uint8)]),), (self.factor, self.mean)
+        return (packed, scales), (self.factor, self.mean)
+
+    def fsdp_post_all_gather(self, outputs: tuple[torch.Tensor, ...], metadata: Any, param_dtype: torch.dtype, *,
+                             out: torch.Tensor | None = None) -> tuple[NF4Weight, tuple[torch.Tensor, ...]] | None:
+        if out is not None:  # the whole weight made by the first call views these outputs, gathered again in place
+            return None
+        factor, mean = metadata
+        shape = torch.Size((self.full_rows, *self.shape[1:]))
+        n = shape.numel() // BLOCK
+        if len(outputs) == 1:  # one rank: codes, then scales, in one buffer
+            packed, scales = outputs[0][: n * BLOCK // 2], outputs[0][n * BLOCK // 2 :].view(torch.int8)
+        else:
+            packed, scales = outputs
+        whole = NF4Weight(packed[: n * BLOCK // 2], scales[:n], factor, mean, shape, self.dtype)
+        return whole, tuple(outputs)  # whole buffers: FSDP2 frees and reallocates them by their own size
 
     def __repr__(self) -> str:
         return f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
@@ -344,13 +455,37 @@ class NF4Weight(torch.Tensor):
         aten = torch.ops.aten
         w = args[0]
         if func in (aten.detach.default, aten.alias.default):
-            return NF4Weight(**w.inner(), shape=w.shape, dtype=w.dtype)
+            return w._like()
         if func is aten._to_copy.default:  # .to(device) moves the 4-bit data; .to(dtype) only relabels it
             device = kwargs.get("device") or w.device
-            moved = {k: t.to(device) for k, t in w.inner().items()}
-            return NF4Weight(**moved, shape=w.shape, dtype=kwargs.get("dtype") or w.dtype)
+            return w._like(dtype=kwargs.get("dtype"), **{k: t.to(device) for k, t in w.inner().items()})
         if func is aten.clone.default:
-            return NF4Weight(**{k: t.clone() for k, t in w.inner().items()}, shape=w.shape, dtype=w.dtype)
+            return w._like(**{k: t.clone() for k, t in w.inner().items()})
         if func is aten.is_pinned.default:
             return w.packed.is_pinned()
+        # What fully_shard does to a parameter (split it by rows, pad the last shard, copy a shard in, view it flat)
+        # and to_empty then does to the shards. Rows only: the data of a row are whole blocks.
+        if func is aten.split.Tensor and (args[2] if len(args) > 2 else kwargs.get("dim", 0)) == 0:
+            size = args[1]
+            return [w.rows(r, r + size) for r in range(0, w.shape[0], size)]
+        if func is aten.slice.Tensor:
+            dim, start, stop, step = (list(args[1:]) + [0, None, None, 1][len(args) - 1 :])[:4]
+            if dim == 0 and step == 1:
+                return w.rows(start or 0, w.shape[0] if stop is None else stop)
+        if func in (aten.new_zeros.default, aten.new_empty.default):
+            return w._empty(args[1], torch.zeros if func is aten.new_zeros.default else torch.empty,
+                            kwargs.get("device"))
+        if func is aten.empty_like.default:
+            return w._empty(w.shape, torch.empty, kwargs.get("device"))
+        if func is aten.copy_.default and isinstance(args[1], NF4Weight) and args[1].shape == w.shape:
+            for k, t in args[1].inner().items():
+                getattr(w, k).copy_(t)
+            w.first_block = args[1].first_block
+            return w
+        if func is aten.view.default:  # as itself, or flat (FSDP2's view of a padded shard)
+            shape = [w.numel() // -torch.Size(args[1]).numel() if d == -1 else d for d in args[1]]
+            if shape in (list(w.shape), [w.numel()]):
+                return w._like(shape=torch.Size(shape))
+        if func is aten.as_strided.default and list(args[1]) == list(w.shape) and not (args[3:] and args[3]):
+            return w._like()
         raise NotImplementedError(f"{func} is not defined on an NF4 weight; dequantize() it first")

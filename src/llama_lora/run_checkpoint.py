@@ -131,10 +131,22 @@ def _settings(hp: dict, data: dict, quantization: str | None, optimizer: str | N
     return values
 
 
+def trained_names(module: torch.nn.Module) -> set[str]:
+    """The parameters a checkpoint holds: the trained ones (LoRA's, or every weight in full fine-tuning)."""
+    return {n for n, p in module.named_parameters() if p.requires_grad}
+
+
+def leave_out_frozen(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """The training module's state_dict hook: every name of a frozen parameter (a tied one's two) is left out."""
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if not p.requires_grad:
+            state_dict.pop(prefix + name, None)
+
+
 def save(checkpoint: dict[str, Any], module: Any, rng: dict[str, Any]) -> None:
     """Write this project's part of a checkpoint (``on_save_checkpoint``): the trained tensors only, the record, and
     the RNG states to restore at the first batch after a resume."""
-    keep = {n for n, p in module.named_parameters() if p.requires_grad}
+    keep = trained_names(module)
     checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
     checkpoint["trainable_keys"] = sorted(checkpoint["state_dict"])
     trainer = module._trainer

@@ -9,7 +9,7 @@ Loading never unpickles code (``weights_only=True`` or safetensors), reads with 
 - ``build``: a ready model as the run plan says, and FSDP2's per-rank fill.
 """
 
-from .build import build_model, fill_shards, gather_rows, load_rows, local_rows
+from .build import build_model, fill_shards, gather_rows, load_rows, local_rows, meta_model
 from .hf import hf_key_to_meta, meta_key_to_hf, save_hf
 from .llama2c import save_llama2c
 from .meta import save_meta
@@ -18,5 +18,5 @@ from .tensors import LazyStateDict
 
 __all__ = ["WEIGHTS_HELP", "LazyStateDict", "build_model", "check_state_dict", "checkpoint_config", "detect_format",
            "fill_shards", "gather_rows", "hf_key_to_meta", "load_checkpoint", "load_rows", "local_rows",
-           "meta_key_to_hf", "open_checkpoint",
+           "meta_key_to_hf", "meta_model", "open_checkpoint",
            "save_hf", "save_llama2c", "save_meta"]

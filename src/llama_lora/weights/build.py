@@ -14,7 +14,7 @@ from ..layout import is_block_linear
 from ..lora import init_lora_a, row_norms
 from ..model import Llama, init_base_tensor
 from ..plan import RunPlan
-from ..quant import quantize
+from ..quant import BLOCK, NF4Weight, empty, quantize
 from .source import check_state_dict, open_checkpoint
 from .tensors import LazyStateDict
 
@@ -70,13 +70,38 @@ def build_model(
     return model
 
 
+def meta_model(config: LlamaConfig, plan: RunPlan, gradient_checkpointing: bool = False,
+               checkpoint_layers: int | None = None) -> Llama:
+    """The model on the meta device, each base tensor as ``plan`` stores it (an NF4 plan's block linears as NF4
+    weights), for ``fully_shard`` to split before ``fill_shards`` fills each rank's rows. An NF4 weight is split by
+    rows in whole blocks: its rows must hold whole blocks."""
+    with torch.device("meta"):
+        model = Llama(config, gradient_checkpointing, checkpoint_layers, plan)
+    quantized = plan.quantization == "nf4"
+    for name, p in list(model.named_parameters()):
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if quantized and is_block_linear(name):
+            if p.shape[-1] % BLOCK:
+                raise ValueError(f"FSDP2 with model.base_dtype nf4 splits each NF4 weight by rows in whole blocks of "
+                                 f"{BLOCK} values, and {name}'s rows are {p.shape[-1]} wide; use ddp, where each "
+                                 "rank quantizes its own whole copy")
+            t = empty(p.shape, plan.linear_dtype, device="meta")
+        else:
+            t = torch.empty(p.shape, dtype=plan.dtype_of(name, config.tie_embeddings), device="meta")
+        setattr(module, attr, torch.nn.Parameter(t, requires_grad=False))
+    model.tie_weights()
+    return model
+
+
 @torch.no_grad()
 def fill_shards(model: torch.nn.Module, sd: LazyStateDict | None, seed: int | None = None) -> None:
     """Fill the local shards of a model that ``fully_shard`` split on dim 0 after it was built on the meta device
     (and ``to_empty``-ed): each rank reads only its own rows of the memory-mapped checkpoint, or, without one, draws
     the single-process random init (every full tensor in turn, same generator) and keeps its rows. LoRA weights are
     drawn as LoRALinear draws them. Device memory per rank is about 1/W of the base; no rank holds a whole tensor
-    read from the checkpoint."""
+    read from the checkpoint. An NF4 weight's rows are quantized by the rank that holds them, to the bits one process
+    gives them (``quantize`` reduces the two statistics of the whole weight over the ranks)."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if sd is None and seed is not None else None
     base = [(n, p) for n, p in model.named_parameters() if "lora_" not in n]
@@ -85,14 +110,22 @@ def fill_shards(model: torch.nn.Module, sd: LazyStateDict | None, seed: int | No
     for name, p in base + lora:
         local, start = local_rows(p)
         stop = start + local.shape[0]
+        nf4 = isinstance(local, NF4Weight)
         if name.endswith("lora_b"):
             local.zero_()
         elif sd is not None and "lora_" not in name:
-            local.copy_(sd.rows(name, start, stop))
+            rows = sd.rows(name, start, stop)
+            if nf4:
+                blocks_per_row = p.shape[-1] // BLOCK
+                group = p.device_mesh.get_group() if isinstance(p, DTensor) else None
+                local.copy_(quantize(rows.to(device), local.dtype, first_block=start * blocks_per_row,
+                                     total_blocks=p.shape[0] * blocks_per_row, group=group))
+            else:
+                local.copy_(rows)
         else:
             full = torch.empty(p.shape, dtype=p.dtype, device=device)
             init_lora_a(full) if name.endswith("lora_a") else init_base_tensor(name, full, generator=generator)
-            local.copy_(full[start:stop])
+            local.copy_(quantize(full).rows(start, stop) if nf4 else full[start:stop])
     for _, m in model.named_modules():  # DoRA: each rank's magnitudes are the norms of its own rows of W (B = 0)
         if getattr(m, "lora_magnitude", None) is not None:
             local_rows(m.lora_magnitude)[0].copy_(row_norms(local_rows(m.weight)[0]))
@@ -116,7 +149,8 @@ def local_rows(p: torch.Tensor) -> tuple[torch.Tensor, int]:
     (placement,) = p.placements
     assert placement.is_shard(0), f"expected a dim-0 shard, got {placement}"
     world, rank = p.device_mesh.size(), p.device_mesh.get_local_rank()
-    return p.to_local(), min(rank * -(-p.shape[0] // world), p.shape[0])
+    # the local tensor itself, not to_local()'s alias: filling an NF4 shard also sets where its blocks start
+    return p._local_tensor, min(rank * -(-p.shape[0] // world), p.shape[0])
 
 
 def gather_rows(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
