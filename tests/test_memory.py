@@ -60,8 +60,10 @@ def test_corrected_table1_claims():
     assert seed_mp_on["autocast_cache"] > 12 * 2**30  # ~12.5 GiB of fp16 copies of the 7B matmul weights
 
 
-def test_sharded_breakdown_splits_the_states_and_adds_two_gathered_blocks():
-    from llama_lora.memory import memory_breakdown, sharded_breakdown
+def test_sharded_breakdown_splits_the_states_and_adds_what_is_gathered():
+    """Each rank holds 1/W of the states, the root's embedding gathered for the whole step, and two gathered blocks
+    or the output layer, whichever is larger; an NF4 base is gathered in 4-bit codes and int8 scales."""
+    from llama_lora.memory import NF4_BITS, memory_breakdown, sharded_breakdown
 
     c = LlamaConfig.from_name("llama2-70b")
     from llama_lora.plan import make_plan
@@ -72,8 +74,15 @@ def test_sharded_breakdown_splits_the_states_and_adds_two_gathered_blocks():
     assert eight["params"] == one["params"] // 8 and eight["optimizer"] == one["optimizer"] // 8
     assert eight["activations"] == one["activations"] and sharded_breakdown(c, 1, **settings)["gathered"] == 0
     block = 2 * (8192 * 8192 + 2 * 8192 * 1024 + 8192 * 8192 + 3 * 8192 * 28672) + 2 * 8192 * 2  # fp16 q k v o ffn
-    assert eight["gathered"] == 2 * block
+    assert eight["gathered"] == 32000 * 8192 * 2 + 2 * block  # the fp16 embedding, two blocks
     assert eight["total"] == sum(v for k, v in eight.items() if k != "total")
+    c = LlamaConfig.from_name("llama3.1-70b")
+    qlora = {**settings, "plan": make_plan("cuda", "bf16-mixed", "nf4")}
+    two = sharded_breakdown(c, 2, **qlora)
+    linears = 8192 * 8192 + 2 * 8192 * 1024 + 8192 * 8192 + 3 * 8192 * 28672
+    assert 2 * (int(linears * NF4_BITS / 8) + 2 * 8192 * 2) < 128256 * 8192 * 2  # the output layer is larger
+    assert two["gathered"] == 2 * 128256 * 8192 * 2  # the bf16 embedding, and the bf16 output layer at the loss
+    assert two["params"] == memory_breakdown(c, **qlora)["params"] // 2
 
 
 def test_a_tied_output_layer_is_still_a_matmul():

@@ -138,12 +138,23 @@ def memory_breakdown(config: LlamaConfig, *, plan: RunPlan, lora_targets: Sequen
 
 def sharded_breakdown(config: LlamaConfig, world: int, **settings) -> dict[str, int]:
     """``memory_breakdown`` per rank under FSDP2 over ``world`` ranks: parameters, gradients and optimizer state are
-    split W ways, and each rank also holds the all-gathered weights of two blocks (the one computing and the one
-    prefetched). Activations and the loss are each rank's own micro-batch."""
+    split W ways. Each rank also holds what is all-gathered (``gathered``): the root's parameters (the embedding and
+    the final norm) for the whole step (FSDP2 does not reshard its root after the forward, as the backward would
+    gather it at once), and at most two more groups at a time: two blocks (the one computing and the one prefetched),
+    or the output layer while the loss computes. An NF4 base is gathered as it is stored, 4-bit codes and int8
+    scales (quant.NF4Weight's FSDP2 extension), so two gathered blocks of 70B weigh 0.4 GiB, not 3.2. Activations
+    and the loss are each rank's own micro-batch."""
     b = memory_breakdown(config, **settings)
-    block = (matmul_params(config) - config.vocab_size * config.dim) // config.n_layers + 2 * config.dim
     plan = settings["plan"]
-    gathered = 2 * block * (2 if plan.quantization else _bytes(plan.linear_dtype)) if world > 1 else 0
+    gathered = 0
+    if world > 1:
+        linears = (matmul_params(config) - config.vocab_size * config.dim) // config.n_layers
+        block = (int(linears * NF4_BITS / 8) if plan.quantization else linears * _bytes(plan.linear_dtype)) + (
+            2 * config.dim * _bytes(plan.norm_dtype))
+        table = config.vocab_size * config.dim
+        root = table * _bytes(plan.dtype_of("tok_embeddings.weight", config.tie_embeddings))
+        output = 0 if config.tie_embeddings else table * _bytes(plan.norm_dtype)
+        gathered = root + max(2 * block, output)
     shared = {k: b[k] // world for k in ("params", "grads", "optimizer")}
     out = {**b, **shared, "gathered": gathered}
     out["total"] = sum(v for k, v in out.items() if k != "total")
