@@ -85,7 +85,16 @@ PREFERENCE = [
     {"precision": "bf16-true", "base_dtype": "bf16", "source": "meta-bf16", "targets": "all", "packing": False,
      "gc": True, "accumulate": 1, "processes": 2,
      "preference": {"loss": "ipo", "beta": 0.1, "precompute_reference": True}}]
-COMBINATIONS = pairwise(KNOBS) + OWN_TOKENIZER + FAMILIES + PREFERENCE
+# And QLoRA sharded: QDoRA on an NF4 base under FSDP2 in two processes (each quantizing its own rows), with packing,
+# checkpointing and accumulation, from a Meta bf16 base whose FFN is 192 wide (rows of whole NF4 blocks).
+SHARDED = [
+    {"precision": "bf16-mixed", "base_dtype": "nf4", "source": "meta-bf16-ffn192", "targets": "all", "packing": True,
+     "gc": True, "accumulate": 2, "processes": 2, "dora": True, "strategy": "fsdp2"}]
+COMBINATIONS = pairwise(KNOBS) + OWN_TOKENIZER + FAMILIES + PREFERENCE + SHARDED
+STRATEGIES = {"ddp": "ddp",
+              "fsdp2": {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+                        "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1,
+                                      "save_distributed_checkpoint": False}}}
 FAST = [0]  # the slice in the default suite (NF4, bf16-mixed, packing, checkpointing)
 
 
@@ -94,7 +103,7 @@ def test_the_combinations_cover_every_pair():
     for a, b in itertools.combinations(names, 2):
         for x, y in itertools.product(KNOBS[a], KNOBS[b]):
             assert any(row[a] == x and row[b] == y for row in COMBINATIONS), (a, x, b, y)
-    assert len(COMBINATIONS) <= 24 + len(OWN_TOKENIZER) + len(FAMILIES) + len(PREFERENCE)
+    assert len(COMBINATIONS) <= 24 + len(OWN_TOKENIZER) + len(FAMILIES) + len(PREFERENCE) + len(SHARDED)
 
 
 def source_checkpoint(kind: str, folder: Path, cache_dir: Path) -> tuple[str | None, str | None]:
@@ -105,10 +114,11 @@ def source_checkpoint(kind: str, folder: Path, cache_dir: Path) -> tuple[str | N
     if kind == "random":
         return None, None
     family = {"hf-qwen2.5": "qwen2", "hf-qwen3": "qwen3"}.get(kind, "llama")
-    config = tiny_family(family, tie_embeddings=kind == "llama2c" or family == "qwen2")
-    dtype = {"meta-bf16": torch.bfloat16, "hf-fp16": torch.float16, "llama2c": torch.float32,
-             "gguf-q8_0": torch.float32, "hf-tokenizer.json": torch.bfloat16, "hf-qwen2.5": torch.bfloat16,
-             "hf-qwen3": torch.bfloat16}[kind]
+    config = tiny_family(family, tie_embeddings=kind == "llama2c" or family == "qwen2",
+                         **({"hidden_dim": 192} if kind.endswith("-ffn192") else {}))
+    dtype = {"meta-bf16": torch.bfloat16, "meta-bf16-ffn192": torch.bfloat16, "hf-fp16": torch.float16,
+             "llama2c": torch.float32, "gguf-q8_0": torch.float32, "hf-tokenizer.json": torch.bfloat16,
+             "hf-qwen2.5": torch.bfloat16, "hf-qwen3": torch.bfloat16}[kind]
     sd = build_model(config, plan=dtype, seed=11).state_dict()
     if kind == "llama2c":
         return str(save_llama2c(sd, config, folder / "base.bin")), None
@@ -120,7 +130,7 @@ def source_checkpoint(kind: str, folder: Path, cache_dir: Path) -> tuple[str | N
         path = write_model(folder / "base.gguf", config, {k: tuple(v.shape) for k, v in sd.items()}, sd.items(),
                            Tokenizer(demo_tokenizer_file(512, cache_dir)), "q8_0")
         return str(path), str(path)
-    base = (save_meta if kind == "meta-bf16" else save_hf)(sd, config, folder / "base")
+    base = (save_meta if kind.startswith("meta-bf16") else save_hf)(sd, config, folder / "base")
     if kind == "hf-tokenizer.json":
         return str(base), str(bpe_tokenizer_json(Path(base), config.vocab_size))
     if family != "llama":  # Qwen's embedding has rows beyond its tokenizer's tokens
@@ -181,9 +191,10 @@ def run_combination(index: int, tmp_path: Path, cache_dir: Path) -> None:
         tmp_path, cache_dir,
         trainer={"precision": c["precision"], "max_steps": 2, "val_check_interval": 2 * c["accumulate"],
                  "limit_val_batches": 1, "accumulate_grad_batches": c["accumulate"], "devices": c["processes"],
-                 **({"strategy": "ddp"} if c["processes"] > 1 else {})},
+                 **({"strategy": STRATEGIES[c.get("strategy", "ddp")]} if c["processes"] > 1 else {})},
         model={"base_dtype": c["base_dtype"], "checkpoint_dir": base, "lora": lora, "gradient_checkpointing": c["gc"],
-               **({"model": None} if c["source"].startswith("hf-qwen") else {}),
+               # a base of another shape than the tiny preset's: its own config
+               **({"model": None} if c["source"].startswith("hf-qwen") or "ffn192" in c["source"] else {}),
                **({"preference": c["preference"]} if "preference" in c else {})},
         data={"packing": c["packing"], "micro_batch_size": 2, "tokenizer_path": own_tokenizer,
               **({"format": "preference"} if "preference" in c else {}),
