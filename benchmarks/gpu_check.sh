@@ -84,6 +84,13 @@ step "QLoRA Qwen2.5 7B 4x512 16-mixed GC" --shape "${QWEN25:-qwen2.5-7b}" --base
   --gc --lora-r 16 --lora-targets wq,wk,wv --steps 4
 step "QLoRA 70B 1x512 16-mixed GC" --shape "$SHAPE70" --batch 1 --seq 512 --base-dtype nf4 --precision "$PRECISION" --gc \
   --lora-r 16 --lora-targets wq,wk,wv --steps 2
+# QLoRA under FSDP2 on one GPU (a mesh of 1): the sharded NF4 build's logits against the unsharded model's, and the
+# 7B QLoRA recipe through fit.py under ModelParallelStrategy (its peak against sharded_breakdown(..., 1): 4x512 GC).
+echo "== FSDP2 + NF4, 1 rank, $SHAPE: logits against the unsharded NF4 model"
+python3 benchmarks/fsdp_nf4_check.py --device "$DEVICE" --shape "$SHAPE" 2>&1 | tail -1 | tee -a "$J"
+fit fsdp2-qlora --model.base_dtype nf4 --trainer.strategy lightning.pytorch.strategies.ModelParallelStrategy \
+  --trainer.strategy.data_parallel_size 1 --trainer.strategy.tensor_parallel_size 1 \
+  --trainer.strategy.save_distributed_checkpoint false
 # Partial checkpointing under compile: recompute only the first N of the 32 blocks, looking for >= 40% MFU within
 # 16 GB (full GC + compile: 13.59 GiB, 35.4%; no GC + compile: 19.34 GiB, 52.9%).
 for n in ${GC_LAYERS:-24 16}; do
