@@ -23,13 +23,21 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 @pytest.fixture(autouse=True)
-def _environment_restored():
-    """Each test leaves os.environ as it found it, whatever Lightning wrote into it (its SLURMEnvironment sets
-    MASTER_ADDR to the faked node's name, and every later multi-process test in that worker waited for it)."""
+def _process_state_restored():
+    """Each test leaves os.environ and Lightning's rank as it found them, whatever a Trainer made in the test wrote
+    (a faked SLURM job's Trainer sets MASTER_ADDR to the node's name, and every later multi-process test in that
+    pytest-xdist worker waited for that host; and it sets rank_zero_only.rank to 3, so every later Trainer in the
+    worker logged nothing to TensorBoard)."""
+    from lightning.fabric.utilities import rank_zero as fabric_rank_zero
+    from lightning_utilities.core import rank_zero as utilities_rank_zero
+
     saved = dict(os.environ)
+    ranks = {f: getattr(f, "rank", 0) for f in (fabric_rank_zero.rank_zero_only, utilities_rank_zero.rank_zero_only)}
     yield
     os.environ.clear()
     os.environ.update(saved)
+    for f, rank in ranks.items():
+        f.rank = rank
 
 
 @pytest.fixture
