@@ -60,6 +60,7 @@ def run(args: argparse.Namespace, ranks: int, out: Path) -> list[dict]:
     config = {"extends": str(ROOT / "configs" / "qlora.yaml"),
               "trainer": {"accelerator": "cpu", "precision": args.precision, "devices": ranks, "strategy": strategy,
                           "max_steps": 1, "accumulate_grad_batches": 1, "limit_val_batches": 0, "logger": False,
+                          "default_root_dir": str(out),  # Lightning's config.yaml goes there, not into the cwd
                           "enable_checkpointing": False, "enable_progress_bar": False,
                           "callbacks": [{"class_path": "sharded_memory.RankMemory",
                                          "init_args": {"out_dir": str(out)}}]},
@@ -69,8 +70,8 @@ def run(args: argparse.Namespace, ranks: int, out: Path) -> list[dict]:
                        "num_samples": 400}}
     path = out / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "benchmarks"),
-                                                                      os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // ranks)),  # a core's share each
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH")]))}
     subprocess.run([sys.executable, str(ROOT / "scripts" / "fit.py"), "--config", str(path)], check=True, env=env)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
 

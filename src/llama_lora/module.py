@@ -38,7 +38,7 @@ from .loss import sequence_logps, token_loss_sum
 from .model import Llama, check_checkpoint_layers
 from .plan import BaseDtypeName, RunPlan, make_plan
 from .preference import METRICS, PairScores, PreferenceSettings, pair_metrics, score_pairs
-from .quant import NF4Weight
+from .quant import NF4Weight, map_large_buffers
 from .resilience import GracefulStop, NumericsGuard
 from .trained_run import TrainedRun, open_run
 from .weights import (
@@ -249,6 +249,8 @@ class LlamaLoRAModule(L.LightningModule):
             # FSDP2 over the data-parallel ranks: each block, the output layer (gathered on its own by the loss),
             # then the root (embeddings, final norm; a tied output layer with the embedding it shares).
             data_parallel = mesh["data_parallel"]
+            if device.type == "cpu":
+                map_large_buffers()  # the gathered blocks, freed and gathered again, fragmented the heap
             for layer in self.model.layers:
                 fully_shard(layer, mesh=data_parallel)
             if not self.config.tie_embeddings:

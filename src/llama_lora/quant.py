@@ -227,8 +227,20 @@ KEEP_DTYPES = (torch.bfloat16, torch.float16)
 
 try:  # glibc: hand freed heap pages back to the OS
     _malloc_trim = ctypes.CDLL(None).malloc_trim
+    _mallopt = ctypes.CDLL(None).mallopt
 except (OSError, AttributeError):  # pragma: no cover - another C library
-    _malloc_trim = None
+    _malloc_trim = _mallopt = None
+
+
+def map_large_buffers() -> None:
+    """Under FSDP2 on a CPU: every buffer of 1 MiB or more is mapped on its own and unmapped when freed. FSDP2 frees
+    each block's gathered weights after its forward and gathers them again for its backward; under glibc's dynamic
+    mmap threshold (raised to 32 MiB by the first such buffer freed) they came from the heap, which fragmented and grew
+    by about a gathered shard per block: 7B QLoRA on 2 ranks peaked at 4.95 GiB per rank for a 1 x 128 step, 3.33 GiB
+    with this, at 59.5 s a step against 58.0 (docs/performance.md, 2026-12-07). Setting M_MMAP_THRESHOLD also turns
+    the dynamic threshold off."""
+    if _mallopt is not None:
+        _mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
 
 
 def _release_heap() -> None:

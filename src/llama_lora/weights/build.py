@@ -122,6 +122,7 @@ def fill_shards(model: torch.nn.Module, sd: LazyStateDict | None, seed: int | No
                                      total_blocks=p.shape[0] * blocks_per_row, group=group))
             else:
                 local.copy_(rows)
+            sd.release(name)  # the mapped pages this rank read: else each rank's RSS grows by its share of the file
         else:
             full = torch.empty(p.shape, dtype=p.dtype, device=device)
             init_lora_a(full) if name.endswith("lora_a") else init_base_tensor(name, full, generator=generator)
