@@ -74,7 +74,8 @@ def quantize(w: torch.Tensor, dtype: torch.dtype | None = None, chunk_blocks: in
     Under FSDP2 a rank quantizes only its own rows: ``w`` is then blocks ``first_block`` on of a weight of
     ``total_blocks``, and the double quantization's two statistics over the whole weight (the mean of the block
     scales, each group's largest deviation from it) are reduced over the ranks' process ``group``: each rank's blocks
-    get the bits one process gives them (the mean as a float64 sum either way, so the summation order does not show)."""
+    get the bits one process gives them (the mean is a float64 sum either way: the ranks' summation order stays far
+    below the fp32 mean's last bit)."""
     if w.numel() % BLOCK:
         raise ValueError(f"NF4 needs a multiple of {BLOCK} values per weight, got shape {tuple(w.shape)}")
     blocks = w.detach().reshape(-1, BLOCK)
