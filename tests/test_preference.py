@@ -456,3 +456,23 @@ def test_dpo_under_fsdp2_computes_what_ddp_computes(tmp_path, cache_dir):
     assert max_relative_difference(a, b) < 1e-5
     assert scalars(runs["fsdp"] / "logs", "train/loss_step") == scalars(runs["ddp"] / "logs", "train/loss_step")
     assert scalars(runs["fsdp"] / "logs", "val/loss") == scalars(runs["ddp"] / "logs", "val/loss")
+
+
+def test_a_resume_against_another_reference_adapter_is_refused(tmp_path, cache_dir):
+    """A DPO run's reference is the adapter it started from (model.init_adapter), kept on resume: resuming with
+    another adapter file would go on against another reference. Failed before: it resumed silently."""
+    adapters = {}
+    for name, steps in (("sft", 2), ("other", 3)):
+        (tmp_path / name).mkdir()
+        fit(write_tiny_config(tmp_path / name, cache_dir, trainer={"max_steps": steps, "limit_val_batches": 0}))
+        adapters[name] = str(tmp_path / name / "ckpt" / "last.ckpt")
+    dpo = tmp_path / "dpo"
+    dpo.mkdir()
+    config = preference_config(dpo, cache_dir, model={"init_adapter": adapters["sft"]})
+    fit(config, "--trainer.max_steps", "2")
+    proc = fit(config, "--ckpt_path", "last", "--model.init_adapter", adapters["other"], check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "model.init_adapter" in errors[0] and "another file" in errors[0], errors[0]
+    resumed = fit(config, "--ckpt_path", "last", check=False)  # the same adapter resumes
+    assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -59,9 +59,11 @@ SETTINGS: dict[str, str] = {
 # What a path or an unset setting resolves to, compared instead of the setting where a checkpoint recorded it: the
 # base's weights and the data and tokenizer files by a fingerprint of their content (the same file by another path
 # resumes; another file under the same relative path does not), and the prompt format once resolved (an explicit
-# chat template equal to the run's default resumes). Their kind is "step".
+# chat template equal to the run's default resumes); and a preference run's reference, the adapter it started from
+# (model.init_adapter), by the fingerprint of its file. Their kind is "step".
 RESOLVED: dict[str, str] = {"model.base": "model.checkpoint_dir", "data.data_file": "data.data_path",
-                            "data.tokenizer": "data.tokenizer_path", "data.prompt_format": "data.chat_template"}
+                            "data.tokenizer": "data.tokenizer_path", "data.prompt_format": "data.chat_template",
+                            "model.reference": "model.init_adapter"}
 _WHOLE = 64 * 2**20  # files up to this size are hashed whole; larger ones by their size, head and tail
 
 
@@ -102,8 +104,11 @@ def run_settings(module: Any, datamodule: Any = None, trainer: Any = None) -> di
     values = _settings(hp, data, module.plan.quantization, optimizer,
                        trainer.accumulate_grad_batches if trainer is not None else None,
                        trainer.world_size if trainer is not None else None)
-    base = hp.get("checkpoint_dir")
+    base, adapter = hp.get("checkpoint_dir"), hp.get("init_adapter")
     values.update({"model.checkpoint_dir": base, "model.base": fingerprint(base)})
+    preference = getattr(module, "preference", None)
+    if preference is not None and preference.needs_reference:  # SFT starts from it once; DPO keeps it throughout
+        values.update({"model.init_adapter": adapter, "model.reference": fingerprint(adapter)})
     if datamodule is not None and hasattr(datamodule, "prompt_format"):
         tokenizer = datamodule.tokenizer_file()
         values.update({"data.tokenizer_path": str(tokenizer), "data.tokenizer": fingerprint(tokenizer),
