@@ -1,10 +1,12 @@
 """Fixtures and helpers shared by the test modules: tiny models, the real assets, and runs of scripts/fit.py."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -186,3 +188,42 @@ def tags(log_dir: Path) -> set[str]:
 
 def lora_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return torch.load(ckpt, weights_only=True)["state_dict"]
+
+
+# ----- several processes -----
+
+FSDP2 = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+         "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1, "save_distributed_checkpoint": False}}
+needs_cpu_fsdp2 = pytest.mark.skipif(not hasattr(torch.cpu.Stream, "record_event"),
+                                     reason="FSDP2 on CPU processes needs torch.cpu.Stream.record_event")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max()) for k in a)
+
+
+class WholeReads(L.Callback):
+    """A callback (for fit.py's config) that counts, from setup on, the checkpoint tensors this process reads whole
+    rather than by rows (``full_reads``); subclasses report them with what they measure into ``out_dir``."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+        self.full_reads: list[str] = []
+
+    def setup(self, trainer, pl_module, stage) -> None:  # before configure_model
+        from llama_lora.weights import LazyStateDict
+
+        read = LazyStateDict.__getitem__
+
+        def counted(sd, key):
+            self.full_reads.append(key)
+            return read(sd, key)
+
+        LazyStateDict.__getitem__ = counted

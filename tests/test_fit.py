@@ -13,11 +13,22 @@ import sys
 import time
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import FIT, ROOT, fit, lora_weights, scalars, tags, tiny_family, write_tiny_config
+from conftest import (
+    FIT,
+    FSDP2,
+    ROOT,
+    WholeReads,
+    fit,
+    lora_weights,
+    max_relative_difference,
+    scalars,
+    tags,
+    tiny_family,
+    write_tiny_config,
+)
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
@@ -265,25 +276,9 @@ def test_epoch_based_run_gets_the_whole_cosine_schedule(tmp_path, cache_dir):
     assert lr[steps - 1] == pytest.approx(0.1 * peak, rel=0.02)
 
 
-class ShardReport(L.Callback):
-    """Writes, per rank at the start of training, the bytes of its local parameter shards and the logits of a fixed
-    batch (a sharded forward runs on every rank)."""
-
-    def __init__(self, out_dir: str) -> None:
-        self.out_dir = out_dir
-        self.full_reads: list[str] = []
-
-    def setup(self, trainer, pl_module, stage) -> None:
-        # Before configure_model: count the checkpoint tensors this process reads whole (rather than by rows).
-        from llama_lora.weights import LazyStateDict
-
-        read = LazyStateDict.__getitem__
-
-        def counted(sd, key):
-            self.full_reads.append(key)
-            return read(sd, key)
-
-        LazyStateDict.__getitem__ = counted
+class ShardReport(WholeReads):
+    """Writes, per rank at the start of training, the bytes of its local parameter shards, the checkpoint tensors it
+    read whole and the logits of a fixed batch (a sharded forward runs on every rank)."""
 
     def on_train_start(self, trainer, pl_module) -> None:
         from torch.distributed.tensor import DTensor
@@ -347,15 +342,6 @@ def test_fsdp2_two_processes_loads_shards_checkpoints_and_resumes(tmp_path, cach
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
-
-
-FSDP2 = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
-         "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1, "save_distributed_checkpoint": False}}
-
-
-def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max()) for k in a)
 
 
 @pytest.mark.slow

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -14,23 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import FIT, ROOT, fit, lora_weights, tiny_family, write_tiny_config
-
-FSDP2 = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
-         "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1, "save_distributed_checkpoint": False}}
-needs_cpu_fsdp2 = pytest.mark.skipif(not hasattr(torch.cpu.Stream, "record_event"),
-                                     reason="FSDP2 on CPU processes needs torch.cpu.Stream.record_event")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import FIT, FSDP2, ROOT, fit, free_port, lora_weights, needs_cpu_fsdp2, tiny_family, write_tiny_config
 
 
 def two_nodes(config: Path, *args: str) -> list[subprocess.Popen]:
     """Start the two nodes' torchrun agents (node 0 hosts the rendezvous), one fit.py process each."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONWARNINGS": "ignore",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}
     return [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",

@@ -4,26 +4,27 @@ about 1/W of the 4-bit bytes."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
 import yaml
-from conftest import fit, lora_weights, scalars, tiny_family, write_tiny_config
+from conftest import (
+    FSDP2,
+    WholeReads,
+    fit,
+    free_port,
+    lora_weights,
+    max_relative_difference,
+    needs_cpu_fsdp2,
+    scalars,
+    tiny_family,
+    write_tiny_config,
+)
 
+from llama_lora.memory import NF4_BITS
 from llama_lora.quant import NF4Weight, empty, quantize
-
-needs_cpu_fsdp2 = pytest.mark.skipif(not hasattr(torch.cpu.Stream, "record_event"),
-                                     reason="FSDP2 on CPU processes needs torch.cpu.Stream.record_event")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _shards_equal_one_process(rank: int, world: int, port: int, shapes: list[tuple[int, int]]) -> None:
@@ -72,32 +73,16 @@ def test_nf4_shards_quantize_and_compute_as_one_process():
     """3 ranks, uneven splits (1000 rows: 334, 334, 332; a double-quantization group of 256 blocks across two
     ranks) and an empty shard (4 rows: 2, 2, 0): each rank's own rows quantize to the bits of the whole weight's
     rows, and a forward and backward through FSDP2's all-gathered NF4 weight equal one process's bit for bit."""
-    torch.multiprocessing.spawn(_shards_equal_one_process, args=(3, _free_port(), [(1000, 128), (4, 64), (96, 192)]),
+    torch.multiprocessing.spawn(_shards_equal_one_process, args=(3, free_port(), [(1000, 128), (4, 64), (96, 192)]),
                                 nprocs=3)
 
 
-FSDP2 = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
-         "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1, "save_distributed_checkpoint": False}}
 WIDE = {"hidden_dim": 192}  # tiny's w2 rows are 176 values wide: not whole blocks of 64
 
 
-class NF4ShardReport(L.Callback):
+class NF4ShardReport(WholeReads):
     """At the start of training: this rank's stored NF4 bytes against the whole NF4 base's, the checkpoint tensors it
     read whole, and its logits on a fixed batch (rank{r}.pt in ``out_dir``)."""
-
-    def __init__(self, out_dir: str) -> None:
-        self.out_dir, self.full_reads = out_dir, []
-
-    def setup(self, trainer, pl_module, stage) -> None:
-        from llama_lora.weights import LazyStateDict
-
-        read = LazyStateDict.__getitem__
-
-        def counted(sd, key):
-            self.full_reads.append(key)
-            return read(sd, key)
-
-        LazyStateDict.__getitem__ = counted
 
     def on_train_start(self, trainer, pl_module) -> None:
         from torch.distributed.tensor import DTensor
@@ -108,7 +93,7 @@ class NF4ShardReport(L.Callback):
         with torch.no_grad():
             logits = pl_module.model(tokens.to(pl_module.device))
         torch.save({"local": sum(t.nbytes_stored for _, t in nf4), "n": len(nf4),
-                    "whole": sum(p.numel() * (4 + 8 / 64 + 32 / (64 * 256)) / 8 for p, _ in nf4),
+                    "whole": sum(p.numel() * NF4_BITS / 8 for p, _ in nf4),
                     "logits": logits.float().cpu(), "full_reads": len(self.full_reads)},
                    Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
 
@@ -128,11 +113,6 @@ def _run(d: Path, cache_dir: Path, base: Path, ranks: int, strategy, micro: int,
     config.write_text(yaml.safe_dump(cfg))
     fit(config, *args)
     return d
-
-
-def _max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max()) for k in a)
 
 
 @pytest.mark.slow
@@ -171,8 +151,8 @@ def test_fsdp2_on_an_nf4_base_computes_what_ddp_computes(tmp_path, cache_dir, ra
     assert len(losses["fsdp"]) == 4 and losses["fsdp"] == pytest.approx(losses["ddp"], rel=1e-6)
     w = {n: lora_weights(d / "ckpt" / "last.ckpt") for n, d in runs.items()}
     assert any(k.endswith("lora_magnitude") for k in w["fsdp"]) == dora
-    assert _max_relative_difference(w["fsdp"], w["ddp"]) < 1e-5
-    assert _max_relative_difference(w["fsdp"], w["single"]) <= 1.01 * _max_relative_difference(
+    assert max_relative_difference(w["fsdp"], w["ddp"]) < 1e-5
+    assert max_relative_difference(w["fsdp"], w["single"]) <= 1.01 * max_relative_difference(
         w["ddp"], w["single"]) + 1e-5
 
 
