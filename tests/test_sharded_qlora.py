@@ -166,3 +166,16 @@ def test_an_nf4_weight_fsdp2_cannot_split_by_rows_is_refused_in_one_line(tmp_pat
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "layers.0.feed_forward.w2.weight" in errors[0] and "use ddp" in errors[0]
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_the_meta_model_for_fsdp2_keeps_every_weight_trainable():
+    """FSDP2's meta-device build leaves the base trainable (full fine-tuning, model.lora null, trains it; with LoRA
+    the module freezes it); NF4 weights, frozen by nature, are the exception."""
+    from llama_lora.plan import make_plan
+    from llama_lora.weights import meta_model
+
+    config = tiny_family("llama", **WIDE)
+    full = meta_model(config, make_plan("cpu", "32-true", "fp32", lora=False))
+    assert all(p.requires_grad for p in full.parameters())
+    qlora = meta_model(config, make_plan("cpu", "32-true", "nf4"))
+    assert all(isinstance(p, NF4Weight) != p.requires_grad for p in qlora.parameters())

@@ -81,7 +81,8 @@ def meta_model(config: LlamaConfig, plan: RunPlan, gradient_checkpointing: bool 
     for name, p in list(model.named_parameters()):
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
-        if quantized and is_block_linear(name):
+        nf4 = quantized and is_block_linear(name)  # frozen: an NF4 weight has no gradient
+        if nf4:
             if p.shape[-1] % BLOCK:
                 raise ValueError(f"FSDP2 with model.base_dtype nf4 splits each NF4 weight by rows in whole blocks of "
                                  f"{BLOCK} values, and {name}'s rows are {p.shape[-1]} wide; use ddp, where each "
@@ -89,7 +90,7 @@ def meta_model(config: LlamaConfig, plan: RunPlan, gradient_checkpointing: bool 
             t = empty(p.shape, plan.linear_dtype, device="meta")
         else:
             t = torch.empty(p.shape, dtype=plan.dtype_of(name, config.tie_embeddings), device="meta")
-        setattr(module, attr, torch.nn.Parameter(t, requires_grad=False))
+        setattr(module, attr, torch.nn.Parameter(t, requires_grad=not nf4))  # the module freezes the base for LoRA
     model.tie_weights()
     return model
 
